@@ -1,0 +1,3 @@
+from emitterd.cli.daemon_cmd import main
+
+main()
