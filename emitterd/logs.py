@@ -1,9 +1,31 @@
-"""Logging: one line per event with key=value fields (see configure())."""
+"""Logging: one line per event with key=value fields, on stderr (see configure()).
+
+Formats:
+
+* text: ``2025-01-31T12:00:00.123 INFO emitterd.pool: worker started pool=x pid=42``;
+* text under journald: ``<6>emitterd.pool: worker started pool=x pid=42`` — a
+  syslog priority prefix (``<7>`` debug, ``<6>`` info, ``<4>`` warning, ``<3>``
+  error) that journald turns into the entry's PRIORITY, and no timestamp
+  (journald adds its own);
+* json: one object per line: ``{"ts", "level", "logger", "msg", "fields"}`` (and
+  ``"exc"`` with a traceback), prefixed with the priority under journald too
+  (journald strips the prefix, so the stored message is plain JSON).
+
+"Under journald" means $JOURNAL_STREAM is set and names the device:inode of the
+log stream, as systemd documents: a process that inherited the variable but
+writes to another file does not use the prefix.
+"""
+import datetime
+import json
 import logging
+import os
 import sys
-from typing import Any
+from typing import IO, Any, Optional
 
 _ROOT = "emitterd"
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}
 
 
 class KVLogger:
@@ -17,6 +39,10 @@ class KVLogger:
     def _emit(self, level: int, msg: str, fields: dict, exc_info: bool = False) -> None:
         if self._log.isEnabledFor(level):
             self._log.log(level, msg, extra={"kv": fields}, exc_info=exc_info)
+
+    def isEnabledFor(self, level: int) -> bool:
+        """For callers that build costly fields only when they will be written."""
+        return self._log.isEnabledFor(level)
 
     def debug(self, msg: str, **fields: Any) -> None:
         self._emit(logging.DEBUG, msg, fields)
@@ -35,6 +61,7 @@ class KVLogger:
 
 
 def get(name: str = "") -> KVLogger:
+    """The logger `emitterd.<name>` (`emitterd` for "")."""
     return KVLogger(name)
 
 
@@ -45,25 +72,110 @@ def _fmt_value(v: Any) -> str:
     return s
 
 
+def syslog_priority(levelno: int) -> int:
+    """The syslog priority of a logging level (sd-daemon(3) prefixes)."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
 class _TextFormatter(logging.Formatter):
+    def __init__(self, journal: bool = False) -> None:
+        super().__init__()
+        self.journal = journal
+
     def format(self, record: logging.LogRecord) -> str:
         kv = getattr(record, "kv", None) or {}
-        line = "%s %s %s: %s" % (self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), record.levelname,
-                                 record.name, record.getMessage())
+        if self.journal:
+            line = "%s: %s" % (record.name, record.getMessage())
+        else:
+            line = "%s.%03d %s %s: %s" % (self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+                                          record.msecs, record.levelname, record.name,
+                                          record.getMessage())
         if kv:
             line += " " + " ".join("%s=%s" % (k, _fmt_value(v)) for k, v in kv.items())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
+        if self.journal:
+            # journald makes one entry per line: give every line the priority.
+            pri = "<%d>" % syslog_priority(record.levelno)
+            line = "\n".join(pri + part for part in line.split("\n"))
         return line
 
 
-def configure(level: str = "info", fmt: str = "text") -> None:
-    """Send emitterd's logs to stderr at `level`."""
+class _JsonFormatter(logging.Formatter):
+    def __init__(self, journal: bool = False) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        obj = {"ts": ts.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+               "level": record.levelname.lower(),
+               "logger": record.name,
+               "msg": record.getMessage(),
+               "fields": getattr(record, "kv", None) or {}}
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        # default=str: a field value that JSON cannot hold (bytes, paths) is shown as text
+        line = json.dumps(obj, default=str, ensure_ascii=False, separators=(",", ":"))
+        if self.journal:
+            line = "<%d>%s" % (syslog_priority(record.levelno), line)
+        return line
+
+
+def journal_stream_matches(stream: Optional[IO[str]] = None, env: Optional[dict] = None) -> bool:
+    """True when $JOURNAL_STREAM names `stream` (default stderr): it goes to journald."""
+    env = os.environ if env is None else env
+    value = env.get("JOURNAL_STREAM")
+    if not value:
+        return False
+    stream = sys.stderr if stream is None else stream
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def _level(level: str) -> int:
+    try:
+        return LEVELS[level.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError("unknown log level %r (expected one of %s)"
+                         % (level, ", ".join(LEVELS))) from None
+
+
+def configure(level: str = "info", fmt: str = "text", stream: Optional[IO[str]] = None,
+              journal: Optional[bool] = None) -> None:
+    """Send emitterd's logs to `stream` (stderr) at `level`, as `fmt` ("text" or "json").
+
+    `journal` None = detect journald from $JOURNAL_STREAM. Calling it again
+    replaces the previous set-up (a reload of log_format).
+    """
+    if fmt not in ("text", "json"):
+        raise ValueError("unknown log format %r (expected text or json)" % (fmt,))
+    levelno = _level(level)
+    stream = sys.stderr if stream is None else stream
+    if journal is None:
+        journal = journal_stream_matches(stream)
     root = logging.getLogger(_ROOT)
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_TextFormatter())
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_JsonFormatter(journal) if fmt == "json" else _TextFormatter(journal))
     root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    root.setLevel(levelno)
     root.propagate = False
+
+
+def set_level(level: str) -> None:
+    """Change the level live (SIGHUP reload of log_level)."""
+    logging.getLogger(_ROOT).setLevel(_level(level))

@@ -1,0 +1,204 @@
+"""A non-blocking stream socket that carries frames, driven by a Loop."""
+import os
+import selectors
+import socket
+from collections import deque
+from typing import Any, Callable, Optional
+
+from emitterd import framing
+from emitterd.framing import FrameError
+
+READ_CHUNK = 256 * 1024
+MAX_FDS = 16
+
+
+class Channel:
+    """Frames in (on_frame per decoded map, in order), frames out (buffered, flushed once a turn).
+
+    on_close(reason) is called once, after the socket is closed. With recv_fds=True received
+    file descriptors are appended to .fds (they travel with the message that carried them).
+    """
+
+    def __init__(self, loop: Any, sock: socket.socket, max_frame: int,
+                 on_frame: Callable[[dict], Any], on_close: Callable[[str], Any],
+                 on_frame_error: Optional[Callable[[FrameError], Any]] = None,
+                 max_out: int = 0, recv_fds: bool = False) -> None:
+        self.loop = loop
+        self.sock = sock
+        sock.setblocking(False)
+        self.decoder = framing.Decoder(max_frame)
+        self.on_frame = on_frame
+        self.on_close = on_close
+        self.on_frame_error = on_frame_error
+        self.max_out = max_out
+        self.recv_fds = recv_fds
+        self.fds: deque = deque()
+        self._out = bytearray()
+        self._out_base = 0                 # bytes already sent before _out[0]
+        self._fd_marks: deque = deque()    # (absolute offset, [fds]) to send with that byte
+        self._after_flush: list = []
+        self.closed = False
+        self.reading = True
+        self._close_when_flushed = False
+        self._events = 0
+        self._update_events()
+
+    # ---- reading ---------------------------------------------------------------
+    def _on_ready(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self.flush()
+        if mask & selectors.EVENT_READ and not self.closed and self.reading:
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            if self.recv_fds:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, READ_CHUNK, MAX_FDS)
+                self.fds.extend(fds)
+            else:
+                data = self.sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.close("recv failed: %s" % e)
+            return
+        if not data:
+            self.close("eof")
+            return
+        self.decoder.feed(data)
+        self.process()
+
+    def process(self) -> None:
+        """Decode and dispatch every complete frame in the buffer."""
+        while self.reading and not self.closed:
+            try:
+                msg = self.decoder.next()
+            except FrameError as e:
+                self.reading = False
+                self._update_events()
+                if self.on_frame_error is not None:
+                    self.on_frame_error(e)
+                else:
+                    self.close("framing error: %s" % e.message)
+                return
+            if msg is None:
+                return
+            self.on_frame(msg)
+
+    def pause(self) -> None:
+        self.reading = False
+        self._update_events()
+
+    # ---- writing ---------------------------------------------------------------
+    def send(self, obj: Any) -> None:
+        self.send_raw(framing.encode(obj))
+
+    def send_raw(self, data: bytes, fds: Optional[list] = None) -> None:
+        """Queue already-framed bytes (with fds to pass along with their first byte)."""
+        if self.closed:
+            return
+        if fds:
+            self._fd_marks.append((self._out_base + len(self._out), list(fds)))
+        self._out += data
+        if self.max_out and len(self._out) > self.max_out:
+            self.close("output buffer over %d bytes (peer not reading)" % self.max_out)
+            return
+        self.loop.mark_dirty(self)
+
+    @property
+    def pending_out(self) -> int:
+        return len(self._out)
+
+    def after_flush(self, callback: Callable[[], Any]) -> None:
+        """Run callback once everything queued so far has been written."""
+        if not self._out:
+            callback()
+        else:
+            self._after_flush.append(callback)
+
+    def close_when_flushed(self) -> None:
+        self._close_when_flushed = True
+        self.reading = False
+        self._update_events()
+        self.loop.mark_dirty(self)
+
+    def flush(self) -> None:
+        if self.closed:
+            return
+        out = self._out
+        while out:
+            limit = len(out)
+            fds = None
+            if self._fd_marks:
+                mark, mark_fds = self._fd_marks[0]
+                rel = mark - self._out_base
+                if rel == 0:
+                    fds = mark_fds
+                    limit = len(out) if len(self._fd_marks) == 1 else self._fd_marks[1][0] - self._out_base
+                else:
+                    limit = rel
+            try:
+                view = memoryview(out)[:limit]
+                try:
+                    if fds is not None:
+                        n = socket.send_fds(self.sock, [view], fds)
+                        self._fd_marks.popleft()
+                    else:
+                        n = self.sock.send(view)
+                finally:
+                    view.release()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.close("send failed: %s" % e)
+                return
+            del out[:n]
+            self._out_base += n
+        if not out:
+            callbacks, self._after_flush = self._after_flush, []
+            for cb in callbacks:
+                cb()
+            if self._close_when_flushed and not self.closed:
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                self.close("closed after final response")
+                return
+        self._update_events()
+
+    def _update_events(self) -> None:
+        if self.closed:
+            return
+        events = 0
+        if self.reading:
+            events |= selectors.EVENT_READ
+        if self._out:
+            events |= selectors.EVENT_WRITE
+        if events != self._events:
+            self._events = events
+            self.loop.set_events(self.sock, events, self._on_ready)
+
+    # ---- closing ---------------------------------------------------------------
+    def detach(self) -> socket.socket:
+        """Stop driving the socket and return it (for handing it to another process)."""
+        self.loop.remove(self.sock)
+        self.closed = True
+        return self.sock
+
+    def close(self, reason: str = "closed") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove(self.sock)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+        self.on_close(reason)

@@ -1,0 +1,735 @@
+"""emitterctl: the command line of emitterd (PROTOCOL.md §6).
+
+Exit status: 0 success, 1 an error answered by the daemon (``error: <code>:
+<message>`` on stderr), 2 usage error, 3 the daemon could not be reached
+(no socket, nobody listening, no permission, connection lost, no answer in time).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import click
+
+from emitterd import __version__
+from emitterd.cli import render
+from emitterd.client import Client, EmitterError, Unavailable, Unreachable
+
+SUB_TYPES = ("stream", "event_type", "event_pattern", "event_payload", "tags")
+STRATEGIES = ("pinned", "round_robin", "random")
+PUBLISH_BATCH = 1000
+
+EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+# ---- shared state ------------------------------------------------------------
+
+class State:
+    """What the group options give every command."""
+
+    def __init__(self, socket_path: Optional[str], as_json: bool, timeout: float) -> None:
+        self.socket_path = socket_path
+        self.as_json = as_json
+        self.timeout = timeout
+        self._client: Optional[Client] = None
+
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.socket_path, timeout=self.timeout)
+        return self._client
+
+    @property
+    def resolved_socket(self) -> str:
+        return self.client().socket_path
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def out(text: str = "") -> None:
+    click.echo(text)
+
+
+def emit(st: State, result: Any, human: Any) -> None:
+    """Print `result` as one JSON document with --json, else `human` (str or callable)."""
+    if st.as_json:
+        out(render.dumps(result))
+    else:
+        out(human() if callable(human) else human)
+
+
+# ---- parameter parsing -------------------------------------------------------
+
+def parse_json_param(value: Optional[str], param_hint: str) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise click.BadParameter("not valid JSON (%s): %r" % (e, value), param_hint=param_hint) \
+            from None
+
+
+def parse_selector(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Any:
+    """JSON when it starts with { or [ (bad JSON: usage error), else the string itself."""
+    if value is None:
+        return None
+    if value.lstrip().startswith(("{", "[")):
+        return parse_json_param(value, "--selector")
+    return value
+
+
+def parse_options(ctx: click.Context, param: click.Parameter,
+                  values: Sequence[str]) -> Dict[str, Any]:
+    """--option KEY=VALUE ...: values parsed as JSON when valid JSON, else strings."""
+    opts: Dict[str, Any] = {}
+    for item in values or ():
+        k, sep, v = item.partition("=")
+        k = k.strip()
+        if not sep or not k:
+            raise click.BadParameter("expected KEY=VALUE, got %r" % item, ctx=ctx, param=param)
+        try:
+            opts[k] = json.loads(v)
+        except ValueError:
+            opts[k] = v
+    return opts
+
+
+class StartFrom(click.ParamType):
+    """origin | now | a position (int)."""
+
+    name = "origin|now|POS"
+
+    def convert(self, value: Any, param: Optional[click.Parameter],
+                ctx: Optional[click.Context]) -> Any:
+        if isinstance(value, int) or value in ("origin", "now"):
+            return value
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            self.fail("%r is not origin, now or a position (integer)" % (value,), param, ctx)
+
+
+class Subscriber(click.ParamType):
+    """unix:/absolute/path.sock, or `none` (update only) for no subscriber."""
+
+    name = "unix:PATH"
+
+    def __init__(self, allow_none: bool) -> None:
+        self.allow_none = allow_none
+
+    def convert(self, value: Any, param: Optional[click.Parameter],
+                ctx: Optional[click.Context]) -> Any:
+        if value is None:
+            return None
+        if self.allow_none and value.lower() == "none":
+            return None
+        if not value.startswith("unix:"):
+            self.fail("expected unix:/absolute/path.sock%s, got %r"
+                      % (" or none" if self.allow_none else "", value), param, ctx)
+        return value
+
+
+def _no_value_given(ctx: click.Context, name: str) -> bool:
+    src = ctx.get_parameter_source(name)
+    return src is None or src == click.core.ParameterSource.DEFAULT
+
+
+# ---- the group ---------------------------------------------------------------
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT, epilog="""\b
+Examples:
+  emitterctl ping
+  emitterctl start mailer --type event_type --selector user.created \\
+      --subscriber unix:/run/mailer.sock --pool-size 4 --option batch_size=100
+  emitterctl start audit --type event_payload --selector '{"amount": {"$gt": 100}}'
+  emitterctl list
+  emitterctl status 3f2a9c0d5e6b7a81
+  emitterctl update 3f2a9c0d5e6b7a81 --pool-size 8
+  emitterctl publish --stream user-1 --type user.created --data '{"id": 1}'
+  emitterctl publish --file events.jsonl
+  emitterctl tail --type stream --selector '$all'
+  emitterctl --json status 3f2a9c0d5e6b7a81 | jq .checkpoint
+  emitterctl top
+
+\b
+Exit status: 0 success, 1 an error answered by the daemon (its code and
+message on stderr), 2 usage error, 3 the daemon could not be reached.""")
+@click.option("--socket", "socket_path", metavar="PATH", default=None,
+              help="Control socket of the daemon. Default: $EMITTERD_SOCKET, else "
+                   "$XDG_RUNTIME_DIR/emitterd/emitterd.sock, else /run/emitterd/emitterd.sock "
+                   "(root) or /tmp/emitterd-<uid>/emitterd.sock.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as one JSON document on stdout (bytes as base64 strings; "
+                   "tail: one JSON event per line).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, metavar="SECONDS", help="How long to wait for each answer.")
+@click.version_option(__version__, "--version", prog_name="emitterctl")
+@click.pass_context
+def cli(ctx: click.Context, socket_path: Optional[str], as_json: bool, timeout: float) -> None:
+    """Control a running emitterd: manage subscriptions (pools of emitter
+    workers), publish events, and watch them being delivered.
+
+    Group options (--socket, --json, --timeout) come before the command.
+    KEY is the 16-hex-digit key of a subscription, as printed by `start` and `list`.
+    """
+    st = State(socket_path, as_json, timeout)
+    ctx.obj = st
+    ctx.call_on_close(st.close)
+
+
+def state(ctx: click.Context) -> State:
+    return ctx.find_object(State)
+
+
+# ---- ping --------------------------------------------------------------------
+
+@cli.command()
+@click.pass_context
+def ping(ctx: click.Context) -> None:
+    """Check that the daemon answers; show its version, pid, store id, uptime
+    and the head (last position) of the event log."""
+    st = state(ctx)
+    r = st.client().ping()
+    emit(st, r, lambda: render.ping_block(r, st.resolved_socket))
+
+
+# ---- start -------------------------------------------------------------------
+
+@cli.command(epilog="""\b
+Examples:
+  emitterctl start mailer --type event_type --selector user.created \\
+      --subscriber unix:/run/mailer.sock --pool-size 4
+  emitterctl start orders --type event_pattern --selector '{"stream": "order-*"}' \\
+      --start-from origin --strategy round_robin --option batch_size=100
+  emitterctl start vip --type tags --selector '["vip", "gold"]'""")
+@click.argument("name")
+@click.option("--type", "sub_type", required=True, type=click.Choice(SUB_TYPES),
+              help="How the selector matches events.")
+@click.option("--selector", required=True, callback=parse_selector, metavar="SEL",
+              help="A string, or JSON when it starts with { or [ (a map or a list).")
+@click.option("--subscriber", type=Subscriber(allow_none=False), default=None,
+              help="Unix socket every worker connects to. Without it, consumers "
+                   "attach (see `tail`).")
+@click.option("--pool-size", type=int, default=None, metavar="N",
+              help="Number of worker processes (1..64, daemon default 1).")
+@click.option("--start-from", type=StartFrom(), default=None,
+              help="First event to deliver: origin, now (default) or a position.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=None,
+              help="How events are spread over workers (sets options.strategy).")
+@click.option("--option", "options", multiple=True, callback=parse_options,
+              metavar="KEY=VALUE",
+              help="A subscription option (repeatable); VALUE is JSON when it is valid JSON "
+                   "(batch_size=5 is the integer 5), else a string.")
+@click.pass_context
+def start(ctx: click.Context, name: str, sub_type: str, selector: Any, subscriber: Optional[str],
+          pool_size: Optional[int], start_from: Any, strategy: Optional[str],
+          options: Dict[str, Any]) -> None:
+    """Register subscription NAME and start its pool of workers.
+
+    The same NAME, type and selector always give the same KEY. A stopped,
+    backing-off or failed subscription starts again from its checkpoint.
+    """
+    st = state(ctx)
+    sub: Dict[str, Any] = {"name": name, "type": sub_type, "selector": selector}
+    if subscriber is not None:
+        sub["subscriber"] = subscriber
+    if pool_size is not None:
+        sub["pool_size"] = pool_size
+    if start_from is not None:
+        sub["start_from"] = start_from
+    opts = dict(options)
+    if strategy is not None:
+        opts["strategy"] = strategy
+    if opts:
+        sub["options"] = opts
+    r = st.client().start(sub)
+    emit(st, r, lambda: "started %s\n\n%s" % (r.get("key"), render.pool_block(r)))
+
+
+# ---- stop --------------------------------------------------------------------
+
+@cli.command()
+@click.argument("key")
+@click.option("--delete", is_flag=True, help="Also forget the subscription and its checkpoint.")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=None, metavar="S",
+              help="Seconds to wait for in-flight events to be acked (daemon default 10).")
+@click.pass_context
+def stop(ctx: click.Context, key: str, delete: bool, drain_timeout: Optional[float]) -> None:
+    """Stop the pool of KEY: wait for in-flight acks, save the checkpoint,
+    stop every worker. Stopping a stopped pool is fine."""
+    st = state(ctx)
+    r = st.client().stop(key, delete=delete, drain_timeout=drain_timeout)
+    emit(st, r, lambda: "%s %s (checkpoint %s of %s)" % (
+        "stopped and deleted" if delete else "stopped", r.get("key", key),
+        render.num(r.get("checkpoint")), render.num(r.get("head"))))
+
+
+# ---- update ------------------------------------------------------------------
+
+@cli.command(epilog="""\b
+Examples:
+  emitterctl update 3f2a9c0d5e6b7a81 --pool-size 8
+  emitterctl update 3f2a9c0d5e6b7a81 --subscriber none
+  emitterctl update 3f2a9c0d5e6b7a81 --option max_retries=3 --option ack_timeout=5.5
+  emitterctl update 3f2a9c0d5e6b7a81 --checkpoint 0     # deliver everything again""")
+@click.argument("key")
+@click.option("--pool-size", type=int, default=None, metavar="N", help="New number of workers.")
+@click.option("--subscriber", type=Subscriber(allow_none=True), default=None,
+              metavar="unix:PATH|none", help="New subscriber socket, or none for attached "
+                                             "consumers.")
+@click.option("--option", "options", multiple=True, callback=parse_options, metavar="KEY=VALUE",
+              help="Change one option (repeatable); VALUE is JSON when valid JSON, else a string.")
+@click.option("--checkpoint", type=int, default=None, metavar="POS",
+              help="Move the cursor: events after POS are delivered (again), up to POS are not.")
+@click.pass_context
+def update(ctx: click.Context, key: str, pool_size: Optional[int], subscriber: Optional[str],
+           options: Dict[str, Any], checkpoint: Optional[int]) -> None:
+    """Change a pool live (or a stopped pool's stored settings): workers that
+    stay keep their pids and nothing in flight is lost."""
+    st = state(ctx)
+    fields: Dict[str, Any] = {}
+    if pool_size is not None:
+        fields["pool_size"] = pool_size
+    if not _no_value_given(ctx, "subscriber"):
+        fields["subscriber"] = subscriber      # None (from "none") clears it
+    if options:
+        fields["options"] = options
+    if checkpoint is not None:
+        fields["checkpoint"] = checkpoint
+    if not fields:
+        raise click.UsageError("nothing to update: give --pool-size, --subscriber, --option "
+                               "or --checkpoint", ctx=ctx)
+    r = st.client().update(key, **fields)
+    emit(st, r, lambda: "updated %s\n\n%s" % (r.get("key", key), render.pool_block(r)))
+
+
+# ---- list / status -----------------------------------------------------------
+
+@cli.command("list")
+@click.pass_context
+def list_(ctx: click.Context) -> None:
+    """List every subscription with its state, workers, checkpoint and counters."""
+    st = state(ctx)
+    r = st.client().list()
+    emit(st, r, lambda: render.pools_table(r.get("subscriptions") or []))
+
+
+@cli.command()
+@click.argument("key")
+@click.pass_context
+def status(ctx: click.Context, key: str) -> None:
+    """Show one subscription: settings, checkpoint, counters, and a table of
+    its workers (pid, state, memory, CPU, in flight, delivered, consumers)."""
+    st = state(ctx)
+    r = st.client().status(key)
+    emit(st, r, lambda: render.pool_block(r))
+
+
+# ---- publish -----------------------------------------------------------------
+
+def _read_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(line number, event) for each non-blank line; BadParameter on bad lines."""
+    f = sys.stdin if path == "-" else open(path, "r", encoding="utf-8")
+    try:
+        for lineno, line in enumerate(f, 1):
+            s = line.strip()
+            if not s:
+                continue
+            try:
+                obj = json.loads(s)
+            except ValueError as e:
+                raise click.BadParameter("line %d: not valid JSON (%s)" % (lineno, e),
+                                         param_hint="--file") from None
+            if not isinstance(obj, dict):
+                raise click.BadParameter("line %d: an event must be a JSON object" % lineno,
+                                         param_hint="--file")
+            yield lineno, obj
+    except UnicodeDecodeError as e:
+        raise click.BadParameter("not UTF-8 text (%s)" % e, param_hint="--file") from None
+    finally:
+        if f is not sys.stdin:
+            f.close()
+
+
+def _batches(items: Iterator[Tuple[int, Dict[str, Any]]],
+             size: int) -> Iterator[List[Tuple[int, Dict[str, Any]]]]:
+    batch: List[Tuple[int, Dict[str, Any]]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _publish_file(ctx: click.Context, st: State, path: str, batch_size: int) -> None:
+    total: Optional[int] = None
+    if path != "-":
+        # first pass: validate every line before anything is published, and count
+        total = sum(1 for _ in _read_jsonl(path))
+    client = st.client()
+    published = 0
+    first: Optional[int] = None
+    last: Optional[int] = None
+    show_bar = sys.stdout.isatty() and total is not None and total > 0
+    bar_cm = click.progressbar(length=total, label="publishing", file=sys.stdout,
+                               show_pos=True) if show_bar else None
+    bar = bar_cm.__enter__() if bar_cm is not None else None
+    try:
+        for batch in _batches(_read_jsonl(path), batch_size):
+            try:
+                r = client.publish([e for _, e in batch])
+            except EmitterError as e:
+                if bar_cm is not None:
+                    bar_cm.__exit__(None, None, None)
+                    bar_cm = None
+                where = ""
+                field = e.details.get("field") if isinstance(e.details, dict) else None
+                if isinstance(field, str) and field.startswith("events."):
+                    idx, _, rest = field[len("events."):].partition(".")
+                    if idx.isdigit() and int(idx) < len(batch):
+                        where = " (line %d of %s%s)" % (batch[int(idx)][0], path,
+                                                        ", field " + rest if rest else "")
+                click.echo("error: %s: %s%s%s" % (e.code, e.message, _details_suffix(e), where),
+                           err=True)
+                click.echo("%d events were published before this batch" % published, err=True)
+                ctx.exit(EXIT_DAEMON_ERROR)
+            positions = r.get("positions") or []
+            if positions:
+                if first is None:
+                    first = positions[0]
+                last = positions[-1]
+            published += len(batch)
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar_cm is not None:
+            bar_cm.__exit__(None, None, None)
+    result = {"published": published, "first": first, "last": last}
+    emit(st, result, lambda: "published %d events%s" % (
+        published, "" if first is None else " (positions %d..%d)" % (first, last)))
+
+
+@cli.command(epilog="""\b
+Examples:
+  emitterctl publish --stream user-1 --type user.created --data '{"id": 1}' --tag vip
+  emitterctl publish --file events.jsonl
+  generate-events | emitterctl publish --file -
+
+\b
+A line of EVENTS.jsonl is one event object:
+  {"stream": "user-1", "type": "user.created", "data": {"id": 1}, "tags": ["vip"]}""")
+@click.option("--stream", default=None, metavar="S", help="Stream of the event.")
+@click.option("--type", "event_type", default=None, metavar="T", help="Type of the event.")
+@click.option("--data", default=None, metavar="JSON", help="Payload, as JSON (default null).")
+@click.option("--metadata", default=None, metavar="JSON", help="Metadata, a JSON object.")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="A tag (repeatable).")
+@click.option("--id", "event_id", default=None, metavar="ID",
+              help="Event id (idempotent publish: an id already in the log is not appended again).")
+@click.option("--expected-version", type=int, default=None, metavar="N",
+              help="Fail with conflict unless the stream's last version is N (-1: must not exist).")
+@click.option("--file", "file_path", type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+              default=None, metavar="EVENTS.jsonl",
+              help="Publish every event of a JSON-lines file (- for stdin), in batches.")
+@click.option("--batch-size", type=click.IntRange(1, 10000), default=PUBLISH_BATCH,
+              show_default=True, help="Events per publish request with --file.")
+@click.pass_context
+def publish(ctx: click.Context, stream: Optional[str], event_type: Optional[str],
+            data: Optional[str], metadata: Optional[str], tags: Tuple[str, ...],
+            event_id: Optional[str], expected_version: Optional[int], file_path: Optional[str],
+            batch_size: int) -> None:
+    """Append one event (--stream and --type), or every event of a file (--file).
+
+    The answer comes once the events are durable. With --json a single
+    event prints {"positions": [...], "versions": [...]} and --file prints
+    {"published": n, "first": pos, "last": pos}. A file is checked line by
+    line before anything is sent; a progress bar is shown on a terminal.
+    """
+    st = state(ctx)
+    if file_path is not None:
+        single = [n for n, v in (("--stream", stream), ("--type", event_type), ("--data", data),
+                                 ("--metadata", metadata), ("--id", event_id),
+                                 ("--expected-version", expected_version)) if v is not None]
+        if tags:
+            single.append("--tag")
+        if single:
+            raise click.UsageError("--file cannot be combined with %s" % ", ".join(single), ctx=ctx)
+        _publish_file(ctx, st, file_path, batch_size)
+        return
+    if stream is None or event_type is None:
+        raise click.UsageError("give --stream and --type (or --file)", ctx=ctx)
+    event: Dict[str, Any] = {"stream": stream, "type": event_type}
+    if data is not None:
+        event["data"] = parse_json_param(data, "--data")
+    if metadata is not None:
+        event["metadata"] = parse_json_param(metadata, "--metadata")
+    if tags:
+        event["tags"] = list(tags)
+    if event_id is not None:
+        event["id"] = event_id
+    r = st.client().publish([event], expected_version=expected_version)
+
+    def human() -> str:
+        pos = (r.get("positions") or [None])[0]
+        ver = (r.get("versions") or [None])[0]
+        return "published at position %s (stream %s, version %s)" % (
+            render.num(pos), stream, render.num(ver))
+    emit(st, r, human)
+
+
+# ---- tail --------------------------------------------------------------------
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+@cli.command(epilog="""\b
+Examples:
+  emitterctl tail 3f2a9c0d5e6b7a81
+  emitterctl tail --type stream --selector '$all'
+  emitterctl --json tail --type event_type --selector order.paid | jq .data""")
+@click.argument("key", required=False)
+@click.option("--type", "sub_type", type=click.Choice(SUB_TYPES), default=None,
+              help="With --selector: tail a new ephemeral subscription instead of KEY.")
+@click.option("--selector", callback=parse_selector, default=None, metavar="SEL",
+              help="Selector of the ephemeral subscription (JSON when it starts with { or [).")
+@click.option("--start-from", type=StartFrom(), default="now", show_default=True,
+              help="Ephemeral subscription only: origin, now or a position.")
+@click.pass_context
+def tail(ctx: click.Context, key: Optional[str], sub_type: Optional[str], selector: Any,
+         start_from: Any) -> None:
+    """Attach to KEY (a subscription without subscriber) and print events as
+    they arrive, acking each batch once printed. Ctrl-C stops (exit 0).
+
+    With --type and --selector instead of KEY, a new ephemeral subscription
+    named tail-<random> is started; the daemon deletes it when tail exits.
+    Lines are `position stream type data`; with --json one JSON event per line.
+    """
+    st = state(ctx)
+    if key is not None and (sub_type is not None or selector is not None):
+        raise click.UsageError("give either KEY or --type and --selector, not both", ctx=ctx)
+    if key is None and (sub_type is None or selector is None):
+        raise click.UsageError("give KEY, or --type and --selector", ctx=ctx)
+    if key is not None and not _no_value_given(ctx, "start_from"):
+        raise click.UsageError("--start-from needs --type and --selector", ctx=ctx)
+
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    consumer = None
+    try:
+        client = st.client()
+        if key is None:
+            sub = {"name": "tail-" + secrets.token_hex(4), "type": sub_type, "selector": selector,
+                   "options": {"ephemeral": True}, "start_from": start_from}
+            key = client.start(sub)["key"]
+            deadline = time.monotonic() + 10
+            while True:   # the new pool may need a moment to be running
+                try:
+                    consumer = client.attach(key)
+                    break
+                except Unavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        else:
+            consumer = client.attach(key)
+        client.close()
+        if not st.as_json:
+            click.echo("tailing %s (worker %s); Ctrl-C to stop" % (consumer.key, consumer.worker),
+                       err=True)
+        for batch in consumer.batches():
+            lines = [render.compact(e) if st.as_json else render.event_line(e) for e in batch]
+            sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()
+            consumer.ack([e["position"] for e in batch if isinstance(e.get("position"), int)])
+        if consumer.closed_by_peer:
+            click.echo("error: the daemon closed the connection", err=True)
+            ctx.exit(EXIT_UNREACHABLE)
+    except (KeyboardInterrupt, _Terminated):
+        pass
+    except BrokenPipeError:
+        _quiet_stdout()
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        if consumer is not None:
+            consumer.close()
+
+
+def _quiet_stdout() -> None:
+    """After EPIPE on stdout: point it at /dev/null so the exit flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+# ---- parked ------------------------------------------------------------------
+
+@cli.command()
+@click.argument("key")
+@click.option("--replay", is_flag=True, help="Deliver the parked events again (attempt 1).")
+@click.option("--purge", is_flag=True, help="Forget the parked events.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Most events to list.")
+@click.pass_context
+def parked(ctx: click.Context, key: str, replay: bool, purge: bool, limit: int) -> None:
+    """List the events of KEY parked after too many retries (or a nack park),
+    or --replay them, or --purge them."""
+    st = state(ctx)
+    if replay and purge:
+        raise click.UsageError("--replay and --purge are exclusive", ctx=ctx)
+    action = "replay" if replay else "purge" if purge else "list"
+    r = st.client().parked(key, action=action, limit=limit)
+    if action == "list":
+        emit(st, r, lambda: render.parked_table(r.get("events") or []))
+    else:
+        emit(st, r, lambda: "%s %s events" % ("replayed" if replay else "purged",
+                                               render.num(r.get("count"))))
+
+
+# ---- top ---------------------------------------------------------------------
+
+def _top_sample(client: Client) -> Tuple[float, Dict[str, Any], List[Dict[str, Any]]]:
+    ping_r, list_r = client.pipeline([("ping", None), ("list", None)])
+    for r in (ping_r, list_r):
+        if isinstance(r, EmitterError):
+            raise r
+    return time.monotonic(), ping_r, list_r.get("subscriptions") or []
+
+
+def _per_s(now: int, before: Optional[int], dt: Optional[float]) -> Optional[float]:
+    if before is None or dt is None or dt <= 0 or not isinstance(now, int):
+        return None
+    return max(0.0, (now - before) / dt)
+
+
+def top_frame(prev: Optional[Tuple[float, Dict[Any, int]]], t: float, ping_r: Dict[str, Any],
+              pools: List[Dict[str, Any]]) -> Tuple[Dict[str, Any], Tuple[float, Dict[Any, int]]]:
+    """Build one `top` frame (rates against the previous sample) and the next `prev`."""
+    dt = t - prev[0] if prev else None
+    before = prev[1] if prev else {}
+    counters: Dict[Any, int] = {}
+    rows = []
+    for p in pools:
+        key = p.get("key")
+        sub = p.get("subscription") or {}
+        head, cp = p.get("head"), p.get("checkpoint")
+        delivered = p.get("delivered") or 0
+        counters[key] = delivered
+        wrows = []
+        for w in p.get("workers") or []:
+            wk = (key, w.get("index"), w.get("pid"))
+            wd = w.get("delivered") or 0
+            counters[wk] = wd
+            wrows.append({"index": w.get("index"), "pid": w.get("pid"), "state": w.get("state"),
+                          "rss": w.get("rss"), "cpu_percent": w.get("cpu_percent"),
+                          "in_flight": w.get("in_flight"), "delivered": wd,
+                          "delivered_per_s": _per_s(wd, before.get(wk), dt),
+                          "restarts": w.get("restarts"), "consumers": w.get("consumers")})
+        ready = sum(1 for w in p.get("workers") or [] if w.get("state") == "ready")
+        rows.append({
+            "key": key, "name": sub.get("name"), "state": p.get("state"),
+            "pool_size": sub.get("pool_size"), "workers_ready": ready,
+            "workers": "%d/%s" % (ready, render.num(sub.get("pool_size"))),
+            "head": head, "checkpoint": cp,
+            "lag": head - cp if isinstance(head, int) and isinstance(cp, int) else None,
+            "delivered": delivered, "delivered_per_s": _per_s(delivered, before.get(key), dt),
+            "in_flight": p.get("in_flight"), "parked": p.get("parked"),
+            "restarts": p.get("restarts"), "worker_rows": wrows,
+        })
+    frame = {"time": time.time(), "interval": dt, "daemon": ping_r, "pools": rows}
+    return frame, (t, counters)
+
+
+@cli.command()
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              metavar="S", help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one frame and exit (rates show as -).")
+@click.pass_context
+def top(ctx: click.Context, interval: float, once: bool) -> None:
+    """A live view of pools and workers, refreshed every --interval seconds:
+    delivered/s (between refreshes), lag (head - checkpoint), in flight,
+    RSS, CPU% and restarts. Ctrl-C exits. With --json, one JSON document
+    per frame, one per line."""
+    st = state(ctx)
+    client = st.client()
+    tty = sys.stdout.isatty()
+    prev = None
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        first = True
+        while True:
+            t, ping_r, pools = _top_sample(client)
+            frame, prev = top_frame(prev, t, ping_r, pools)
+            if st.as_json:
+                text = render.dumps(frame, indent=None if not once else 2)
+            else:
+                text = render.top_frame(frame)
+                if tty and not once:
+                    text = "\x1b[H\x1b[2J" + text
+                elif not first:
+                    text = "\n" + text
+            click.echo(text)
+            sys.stdout.flush()
+            first = False
+            if once:
+                return
+            time.sleep(interval)
+    except (KeyboardInterrupt, _Terminated):
+        pass
+    except BrokenPipeError:
+        _quiet_stdout()
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+
+
+# ---- entry point -------------------------------------------------------------
+
+def _details_suffix(e: EmitterError) -> str:
+    d = e.details
+    if d is None:
+        return ""
+    if isinstance(d, dict) and set(d) == {"field"}:
+        return " (field %s)" % d["field"]
+    if isinstance(d, dict) and set(d) == {"key"}:
+        return " (key %s)" % d["key"]
+    return " (details %s)" % render.compact(d)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Run emitterctl; never returns (exits with the §6 status)."""
+    try:
+        cli.main(args=argv, prog_name="emitterctl")   # standalone: exits 0 or 2 itself
+    except EmitterError as e:
+        click.echo("error: %s: %s%s" % (e.code, e.message, _details_suffix(e)), err=True)
+        sys.exit(EXIT_DAEMON_ERROR)
+    except Unreachable as e:
+        click.echo("error: daemon unreachable: %s" % e, err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    except TimeoutError as e:
+        click.echo("error: daemon unreachable: %s" % e, err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    except BrokenPipeError:
+        _quiet_stdout()
+        sys.exit(EXIT_OK)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The `emitterd` command: `run` (the daemon, in the foreground) and `config` (PROTOCOL §6, §7).
+
+Every flag of `emitterd run` is generated from emitterd.settings.SETTINGS; the
+flags take strings and hand them to settings.load() untouched, so a bad value
+gets the same message (naming the flag) as a bad environment variable or
+file key, and exit status 2.
+"""
+import sys
+from typing import Any, Optional
+
+import click
+
+from emitterd import __version__, logs, settings
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _SectionedCommand(click.Command):
+    """A command whose --help lists its options by settings section."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                section = getattr(param, "emitterd_section", "options")
+                groups.setdefault(section, []).append(record)
+        for section, records in groups.items():
+            with formatter.section(section[:1].upper() + section[1:]):
+                formatter.write_dl(records)
+
+
+def _flag_help(s: settings.Setting) -> str:
+    default = s.format(s.default) or '""'
+    return "%s  [default: %s; env: %s%s]" % (s.help, default, s.env_var,
+                                              "; reloadable" if s.reloadable else "")
+
+
+def _setting_options() -> list:
+    params = []
+    for s in settings.SETTINGS:
+        if s.type == settings.BOOL:
+            opt = click.Option(["%s/--no-%s" % (s.flag, s.flag[2:]), s.name], default=None,
+                               help=_flag_help(s))
+        else:
+            # type=str on purpose: settings.load() parses and validates (one set of rules)
+            opt = click.Option([s.flag, s.name], type=str, default=None,
+                               metavar=s.flag_metavar, help=_flag_help(s))
+        opt.emitterd_section = s.section  # type: ignore[attr-defined]
+        params.append(opt)
+    return params
+
+
+def _config_option() -> click.Option:
+    opt = click.Option(["--config", "config_path"], type=str, default=None, metavar="FILE",
+                       help="TOML config file (top-level keys as in `emitterd config`); "
+                            "default $EMITTERD_CONFIG, else none.")
+    opt.emitterd_section = "general"  # type: ignore[attr-defined]
+    return opt
+
+
+def _load(config_path: Optional[str], flags: dict) -> settings.Config:
+    try:
+        return settings.load(config_path, flags)
+    except settings.ConfigError as e:
+        click.echo("emitterd: %s" % e, err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="emitterd",
+                      message="%(prog)s %(version)s")
+def cli() -> None:
+    """emitterd: local event-delivery daemon (durable log, supervised pools of worker
+    processes). `emitterd run` starts it; `emitterctl` talks to it."""
+
+
+def _run(config_path: Optional[str], **flags: Any) -> None:
+    cfg = _load(config_path, flags)
+    logs.configure(cfg.log_level, cfg.log_format)
+    log = logs.get("config")
+    for warning in cfg.warnings:
+        log.warning(warning)
+    log.debug("settings loaded", config=cfg.config_path or "",
+              non_default=",".join(n for n, src in cfg.sources.items() if src != "default"))
+    from emitterd.daemon import run  # lazily: `emitterd config` must not import the daemon
+    sys.exit(run(cfg))
+
+
+run_command = _SectionedCommand(
+    "run", callback=_run, context_settings=CONTEXT,
+    params=[_config_option()] + _setting_options(),
+    help="Run the daemon in the foreground (logs on stderr).\n\n"
+         "Every setting can be given as a flag, an EMITTERD_<NAME> environment variable or a "
+         "key of the --config file; precedence: flag, then environment, then file, then "
+         "built-in default. Lists are comma-separated (--allow-uids 1000,1001); "
+         "--socket-mode is octal (0660). `emitterd config` lists every setting.",
+    short_help="Run the daemon in the foreground.")
+cli.add_command(run_command)
+
+
+@cli.command("config", context_settings=CONTEXT)
+@click.option("--config", "config_path", type=str, default=None, metavar="FILE",
+              help="Also read this TOML file and show the effective values and their sources.")
+@click.option("--effective", is_flag=True,
+              help="Show effective values (flags aside): environment, $EMITTERD_CONFIG or "
+                   "--config file, defaults.")
+@click.option("--toml", "as_toml", is_flag=True,
+              help="Print an example config file with every setting at its default.")
+def config_command(config_path: Optional[str], effective: bool, as_toml: bool) -> None:
+    """Print every setting: its default, environment variable and help."""
+    if as_toml:
+        click.echo(settings.render_toml(), nl=False)
+        return
+    if config_path is not None or effective:
+        cfg = _load(config_path, {})
+        click.echo(settings.render_table(cfg), nl=False)
+        for warning in cfg.warnings:
+            click.echo("emitterd: warning: %s" % warning, err=True)
+        return
+    click.echo(settings.render_table(), nl=False)
+
+
+def main(argv: Optional[list] = None) -> Any:
+    """Entry point of the `emitterd` console script."""
+    return cli.main(args=argv, prog_name="emitterd")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""ping."""
+import os
+from typing import Any
+
+from emitterd import __version__
+from emitterd.loop import monotonic
+
+
+def ping(ctx: Any, req: Any) -> dict:
+    return {"version": __version__, "pid": os.getpid(), "store_id": ctx.cfg.store_id,
+            "uptime": monotonic() - ctx.started, "head": ctx.log.head}

@@ -1,0 +1,58 @@
+"""Helpers shared by the control operations: finding a pool, checking plain arguments."""
+from typing import Any
+
+from emitterd import subscription
+from emitterd.errors import NOT_FOUND, UNAVAILABLE, ProtocolError, invalid
+
+
+def resolve_key(args: dict) -> str:
+    """The key named by {"key"} or {"subscription": {name, type, selector}}."""
+    if "key" in args and args["key"] is not None:
+        key = args["key"]
+        if not subscription.is_key(key):
+            raise ProtocolError(NOT_FOUND, "no subscription with key %r" % (str(key)[:64],))
+        return key
+    if "subscription" in args:
+        try:
+            name, type_, _, normalized = subscription.validate_identity(args["subscription"])
+        except ProtocolError:
+            raise ProtocolError(NOT_FOUND, "no subscription matches the given triple") from None
+        return subscription.key(type_, normalized, name)
+    raise invalid("key", 'give "key" or "subscription" {name, type, selector}')
+
+
+def find_pool(ctx: Any, args: dict) -> Any:
+    key = resolve_key(args)
+    pool = ctx.registry.pools.get(key)
+    if pool is None:
+        raise ProtocolError(NOT_FOUND, "no subscription with key %s" % key)
+    return pool
+
+
+def only_keys(args: dict, allowed: tuple) -> None:
+    for k in args:
+        if k not in allowed:
+            raise invalid(str(k), "unknown argument %r (allowed: %s)" % (k, ", ".join(allowed)))
+
+
+def number_arg(args: dict, name: str, default: float, minimum: float = 0.0) -> float:
+    v = args.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= minimum or v != v:
+        raise invalid(name, "%s must be a number >= %s" % (name, minimum))
+    return float(v)
+
+
+def bool_arg(args: dict, name: str, default: bool = False) -> bool:
+    v = args.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise invalid(name, "%s must be true or false" % name)
+    return v
+
+
+def not_shutting_down(ctx: Any) -> None:
+    if ctx.shutting_down:
+        raise ProtocolError(UNAVAILABLE, "the daemon is shutting down")

@@ -1,0 +1,113 @@
+"""publish: validation, and the group commit that appends every publish of a turn at once."""
+from typing import Any
+
+import msgpack
+
+from emitterd import logs
+from emitterd.control.common import not_shutting_down, only_keys
+from emitterd.control.server import DEFERRED
+from emitterd.errors import ProtocolError, invalid
+from emitterd.eventlog import NewEvent, PublishBatch
+
+log = logs.get("publish")
+_pack = msgpack.Packer(use_bin_type=True).pack
+K_DATA, K_METADATA, K_TAGS = (_pack(k) for k in ("data", "metadata", "tags"))
+EVENT_FIELDS = ("stream", "type", "data", "metadata", "tags", "id")
+ENVELOPE_BYTES = 160      # keys, position, version, timestamp, map header: an upper bound
+
+
+def _text(e: dict, name: str, field: str, limit: int, required: bool = True) -> Any:
+    v = e.get(name)
+    if v is None and not required:
+        return None
+    if not isinstance(v, str) or not 1 <= len(v) <= limit:
+        raise invalid(field, "%s must be a string of 1 to %d characters" % (name, limit))
+    return v
+
+
+def validate_event(e: Any, field: str, max_bytes: int) -> NewEvent:
+    if not isinstance(e, dict):
+        raise invalid(field, "an event must be a map")
+    for k in e:
+        if k not in EVENT_FIELDS:
+            raise invalid("%s.%s" % (field, k), "unknown event field %r (allowed: %s)"
+                          % (k, ", ".join(EVENT_FIELDS)))
+    stream = _text(e, "stream", field + ".stream", 256)
+    type_ = _text(e, "type", field + ".type", 256)
+    eid = _text(e, "id", field + ".id", 128, required=False)
+    metadata = e.get("metadata")
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict):
+        raise invalid(field + ".metadata", "metadata must be a map")
+    tags = e.get("tags")
+    if tags is None:
+        tags = []
+    elif not isinstance(tags, list):
+        raise invalid(field + ".tags", "tags must be a list of strings")
+    for i, t in enumerate(tags):
+        if not isinstance(t, str):
+            raise invalid("%s.tags.%d" % (field, i), "a tag must be a string")
+    try:
+        payload = b"".join((K_DATA, _pack(e.get("data")), K_METADATA, _pack(metadata), K_TAGS,
+                            _pack(tags)))
+    except Exception as err:
+        raise invalid(field + ".data", "data cannot be encoded: %s" % err) from None
+    size = len(payload) + len(stream.encode()) + len(type_.encode()) + len(
+        (eid or "x" * 36).encode()) + ENVELOPE_BYTES
+    if size > max_bytes:
+        raise invalid(field, "event is about %d bytes encoded, over max_event_bytes %d"
+                      % (size, max_bytes))
+    return NewEvent(stream, type_, eid, payload, tags)
+
+
+def validate_publish(args: dict, cfg: Any) -> PublishBatch:
+    only_keys(args, ("events", "expected_version"))
+    events = args.get("events")
+    if not isinstance(events, list) or not 1 <= len(events) <= cfg.max_publish_events:
+        raise invalid("events", "events must be a list of 1 to %d events" % cfg.max_publish_events)
+    new = [validate_event(e, "events.%d" % i, cfg.max_event_bytes) for i, e in enumerate(events)]
+    ev = args.get("expected_version")
+    if ev is not None:
+        if isinstance(ev, bool) or not isinstance(ev, int) or ev < -1:
+            raise invalid("expected_version", "expected_version must be an integer >= -1")
+        if any(e.stream != new[0].stream for e in new):
+            raise invalid("expected_version", "expected_version needs all events in one stream")
+    return PublishBatch(new, ev)
+
+
+def publish(ctx: Any, req: Any) -> Any:
+    not_shutting_down(ctx)
+    batch = validate_publish(req.args, ctx.cfg)
+    ctx.committer.submit(batch, req)
+    return DEFERRED
+
+
+class Committer:
+    """Group commit: the publishes read in one loop turn go to the log in one transaction."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.pending: list = []
+        self.published = 0
+
+    def submit(self, batch: PublishBatch, req: Any) -> None:
+        self.pending.append((batch, req))
+
+    def commit(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        try:
+            records = self.ctx.log.append([b for b, _ in pending])
+        except Exception as e:
+            log.exception("append failed")
+            for _, req in pending:
+                req.fail(ProtocolError("internal", "append failed: %s" % type(e).__name__))
+            return
+        self.published += len(records)
+        for b, req in pending:
+            if isinstance(b.result, ProtocolError):
+                req.fail(b.result)
+            else:
+                req.reply(b.result)

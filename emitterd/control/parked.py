@@ -1,0 +1,37 @@
+"""parked: list, replay or purge a pool's parked events."""
+from typing import Any
+
+from emitterd.control.common import find_pool, only_keys
+from emitterd.errors import UNAVAILABLE, ProtocolError, invalid
+
+
+def parked(ctx: Any, req: Any) -> dict:
+    only_keys(req.args, ("key", "subscription", "action", "limit"))
+    pool = find_pool(ctx, req.args)
+    action = req.args.get("action") or "list"
+    if action not in ("list", "replay", "purge"):
+        raise invalid("action", 'action must be "list", "replay" or "purge"')
+    limit = req.args.get("limit", 100)
+    if limit is None:
+        limit = 100
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000:
+        raise invalid("limit", "limit must be an integer from 1 to 100000")
+    rows = ctx.log.parked(pool.key, limit)
+    if action == "purge":
+        n = ctx.log.unpark(pool.key, [p for p, _ in rows])
+        pool.parked_count = ctx.log.parked_count(pool.key)
+        return {"count": n}
+    records = ctx.log.get([p for p, _ in rows])
+    if action == "replay":
+        if pool.state != "running" or pool.stopping is not None:
+            raise ProtocolError(UNAVAILABLE, "pool %s is %s; start it to replay" % (pool.key, pool.state))
+        return {"count": pool.dispatcher.replay([records[p] for p, _ in rows if p in records])}
+    events = []
+    for p, reason in rows:
+        rec = records.get(p)
+        if rec is not None:
+            ev = rec.decode()
+            ev["attempt"] = 1
+            ev["reason"] = reason
+            events.append(ev)
+    return {"events": events}

@@ -1,0 +1,103 @@
+"""start, stop, update, list, status."""
+from typing import Any
+
+from emitterd import logs, subscription
+from emitterd.control.common import (bool_arg, find_pool, not_shutting_down, number_arg,
+                                     only_keys)
+from emitterd.control.server import DEFERRED
+from emitterd.errors import ALREADY_STARTED, UNAVAILABLE, ProtocolError, invalid
+
+log = logs.get("control")
+
+
+def start(ctx: Any, req: Any) -> Any:
+    not_shutting_down(ctx)
+    only_keys(req.args, ("subscription",))
+    if "subscription" not in req.args:
+        raise invalid("subscription", "subscription is required")
+    spec = subscription.validate(req.args["subscription"], ctx.cfg)
+    key = subscription.key_of(spec)
+    reg = ctx.registry
+    pool = reg.pools.get(key)
+    if pool is None:
+        if len(reg.pools) >= ctx.cfg.max_subscriptions:
+            raise ProtocolError(UNAVAILABLE, "max_subscriptions (%d) reached" % ctx.cfg.max_subscriptions)
+        pool = reg.create(key, spec)
+        pool.start()
+        return pool.status()
+    if pool.state == "running" or pool.stopping is not None:
+        raise ProtocolError(ALREADY_STARTED, "subscription %s is already running" % key, {"key": key})
+    # a stopped, backoff or failed pool restarts from its checkpoint with the new settings
+    spec["start_from"] = pool.spec["start_from"]
+    old_subscriber = pool.spec["subscriber"]
+    pool.spec = spec
+    if old_subscriber != spec["subscriber"]:
+        pool.configure_workers()
+    pool.start()
+    reg.persist(pool, "running")
+    return pool.status()
+
+
+def stop(ctx: Any, req: Any) -> Any:
+    only_keys(req.args, ("key", "subscription", "delete", "drain_timeout"))
+    pool = find_pool(ctx, req.args)
+    delete = bool_arg(req.args, "delete")
+    drain = number_arg(req.args, "drain_timeout", ctx.cfg.drain_timeout)
+
+    def done() -> None:
+        st = pool.status()
+        if delete:
+            ctx.registry.delete(pool.key, lambda: req.reply(st))
+        else:
+            req.reply(st)
+    pool.stop(drain, done)
+    return DEFERRED
+
+
+def update(ctx: Any, req: Any) -> Any:
+    args = req.args
+    only_keys(args, ("key", "subscription", "pool_size", "subscriber", "options", "checkpoint"))
+    pool = find_pool(ctx, args)
+    spec = dict(pool.spec)
+    if "pool_size" in args:
+        spec["pool_size"] = subscription.validate_pool_size(args["pool_size"], "pool_size")
+    if "subscriber" in args:
+        spec["subscriber"] = subscription.validate_subscriber(args["subscriber"], "subscriber")
+    if "options" in args:
+        spec["options"] = subscription.validate_options(args["options"], pool.spec["options"], "options")
+    if spec["options"]["ephemeral"] and spec["subscriber"] is not None:
+        raise invalid("subscriber" if "subscriber" in args else "options.ephemeral",
+                      "an ephemeral subscription has no subscriber")
+    checkpoint = None
+    if "checkpoint" in args:
+        checkpoint = args["checkpoint"]
+        head = ctx.log.head
+        if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or not 0 <= checkpoint <= head:
+            raise invalid("checkpoint", "checkpoint must be an integer from 0 to head (%d)" % head)
+    changed_sinks = (spec["subscriber"] != pool.spec["subscriber"]
+                     or spec["options"]["ack_timeout"] != pool.spec["options"]["ack_timeout"])
+    new_size = spec["pool_size"]
+    spec["pool_size"] = pool.spec["pool_size"]
+    pool.spec = spec
+    pool.dispatcher.options = spec["options"]
+    if changed_sinks:
+        pool.configure_workers()
+    if checkpoint is not None:
+        pool.dispatcher.set_checkpoint(checkpoint)
+        log.info("checkpoint moved", pool=pool.name, checkpoint=checkpoint)
+    if new_size != pool.spec["pool_size"]:
+        log.info("pool resized", pool=pool.name, old=pool.spec["pool_size"], new=new_size)
+        pool.resize(new_size)
+    ctx.registry.persist(pool)
+    return pool.status()
+
+
+def list_(ctx: Any, req: Any) -> dict:
+    only_keys(req.args, ())
+    pools = sorted(ctx.registry.pools.values(), key=lambda p: (p.created_at, p.key))
+    return {"subscriptions": [p.status() for p in pools]}
+
+
+def status(ctx: Any, req: Any) -> dict:
+    only_keys(req.args, ("key", "subscription"))
+    return find_pool(ctx, req.args).status()

@@ -1,0 +1,242 @@
+"""The control socket: listen, SO_PEERCRED check, request validation, ordered responses."""
+import errno
+import os
+import socket
+import stat
+import struct
+from collections import deque
+from typing import Any, Optional
+
+from emitterd import framing, logs
+from emitterd.channel import Channel
+from emitterd.errors import (INTERNAL, INVALID, PERMISSION_DENIED, UNAVAILABLE, UNKNOWN_OP,
+                             ProtocolError)
+
+log = logs.get("control")
+DEFERRED = object()      # a handler's "I will answer later through req.reply/req.fail"
+_UCRED = struct.Struct("3i")
+
+
+def _error(rid: int, code: str, message: str, details: Any = None) -> dict:
+    err = {"code": code, "message": message}
+    if details is not None:
+        err["details"] = details
+    return {"id": rid, "ok": False, "error": err}
+
+
+class Request:
+    """One request in flight; answered exactly once, in order with its connection's others."""
+
+    __slots__ = ("id", "op", "args", "conn", "_slot")
+
+    def __init__(self, rid: int, op: str, args: dict, conn: "ControlConn", slot: list) -> None:
+        self.id = rid
+        self.op = op
+        self.args = args
+        self.conn = conn
+        self._slot = slot
+
+    def reply(self, result: Any) -> None:
+        self.conn.fill(self._slot, {"id": self.id, "ok": True, "result": result})
+
+    def fail(self, err: ProtocolError) -> None:
+        self.conn.fill(self._slot, {"id": self.id, "ok": False, "error": err.to_wire()})
+
+
+class ControlConn:
+    def __init__(self, server: "ControlServer", sock: socket.socket, peer: tuple) -> None:
+        self.server = server
+        self.peer = peer
+        cfg = server.ctx.cfg
+        self.slots: deque = deque()    # [response or None, close_after]
+        self.channel = Channel(server.ctx.loop, sock, cfg.max_frame_bytes, self._on_frame,
+                               self._on_close, self._on_frame_error,
+                               max_out=cfg.output_buffer_bytes)
+        self.after_reply = None        # callable run once this connection's slots are all sent
+
+    # ---- requests ----------------------------------------------------------------
+    def _on_frame(self, msg: dict) -> None:
+        rid = msg.get("id")
+        if not (isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 1 << 64):
+            self._answer(_error(0, INVALID, "a request needs an unsigned integer id", {"field": "id"}))
+            return
+        op = msg.get("op")
+        if not isinstance(op, str):
+            self._answer(_error(rid, INVALID, "a request needs a string op", {"field": "op"}))
+            return
+        args = msg.get("args")
+        if args is None:
+            args = {}
+        elif not isinstance(args, dict):
+            self._answer(_error(rid, INVALID, "args must be a map or nil", {"field": "args"}))
+            return
+        handler = self.server.ops.get(op)
+        if handler is None:
+            self._answer(_error(rid, UNKNOWN_OP, "unknown op %r" % (op[:100],)))
+            return
+        slot = [None, False]
+        self.slots.append(slot)
+        req = Request(rid, op, args, self, slot)
+        try:
+            result = handler(self.server.ctx, req)
+        except ProtocolError as e:
+            req.fail(e)
+            return
+        except Exception as e:  # a bug in one request must not stop the loop
+            log.exception("internal error", op=op)
+            req.fail(ProtocolError(INTERNAL, "internal error in %s: %s" % (op, type(e).__name__)))
+            return
+        if result is not DEFERRED:
+            req.reply(result)
+
+    def _answer(self, response: dict, close_after: bool = False) -> None:
+        self.slots.append([response, close_after])
+        self._flush_slots()
+
+    def fill(self, slot: list, response: dict) -> None:
+        slot[0] = response
+        self._flush_slots()
+
+    def _flush_slots(self) -> None:
+        ch = self.channel
+        while self.slots and self.slots[0][0] is not None:
+            response, close_after = self.slots.popleft()
+            try:
+                data = framing.encode(response)
+            except Exception as e:
+                log.error("response could not be encoded", error=str(e))
+                data = framing.encode(_error(response.get("id", 0), INTERNAL,
+                                             "response could not be encoded"))
+            ch.send_raw(data)
+            if close_after:
+                self.slots.clear()
+                ch.close_when_flushed()
+                return
+        if not self.slots and self.after_reply is not None:
+            cb, self.after_reply = self.after_reply, None
+            ch.after_flush(cb)
+
+    def _on_frame_error(self, err: framing.FrameError) -> None:
+        log.info("framing error, closing connection", code=err.code, reason=err.message)
+        self._answer(_error(0, err.code, err.message), close_after=True)
+
+    def _on_close(self, reason: str) -> None:
+        self.server.conns.discard(self)
+
+
+class ControlServer:
+    def __init__(self, ctx: Any, ops: dict) -> None:
+        self.ctx = ctx
+        self.ops = ops
+        self.conns: set = set()
+        self.sock: Optional[socket.socket] = None
+        self.path: Optional[str] = None
+        self.owns_path = False
+
+    def listen(self, inherited: Optional[socket.socket] = None) -> None:
+        cfg = self.ctx.cfg
+        self.path = cfg.socket
+        if inherited is not None:
+            self.sock = inherited          # socket activation: systemd owns the file
+        else:
+            self.sock = bind_control_socket(cfg.socket, cfg.socket_mode)
+            self.owns_path = True
+        self.sock.setblocking(False)
+        self.ctx.loop.add_reader(self.sock, self._on_accept)
+        log.info("listening", socket=self.path, activated=inherited is not None)
+
+    def _on_accept(self, mask: int) -> None:
+        for _ in range(64):
+            try:
+                sock, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.error("accept failed", error=str(e))
+                return
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        cfg = self.ctx.cfg
+        try:
+            pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          _UCRED.size))
+        except OSError:
+            pid, uid, gid = 0, -1, -1
+        if not self.allowed(uid, gid):
+            log.warning("connection refused: peer not allowed", pid=pid, uid=uid, gid=gid)
+            self._refuse(sock, PERMISSION_DENIED, "uid %d / gid %d may not use this socket" % (uid, gid))
+            return
+        if len(self.conns) >= cfg.max_connections:
+            log.warning("connection refused: max_connections reached", limit=cfg.max_connections)
+            self._refuse(sock, UNAVAILABLE, "too many connections (max_connections %d)"
+                         % cfg.max_connections)
+            return
+        self.conns.add(ControlConn(self, sock, (pid, uid, gid)))
+
+    def allowed(self, uid: int, gid: int) -> bool:
+        cfg = self.ctx.cfg
+        return (uid == 0 or uid == os.getuid() or uid in cfg.allow_uids
+                or gid in cfg.allow_gids)
+
+    def _refuse(self, sock: socket.socket, code: str, message: str) -> None:
+        try:
+            sock.setblocking(False)
+            sock.send(framing.encode(_error(0, code, message)))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        sock.close()
+
+    def detach(self, conn: ControlConn) -> socket.socket:
+        self.conns.discard(conn)
+        return conn.channel.detach()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.ctx.loop.remove(self.sock)
+            self.sock.close()
+            self.sock = None
+        if self.owns_path and self.path:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        for c in list(self.conns):
+            c.channel.flush()
+            c.channel.close("daemon exiting")
+
+
+def bind_control_socket(path: str, mode: int) -> socket.socket:
+    """Bind the control socket; replace a stale file, refuse when a daemon answers there."""
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise RuntimeError("%s exists and is not a socket; refusing to replace it" % path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)        # stale: nobody listens
+        except OSError as e:
+            if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise RuntimeError("cannot probe existing socket %s: %s" % (path, e))
+        else:
+            raise RuntimeError("another daemon is already listening on %s" % path)
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)          # never exposed wider than 0600 before the chmod below
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(128)
+    return sock

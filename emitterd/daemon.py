@@ -1,0 +1,208 @@
+"""The parent process: one thread, one selector loop; this module only wires the parts."""
+import os
+import signal
+import socket
+from typing import Any, Optional
+
+from emitterd import logs, monitor, procs, subscription
+from emitterd import systemd as sd
+from emitterd.control.events import Committer
+from emitterd.control.ops import OPS
+from emitterd.control.server import ControlServer
+from emitterd.eventlog import open_log
+from emitterd.loop import Loop, monotonic
+from emitterd.registry import Registry
+
+log = logs.get("daemon")
+SAMPLE_INTERVAL = 1.0
+STATUS_INTERVAL = 5.0
+
+
+class Context:
+    """What the parts share: settings, loop, log, registry, server; no behaviour of its own."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.loop = Loop()
+        self.log: Any = None
+        self.registry: Any = None
+        self.server: Any = None
+        self.committer: Any = None
+        self.notifier: Any = None
+        self.children: dict = {}       # pid -> WorkerHandle
+        self.started = monotonic()
+        self.shutting_down = False
+        self.respawn_seconds: list = []
+
+    def pool_name(self, key: str) -> str:
+        return subscription.pool_name(self.cfg.store_id, key)
+
+    def metrics_respawn(self, seconds: float) -> None:
+        self.respawn_seconds.append(seconds)
+        del self.respawn_seconds[:-1000]
+
+
+class Daemon:
+    """Signal handling and shutdown around the loop."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.ctx = ctx = Context(cfg)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stop_waiting = 0
+        self.exit_code = 0
+
+    def start(self) -> None:
+        ctx = self.ctx
+        cfg = ctx.cfg
+        ctx.notifier = sd.Notifier()
+        inherited = sd.listen_fds()
+        ctx.log = open_log(cfg.data_dir, cfg.synchronous)
+        ctx.committer = Committer(ctx)
+        ctx.registry = Registry(ctx)
+        ctx.server = ControlServer(ctx, OPS)
+        self._install_signals()
+        ctx.server.listen(inherited[0] if inherited else None)
+        loop = ctx.loop
+        loop.at_turn_end(ctx.committer.commit)
+        loop.at_turn_end(self._pump)
+        loop.every(lambda: ctx.cfg.checkpoint_interval, ctx.registry.flush_checkpoints)
+        loop.every(SAMPLE_INTERVAL, lambda: monitor.sample(ctx))
+        loop.every(lambda: min(0.5, ctx.cfg.heartbeat_interval), lambda: ctx.registry.tick(monotonic()))
+        loop.every(STATUS_INTERVAL, self._status)
+        wd = ctx.notifier.watchdog_interval()
+        if wd:
+            loop.every(wd, ctx.notifier.watchdog)
+        ctx.registry.load()
+        ctx.notifier.ready(self._summary())
+        log.info("emitterd ready", pid=os.getpid(), socket=cfg.socket, data_dir=cfg.data_dir,
+                 store_id=cfg.store_id, head=ctx.log.head)
+
+    def _pump(self) -> None:
+        if self.ctx.registry.pump_all():
+            self.ctx.loop.mark_dirty(_Nudge)     # work left: do not sleep in the next select
+
+    def _summary(self) -> str:
+        pools = self.ctx.registry.pools.values()
+        running = sum(1 for p in pools if p.state == "running")
+        workers = sum(len(p.slots) for p in pools)
+        return "%d pools (%d running), %d workers, head %d" % (len(pools), running, workers,
+                                                              self.ctx.log.head)
+
+    def _status(self) -> None:
+        self.ctx.notifier.status(self._summary())
+
+    # ---- signals -------------------------------------------------------------
+    def _install_signals(self) -> None:
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, _ignore)
+        self.ctx.loop.add_reader(self._wake_r, self._on_signal)
+
+    def _on_signal(self, mask: int) -> None:
+        try:
+            data = self._wake_r.recv(4096)
+        except BlockingIOError:
+            return
+        for signum in set(data):
+            if signum == signal.SIGCHLD:
+                self._reap()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.shutdown(signal.Signals(signum).name)
+            elif signum == signal.SIGHUP:
+                self.reload()
+
+    def _reap(self) -> None:
+        for pid, status in procs.reap():
+            h = self.ctx.children.pop(pid, None)
+            if h is not None:
+                h.pool.on_exit(h, status)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file; apply what can change live, log the rest."""
+        ctx = self.ctx
+        ctx.notifier.reloading()
+        try:
+            cfg, applied, pending = ctx.cfg.reload()
+        except Exception as e:
+            log.error("reload refused: configuration is invalid, nothing changed", error=str(e))
+            ctx.notifier.ready(self._summary())
+            return
+        ctx.cfg = cfg
+        for name, (old, new) in applied.items():
+            log.info("setting reloaded", setting=name, old=old, new=new)
+        for name, (old, new) in pending.items():
+            log.warning("setting needs a restart to change", setting=name, old=old, new=new)
+        logs.configure(cfg.log_level, cfg.log_format)
+        log.info("configuration reloaded", changed=len(applied), need_restart=len(pending))
+        ctx.notifier.ready(self._summary())
+
+    # ---- shutdown ------------------------------------------------------------
+    def shutdown(self, why: str) -> None:
+        ctx = self.ctx
+        if ctx.shutting_down:
+            log.warning("second stop request: not waiting for the drain any longer", signal=why)
+            for pool in list(ctx.registry.pools.values()):
+                if pool.stopping is not None:
+                    pool.stopping["deadline"] = 0.0
+                    pool.poll_stop()
+            return
+        ctx.shutting_down = True
+        ctx.notifier.stopping()
+        log.info("shutting down: draining pools", signal=why, drain_timeout=ctx.cfg.drain_timeout)
+        pools = [p for p in ctx.registry.pools.values()]
+        self._stop_waiting = len(pools) + 1
+        for pool in pools:
+            pool.stop(ctx.cfg.drain_timeout, self._one_stopped, persist_state=False)
+        self._one_stopped()
+
+    def _one_stopped(self) -> None:
+        self._stop_waiting -= 1
+        if self._stop_waiting == 0:
+            self.ctx.committer.commit()
+            self.ctx.registry.flush_checkpoints()
+            self.ctx.loop.running = False
+
+    def run(self) -> int:
+        self.start()
+        try:
+            self.ctx.loop.run()
+        finally:
+            self.close()
+        log.info("emitterd stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    def close(self) -> None:
+        ctx = self.ctx
+        for pid in list(ctx.children):
+            procs.kill(pid, signal.SIGKILL)
+        if ctx.server is not None:
+            ctx.server.close()
+        if ctx.log is not None:
+            ctx.log.close()
+        signal.set_wakeup_fd(-1)
+
+
+class _NudgeType:
+    """A no-op 'dirty' object: marking it makes the loop poll instead of sleeping."""
+
+    def flush(self) -> None:
+        pass
+
+
+_Nudge = _NudgeType()
+
+
+def _ignore(signum: int, frame: Optional[Any]) -> None:
+    """Python-level handler so the C handler writes the signal number to the wakeup fd."""
+
+
+def run(cfg: Any) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT; return the exit status."""
+    try:
+        daemon = Daemon(cfg)
+        return daemon.run()
+    except RuntimeError as e:
+        log.error("cannot start", error=str(e))
+        return 1

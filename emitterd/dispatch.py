@@ -1,0 +1,350 @@
+"""Per pool: cursor over the log, routing by strategy, in-flight window, retries, checkpoint."""
+import heapq
+import random
+import struct
+import zlib
+from typing import Any, Callable, Optional
+
+import msgpack
+
+from emitterd.loop import monotonic
+
+SCAN_CHUNK = 512
+SCAN_LIMIT = 20_000        # log records examined per pump, so one pool cannot stall the loop
+FRAME_SLACK = 4096         # room for the frame envelope around the events
+_LEN = struct.Struct(">I")
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+class Entry:
+    """An unfinished matching event: queued, in flight on a worker, or waiting to retry."""
+    __slots__ = ("rec", "attempt", "retries", "wid", "replay")
+
+    def __init__(self, rec: Any, replay: bool = False) -> None:
+        self.rec = rec
+        self.attempt = 1
+        self.retries = 0
+        self.wid: Optional[int] = None
+        self.replay = replay
+
+
+def stream_slot(stream: str, n: int) -> int:
+    """Stable hash of a stream id onto n workers (the same in every run)."""
+    return zlib.crc32(stream.encode("utf-8", "surrogatepass")) % n
+
+
+class Dispatcher:
+    """Moves matching events from the log to workers and tracks them until they are handled.
+
+    Workers are handles with .wid, .index, .consumers and .send_batch(positions, frame).
+    """
+
+    def __init__(self, key: str, matcher: Callable[[Any], bool], log: Any, options: dict,
+                 checkpoint: int, max_frame: int, schedule: Callable[[float], Any],
+                 on_park: Callable[[list], Any], on_unpark: Callable[[list], Any]) -> None:
+        self.key = key
+        self.matcher = matcher
+        self.log = log
+        self.options = options
+        self.max_frame = max_frame
+        self.schedule = schedule
+        self.on_park = on_park
+        self.on_unpark = on_unpark
+        self.cursor = checkpoint + 1
+        self.entries: dict = {}
+        self.ready: list = []          # heap of positions to (re)send, lowest first
+        self.retry_heap: list = []     # (due, position)
+        self.per_worker: dict = {}     # wid -> events in flight on it
+        self.owner: dict = {}          # stream -> [wid, count] (pinned order across resizes)
+        self.draining = False
+        self.delivered = 0
+        self.retried = 0
+        self.parked = 0
+        self.worker_delivered: dict = {}   # index -> acked events
+        self._rr = 0
+        self._prefix = b"".join(_packer.pack(x) for x in ("op", "events", "key", key, "events"))
+        self._prefix = b"\x83" + self._prefix
+
+    # ---- state ---------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return len(self.entries)
+
+    @property
+    def checkpoint(self) -> int:
+        low = self.cursor
+        for p, e in self.entries.items():
+            if p < low and not e.replay:
+                low = p
+        return low - 1
+
+    def set_checkpoint(self, position: int) -> None:
+        """Move the cursor: events after `position` are delivered (again), none up to it."""
+        self.entries.clear()
+        self.ready.clear()
+        self.retry_heap.clear()
+        self.per_worker.clear()
+        self.owner.clear()
+        self.cursor = position + 1
+
+    def idle(self) -> bool:
+        return not self.entries and self.cursor > self.log.head
+
+    # ---- sending ---------------------------------------------------------------
+    def pump(self, slots: list, attach_mode: bool) -> bool:
+        """Hand out what the workers have room for; True when work was left for next turn."""
+        due = self.retry_heap
+        if due and due[0][0] <= monotonic():
+            self._release_due()
+        if not self.ready and (self.draining or self.cursor > self.log.head):
+            return False
+        if attach_mode:
+            targets = [w for w in slots if w is not None and w.consumers > 0]
+        else:
+            targets = slots
+        routable = [w for w in targets if w is not None]
+        if not routable:
+            return False
+        opts = self.options
+        max_if = opts["max_in_flight"]
+        per_worker = self.per_worker
+        room = {w.wid: max_if - per_worker.get(w.wid, 0) for w in routable}
+        free = sum(r for r in room.values() if r > 0)
+        if free <= 0:
+            return False
+        strategy = opts["strategy"]
+        pinned = strategy == "pinned"
+        batch_size = opts["batch_size"]
+        frame_budget = self.max_frame - FRAME_SLACK
+        batches: dict = {}
+        blocked: set = set()
+        entries = self.entries
+        owner = self.owner
+        n_targets = len(targets)
+
+        def choose(stream: str) -> Any:
+            if pinned:
+                if stream in blocked:
+                    return None
+                w = targets[stream_slot(stream, n_targets)]
+                if w is None or room[w.wid] <= 0:
+                    return None
+                o = owner.get(stream)
+                if o is not None and o[0] != w.wid:
+                    return None      # its earlier events are still in flight on another worker
+                return w
+            if strategy == "round_robin":
+                n = len(routable)
+                for i in range(n):
+                    w = routable[(self._rr + i) % n]
+                    if room[w.wid] > 0:
+                        self._rr = (self._rr + i + 1) % n
+                        return w
+                return None
+            open_ = [w for w in routable if room[w.wid] > 0]
+            return random.choice(open_) if open_ else None
+
+        def assign(pos: int, e: Entry, w: Any) -> None:
+            nonlocal free
+            e.wid = w.wid
+            room[w.wid] -= 1
+            free -= 1
+            per_worker[w.wid] = per_worker.get(w.wid, 0) + 1
+            if pinned:
+                o = owner.get(e.rec.stream)
+                if o is None:
+                    owner[e.rec.stream] = [w.wid, 1]
+                else:
+                    o[1] += 1
+            data = e.rec.encoded(e.attempt)
+            b = batches.get(w.wid)
+            if b is not None and (len(b[1]) >= batch_size or b[2] + len(data) > frame_budget):
+                self._send(w, b)
+                b = None
+            if b is None:
+                b = batches[w.wid] = [w, [], 0, []]
+            b[1].append(pos)
+            b[2] += len(data)
+            b[3].append(data)
+
+        # 1. redeliveries and held events first, lowest position first
+        held = []
+        ready = self.ready
+        while ready and free > 0:
+            pos = heapq.heappop(ready)
+            e = entries.get(pos)
+            if e is None or e.wid is not None:
+                continue
+            w = choose(e.rec.stream)
+            if w is None:
+                held.append(pos)
+                if pinned:
+                    blocked.add(e.rec.stream)
+                continue
+            assign(pos, e, w)
+        for pos in held:
+            heapq.heappush(ready, pos)
+        more = False
+        # 2. new events from the log
+        if not self.draining:
+            hold_limit = max_if * max(1, len(routable)) * 2
+            scanned = 0
+            matcher = self.matcher
+            stop = False
+            while free > 0 and not stop:
+                recs = self.log.read(self.cursor, SCAN_CHUNK)
+                if not recs:
+                    break
+                for rec in recs:
+                    scanned += 1
+                    if not matcher(rec):
+                        self.cursor = rec.position + 1
+                        continue
+                    w = choose(rec.stream) if free > 0 else None
+                    if w is None:
+                        if pinned and free > 0 and len(ready) < hold_limit:
+                            pos = rec.position
+                            entries[pos] = Entry(rec)
+                            heapq.heappush(ready, pos)
+                            blocked.add(rec.stream)
+                            self.cursor = pos + 1
+                            continue
+                        stop = True
+                        break
+                    e = entries[rec.position] = Entry(rec)
+                    self.cursor = rec.position + 1
+                    assign(rec.position, e, w)
+                if scanned >= SCAN_LIMIT and not stop:
+                    more = self.cursor <= self.log.head
+                    break
+        for b in batches.values():
+            self._send(b[0], b)
+        return more
+
+    def _send(self, w: Any, b: list) -> None:
+        parts = b[3]
+        body = self._prefix + _packer.pack_array_header(len(parts)) + b"".join(parts)
+        w.send_batch(b[1], _LEN.pack(len(body)) + body)
+        b[1] = []
+        b[2] = 0
+        b[3] = []
+
+    # ---- verdicts --------------------------------------------------------------
+    def _release(self, e: Entry) -> None:
+        wid = e.wid
+        if wid is None:
+            return
+        e.wid = None
+        n = self.per_worker.get(wid, 0) - 1
+        if n > 0:
+            self.per_worker[wid] = n
+        else:
+            self.per_worker.pop(wid, None)
+        o = self.owner.get(e.rec.stream)
+        if o is not None and o[0] == wid:
+            o[1] -= 1
+            if o[1] <= 0:
+                del self.owner[e.rec.stream]
+
+    def _own(self, wid: int, positions: list) -> list:
+        out = []
+        entries = self.entries
+        for p in positions:
+            e = entries.get(p)
+            if e is not None and e.wid == wid:
+                out.append((p, e))
+        return out
+
+    def on_ack(self, wid: int, index: int, positions: list) -> None:
+        done = self._own(wid, positions)
+        unpark = []
+        for p, e in done:
+            self._release(e)
+            del self.entries[p]
+            if e.replay:
+                unpark.append(p)
+        self.delivered += len(done)
+        self.worker_delivered[index] = self.worker_delivered.get(index, 0) + len(done)
+        if unpark:
+            self.on_unpark(unpark)
+
+    def on_nack(self, wid: int, positions: list, action: str, reason: Optional[str]) -> None:
+        items = self._own(wid, positions)
+        if action == "skip":
+            unpark = [p for p, e in items if e.replay]
+            for p, e in items:
+                self._release(e)
+                del self.entries[p]
+            if unpark:
+                self.on_unpark(unpark)
+            return
+        if action == "park":
+            self._park(items, reason or "nack")
+            return
+        self._retry(items)
+
+    def _retry(self, items: list) -> None:
+        initial, maximum = self.options["retry_backoff"]
+        max_retries = self.options["max_retries"]
+        now = monotonic()
+        to_park = []
+        for p, e in items:
+            if e.retries >= max_retries:
+                to_park.append((p, e))
+                continue
+            self._release(e)
+            e.retries += 1
+            due = now + min(initial * 2 ** (e.retries - 1), maximum)
+            heapq.heappush(self.retry_heap, (due, p))
+            self.schedule(due)
+        if to_park:
+            self._park(to_park, "max_retries")
+
+    def _park(self, items: list, reason: str) -> None:
+        rows = []
+        for p, e in items:
+            self._release(e)
+            del self.entries[p]
+            rows.append((p, reason))
+            if not e.replay:
+                self.parked += 1
+        self.on_park(rows)
+
+    def _release_due(self) -> None:
+        now = monotonic()
+        heap = self.retry_heap
+        while heap and heap[0][0] <= now:
+            _, p = heapq.heappop(heap)
+            e = self.entries.get(p)
+            if e is None or e.wid is not None:
+                continue
+            e.attempt += 1
+            self.retried += 1
+            heapq.heappush(self.ready, p)
+
+    def requeue(self, wid: int, positions: list) -> None:
+        """The consumer went away: these go back to the head of the queue, attempt + 1."""
+        for p, e in self._own(wid, positions):
+            self._release(e)
+            e.attempt += 1
+            heapq.heappush(self.ready, p)
+
+    def worker_lost(self, wid: int) -> int:
+        """A worker exited: everything it held is delivered again."""
+        lost = [p for p, e in self.entries.items() if e.wid == wid]
+        self.requeue(wid, lost)
+        self.per_worker.pop(wid, None)
+        return len(lost)
+
+    def replay(self, records: list) -> int:
+        n = 0
+        for rec in records:
+            if rec.position in self.entries:
+                continue
+            self.entries[rec.position] = Entry(rec, replay=True)
+            heapq.heappush(self.ready, rec.position)
+            n += 1
+        return n
+
+    def worker_in_flight(self, wid: int) -> int:
+        return self.per_worker.get(wid, 0)

@@ -1,0 +1,120 @@
+"""The event log interface: the rest of the daemon touches storage only through this.
+
+Today's backend is SQLite (eventlog/sqlite.py). A shared backend (DESIGN §7) would
+implement the same class.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import msgpack
+
+# A delivered event is a 10-entry map; the stored body holds the first 9 entries
+# (everything but "attempt") already encoded, so delivery never re-encodes it.
+EVENT_MAP_HEADER = b"\x8a"
+STORED_MAP_HEADER = b"\x89"
+ATTEMPT_KEY = msgpack.packb("attempt")
+
+
+class EventRecord:
+    """One stored event: the header fields filters need, beside the encoded body."""
+
+    __slots__ = ("position", "stream", "type", "tags", "body", "_data")
+
+    def __init__(self, position: int, stream: str, type_: str, tags: list, body: bytes) -> None:
+        self.position = position
+        self.stream = stream
+        self.type = type_
+        self.tags = tags
+        self.body = body
+        self._data = _UNSET
+
+    @property
+    def data(self) -> Any:
+        """The event's data, decoded on first use (only payload selectors need it)."""
+        if self._data is _UNSET:
+            self._data = self.decode()["data"]
+        return self._data
+
+    def decode(self) -> dict:
+        return msgpack.unpackb(STORED_MAP_HEADER + self.body, raw=False, strict_map_key=False)
+
+    def encoded(self, attempt: int) -> bytes:
+        """The delivered Event map, encoded, with this attempt number."""
+        return EVENT_MAP_HEADER + self.body + ATTEMPT_KEY + msgpack.packb(attempt)
+
+
+_UNSET = object()
+
+
+@dataclass
+class NewEvent:
+    """A validated event of a publish request, before it has a position."""
+    stream: str
+    type: str
+    id: Optional[str]
+    payload: bytes          # encoded "data", "metadata", "tags" entries (keys and values)
+    tags: list
+
+
+@dataclass
+class PublishBatch:
+    """One publish request: its events and optional expected_version."""
+    events: list
+    expected_version: Optional[int] = None
+    result: Any = None      # set by append(): {"positions", "versions"} or a ProtocolError
+    records: list = field(default_factory=list)
+
+
+class EventLog:
+    """Durable, ordered event storage plus the daemon's small state tables."""
+
+    head: int
+
+    def append(self, batches: list) -> list:
+        """Append publish batches in ONE transaction; set each batch.result; return new records."""
+        raise NotImplementedError
+
+    def read(self, start: int, limit: int) -> list:
+        """EventRecords from position `start` on, at most `limit`, in order."""
+        raise NotImplementedError
+
+    def get(self, positions: Iterable[int]) -> dict:
+        """position -> EventRecord for the given positions that exist."""
+        raise NotImplementedError
+
+    # subscriptions, checkpoints, parked events
+    def load_subscriptions(self) -> list:
+        raise NotImplementedError
+
+    def save_subscription(self, key: str, spec: dict, desired: str, checkpoint: int,
+                          created_at: int) -> None:
+        raise NotImplementedError
+
+    def delete_subscription(self, key: str) -> None:
+        raise NotImplementedError
+
+    def save_checkpoints(self, checkpoints: dict) -> None:
+        raise NotImplementedError
+
+    def park(self, key: str, items: list) -> None:
+        raise NotImplementedError
+
+    def parked(self, key: str, limit: int) -> list:
+        raise NotImplementedError
+
+    def unpark(self, key: str, positions: list) -> int:
+        raise NotImplementedError
+
+    def parked_count(self, key: str) -> int:
+        raise NotImplementedError
+
+    def meta(self, name: str) -> Optional[bytes]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def open_log(data_dir: str, synchronous: str = "full", tail_events: int = 65536) -> EventLog:
+    from emitterd.eventlog.sqlite import SqliteLog
+    return SqliteLog(data_dir, synchronous=synchronous, tail_events=tail_events)

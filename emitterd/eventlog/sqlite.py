@@ -1,0 +1,266 @@
+"""SQLite backend of the event log: one file in the data dir, WAL, single writer."""
+import os
+import secrets
+import sqlite3
+import time
+import uuid
+from typing import Iterable, Optional
+
+import msgpack
+
+from emitterd.errors import CONFLICT, UNAVAILABLE, ProtocolError
+from emitterd.eventlog import EventLog, EventRecord
+from emitterd.paths import ensure_private_dir
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    position  INTEGER PRIMARY KEY,
+    stream    TEXT NOT NULL,
+    version   INTEGER NOT NULL,
+    type      TEXT NOT NULL,
+    tags      BLOB,
+    client_id TEXT,
+    body      BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_stream_version ON events (stream, version);
+CREATE UNIQUE INDEX IF NOT EXISTS events_client_id ON events (client_id) WHERE client_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS subscriptions (
+    key        TEXT PRIMARY KEY,
+    spec       BLOB NOT NULL,
+    desired    TEXT NOT NULL,
+    checkpoint INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS parked (
+    key      TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    reason   TEXT NOT NULL,
+    PRIMARY KEY (key, position)
+) WITHOUT ROWID;
+"""
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+K_POSITION, K_ID, K_STREAM, K_VERSION, K_TYPE, K_TIMESTAMP = (
+    _pack(k) for k in ("position", "id", "stream", "version", "type", "timestamp"))
+
+_POS_MASK = (1 << 62) - 1
+_STREAM_CACHE_MAX = 200_000
+
+
+def generated_id(salt: int, position: int) -> str:
+    """A UUIDv8 that encodes this store's salt and the position, so that a republished
+    generated id is recognised without indexing generated ids (only client ids are indexed)."""
+    n = ((salt >> 12) << 80) | (0x8 << 76) | ((salt & 0xFFF) << 64) | (0b10 << 62) | position
+    return str(uuid.UUID(int=n))
+
+
+def generated_position(salt: int, text: str) -> Optional[int]:
+    """The position encoded in an id made by generated_id() with this salt, else None."""
+    if len(text) != 36:
+        return None
+    try:
+        n = uuid.UUID(text).int
+    except ValueError:
+        return None
+    if (n >> 76) & 0xF != 8 or (n >> 62) & 0b11 != 0b10:
+        return None
+    if (((n >> 80) << 12) | ((n >> 64) & 0xFFF)) != salt or generated_id(salt, n & _POS_MASK) != text:
+        return None
+    return n & _POS_MASK
+
+
+class SqliteLog(EventLog):
+    def __init__(self, data_dir: str, synchronous: str = "full", tail_events: int = 65536) -> None:
+        ensure_private_dir(data_dir)
+        self.path = os.path.join(data_dir, "emitterd.db")
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=%s" % ("FULL" if synchronous == "full" else "NORMAL"))
+        self._db.executescript(SCHEMA)
+        os.chmod(self.path, 0o600)
+        salt = self.meta("id_salt")
+        if salt is None:
+            salt = secrets.randbits(60).to_bytes(8, "big")
+            self._db.execute("INSERT INTO meta (name, value) VALUES ('id_salt', ?)", (salt,))
+        self._salt = int.from_bytes(salt, "big")
+        row = self._db.execute("SELECT MAX(position) FROM events").fetchone()
+        self.head = row[0] or 0
+        self._stream_versions: dict = {}
+        self._tail: list = []
+        self._tail_start = self.head + 1
+        self._tail_max = max(1024, tail_events)
+
+    # ---- events --------------------------------------------------------------
+    def _stream_version(self, stream: str, overlay: dict) -> int:
+        v = overlay.get(stream)
+        if v is not None:
+            return v
+        v = self._stream_versions.get(stream)
+        if v is None:
+            row = self._db.execute("SELECT MAX(version) FROM events WHERE stream = ?",
+                                   (stream,)).fetchone()
+            v = -1 if row[0] is None else row[0]
+            if len(self._stream_versions) >= _STREAM_CACHE_MAX:
+                self._stream_versions.clear()
+            self._stream_versions[stream] = v
+        return v
+
+    def _lookup_id(self, event_id: str) -> Optional[tuple]:
+        pos = generated_position(self._salt, event_id)
+        if pos is not None and pos <= self.head:
+            row = self._db.execute("SELECT position, version FROM events WHERE position = ?",
+                                   (pos,)).fetchone()
+        else:
+            row = self._db.execute("SELECT position, version FROM events WHERE client_id = ?",
+                                   (event_id,)).fetchone()
+        return tuple(row) if row else None
+
+    def append(self, batches: list) -> list:
+        ts = _pack(int(time.time() * 1_000_000))
+        pos = self.head
+        overlay: dict = {}
+        ids: dict = {}
+        rows = []
+        records = []
+        salt = self._salt
+        for b in batches:
+            if b.expected_version is not None:
+                stream = b.events[0].stream
+                current = self._stream_version(stream, overlay)
+                if current != b.expected_version:
+                    b.result = ProtocolError(CONFLICT, "stream %r is at version %d, expected %d"
+                                             % (stream, current, b.expected_version),
+                                             {"stream": stream, "current_version": current})
+                    continue
+            positions = []
+            versions = []
+            for e in b.events:
+                if e.id is not None:
+                    hit = ids.get(e.id) or self._lookup_id(e.id)
+                    if hit is not None:
+                        positions.append(hit[0])
+                        versions.append(hit[1])
+                        continue
+                pos += 1
+                version = self._stream_version(e.stream, overlay) + 1
+                overlay[e.stream] = version
+                if e.id is not None:
+                    ids[e.id] = (pos, version)
+                    eid = e.id
+                else:
+                    eid = generated_id(salt, pos)
+                body = b"".join((K_POSITION, _pack(pos), K_ID, _pack(eid), K_STREAM, _pack(e.stream),
+                                 K_VERSION, _pack(version), K_TYPE, _pack(e.type), e.payload,
+                                 K_TIMESTAMP, ts))
+                rows.append((pos, e.stream, version, e.type, _pack(e.tags) if e.tags else None,
+                             e.id, body))
+                records.append(EventRecord(pos, e.stream, e.type, e.tags, body))
+                positions.append(pos)
+                versions.append(version)
+            b.result = {"positions": positions, "versions": versions}
+        if not rows:
+            return []
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT INTO events (position, stream, version, type, tags, "
+                                 "client_id, body) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            err = ProtocolError(UNAVAILABLE, "the event log could not store the events: %s" % e)
+            for b in batches:
+                if isinstance(b.result, dict):
+                    b.result = err
+            return []
+        self.head = pos
+        self._stream_versions.update(overlay)
+        self._tail.extend(records)
+        if len(self._tail) > self._tail_max * 2:
+            drop = len(self._tail) - self._tail_max
+            del self._tail[:drop]
+            self._tail_start += drop
+        return records
+
+    def read(self, start: int, limit: int) -> list:
+        if start > self.head or limit <= 0:
+            return []
+        if start >= self._tail_start:
+            i = start - self._tail_start
+            return self._tail[i:i + limit]
+        rows = self._db.execute("SELECT position, stream, type, tags, body FROM events "
+                                "WHERE position >= ? ORDER BY position LIMIT ?",
+                                (start, limit)).fetchall()
+        return [EventRecord(p, s, t, msgpack.unpackb(tg) if tg else [], body)
+                for p, s, t, tg, body in rows]
+
+    def get(self, positions: Iterable[int]) -> dict:
+        out = {}
+        wanted = []
+        for p in positions:
+            if self._tail_start <= p <= self.head:
+                out[p] = self._tail[p - self._tail_start]
+            else:
+                wanted.append(p)
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            q = "SELECT position, stream, type, tags, body FROM events WHERE position IN (%s)" % (
+                ",".join("?" * len(chunk)))
+            for p, s, t, tg, body in self._db.execute(q, chunk):
+                out[p] = EventRecord(p, s, t, msgpack.unpackb(tg) if tg else [], body)
+        return out
+
+    # ---- subscriptions and checkpoints ---------------------------------------
+    def load_subscriptions(self) -> list:
+        rows = self._db.execute("SELECT key, spec, desired, checkpoint, created_at "
+                                "FROM subscriptions ORDER BY created_at, key").fetchall()
+        return [{"key": k, "spec": msgpack.unpackb(s, raw=False, strict_map_key=False),
+                 "desired": d, "checkpoint": c, "created_at": t} for k, s, d, c, t in rows]
+
+    def save_subscription(self, key: str, spec: dict, desired: str, checkpoint: int,
+                          created_at: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO subscriptions (key, spec, desired, checkpoint, "
+                         "created_at) VALUES (?, ?, ?, ?, ?)",
+                         (key, _pack(spec), desired, checkpoint, created_at))
+
+    def delete_subscription(self, key: str) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("DELETE FROM subscriptions WHERE key = ?", (key,))
+        self._db.execute("DELETE FROM parked WHERE key = ?", (key,))
+        self._db.execute("COMMIT")
+
+    def save_checkpoints(self, checkpoints: dict) -> None:
+        if not checkpoints:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.executemany("UPDATE subscriptions SET checkpoint = ? WHERE key = ?",
+                             [(c, k) for k, c in checkpoints.items()])
+        self._db.execute("COMMIT")
+
+    # ---- parked events -------------------------------------------------------
+    def park(self, key: str, items: list) -> None:
+        self._db.executemany("INSERT OR REPLACE INTO parked (key, position, reason) VALUES (?, ?, ?)",
+                             [(key, p, r) for p, r in items])
+
+    def parked(self, key: str, limit: int) -> list:
+        return [tuple(r) for r in self._db.execute(
+            "SELECT position, reason FROM parked WHERE key = ? ORDER BY position LIMIT ?",
+            (key, limit))]
+
+    def unpark(self, key: str, positions: list) -> int:
+        n = 0
+        for p in positions:
+            n += self._db.execute("DELETE FROM parked WHERE key = ? AND position = ?",
+                                  (key, p)).rowcount
+        return n
+
+    def parked_count(self, key: str) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM parked WHERE key = ?", (key,)).fetchone()[0]
+
+    def meta(self, name: str) -> Optional[bytes]:
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def close(self) -> None:
+        self._db.close()

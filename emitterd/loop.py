@@ -1,0 +1,111 @@
+"""A single-threaded selector loop with timers and end-of-turn hooks (parent and workers)."""
+import heapq
+import itertools
+import selectors
+import time
+from typing import Any, Callable, Optional
+
+monotonic = time.monotonic
+
+
+class Timer:
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callable[[], Any]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    """One selector, a timer heap, and hooks that run once at the end of every turn.
+
+    Reading handlers only record work; end-of-turn hooks do it in batches (group commit,
+    dispatch, one write per connection), which is what keeps the parent fast.
+    """
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self._timers: list = []
+        self._seq = itertools.count()
+        self._turn_end: list = []
+        self._dirty: dict = {}
+        self.running = True
+
+    # fds
+    def add_reader(self, fileobj: Any, callback: Callable[[int], Any]) -> None:
+        self.selector.register(fileobj, selectors.EVENT_READ, callback)
+
+    def set_events(self, fileobj: Any, events: int, callback: Callable[[int], Any]) -> None:
+        try:
+            key = self.selector.get_key(fileobj)
+        except KeyError:
+            if events:
+                self.selector.register(fileobj, events, callback)
+            return
+        if not events:
+            self.selector.unregister(fileobj)
+        elif key.events != events or key.data is not callback:
+            self.selector.modify(fileobj, events, callback)
+
+    def remove(self, fileobj: Any) -> None:
+        try:
+            self.selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    # timers
+    def call_at(self, when: float, callback: Callable[[], Any]) -> Timer:
+        t = Timer(when, callback)
+        heapq.heappush(self._timers, (when, next(self._seq), t))
+        return t
+
+    def call_later(self, delay: float, callback: Callable[[], Any]) -> Timer:
+        return self.call_at(monotonic() + delay, callback)
+
+    def every(self, interval: float, callback: Callable[[], Any]) -> None:
+        """Run callback every `interval` seconds (interval may be a callable, re-read each time)."""
+        def tick() -> None:
+            callback()
+            self.call_later(interval() if callable(interval) else interval, tick)
+        self.call_later(interval() if callable(interval) else interval, tick)
+
+    # end of turn
+    def at_turn_end(self, callback: Callable[[], Any]) -> None:
+        self._turn_end.append(callback)
+
+    def mark_dirty(self, obj: Any) -> None:
+        """obj.flush() runs at the end of this turn (once, however often it was marked)."""
+        self._dirty[id(obj)] = obj
+
+    def run_once(self, max_wait: Optional[float] = None) -> None:
+        timeout = max_wait
+        if self._timers:
+            wait = max(0.0, self._timers[0][0] - monotonic())
+            timeout = wait if timeout is None else min(timeout, wait)
+        if self._dirty:
+            timeout = 0
+        for key, mask in self.selector.select(timeout):
+            key.data(mask)
+        now = monotonic()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            t = heapq.heappop(timers)[2]
+            if not t.cancelled:
+                t.callback()
+        for hook in self._turn_end:
+            hook()
+        while self._dirty:
+            dirty, self._dirty = self._dirty, {}
+            for obj in dirty.values():
+                obj.flush()
+
+    def run(self) -> None:
+        while self.running:
+            self.run_once()
+
+    def close(self) -> None:
+        self.selector.close()

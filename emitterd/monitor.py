@@ -1,0 +1,21 @@
+"""psutil sampling of workers (RSS, CPU) and recycling of workers that grow too large."""
+from typing import Any
+
+import psutil
+
+
+def sample(ctx: Any) -> None:
+    """Refresh rss/cpu of every worker; recycle any whose RSS passes max_worker_rss."""
+    limit = ctx.cfg.max_worker_rss
+    for pool in list(ctx.registry.pools.values()):
+        for h in list(pool.slots.values()) + list(pool.retiring):
+            if h.proc is None:
+                continue
+            try:
+                with h.proc.oneshot():
+                    h.rss = h.proc.memory_info().rss
+                    h.cpu = h.proc.cpu_percent(None)
+            except psutil.Error:
+                continue
+            if limit and h.rss > limit and h.state == "ready":
+                pool.recycle(h, "rss %d > max_worker_rss %d" % (h.rss, limit))

@@ -1,0 +1,418 @@
+"""One subscription's pool: desired vs actual workers, spawn/retire/reap, restart intensity."""
+import os
+import signal
+import time
+from collections import deque
+from typing import Any, Callable, Optional
+
+import psutil
+
+from emitterd import filters, logs, procs
+from emitterd.channel import Channel
+from emitterd.dispatch import Dispatcher
+from emitterd.loop import monotonic
+from emitterd.worker import main as worker_main
+
+log = logs.get("pool")
+PIPE_MAX_FRAME = worker_main.PIPE_MAX_FRAME
+EPHEMERAL_IDLE = 60.0       # PROTOCOL §3: an ephemeral subscription nobody attached to
+
+
+class WorkerHandle:
+    """The parent's view of one worker process."""
+
+    _next_wid = 0
+
+    def __init__(self, pool: "Pool", index: int) -> None:
+        WorkerHandle._next_wid += 1
+        self.wid = WorkerHandle._next_wid
+        self.pool = pool
+        self.index = index
+        self.pid = 0
+        self.channel: Optional[Channel] = None
+        self.state = "starting"
+        self.planned = False          # exit expected: stop, shrink, recycle
+        self.consumers = 0
+        self.pending_consumers = 0    # handed over, not yet confirmed by the worker
+        self.started = monotonic()
+        self.last_seen = self.started
+        self.spawned_at = time.perf_counter()
+        self.proc: Optional[psutil.Process] = None
+        self.rss = 0
+        self.cpu = 0.0
+        self.kill_timer = None
+        self.drain_deadline = 0.0
+
+    def send_batch(self, positions: list, frame: bytes) -> None:
+        self.channel.send({"op": "deliver", "positions": positions, "frame": frame})
+
+    def status(self) -> dict:
+        d = self.pool.dispatcher
+        return {"index": self.index, "pid": self.pid, "state": self.state, "rss": self.rss,
+                "cpu_percent": self.cpu,
+                "in_flight": d.worker_in_flight(self.wid) if d else 0,
+                "delivered": d.worker_delivered.get(self.index, 0) if d else 0,
+                "restarts": self.pool.slot_restarts.get(self.index, 0),
+                "consumers": self.consumers + self.pending_consumers}
+
+
+class Pool:
+    """Runs pool_size workers for one subscription and feeds them from its dispatcher."""
+
+    def __init__(self, ctx: Any, key: str, spec: dict, checkpoint: int, created_at: int) -> None:
+        self.ctx = ctx
+        self.key = key
+        self.name = ctx.pool_name(key)
+        self.spec = spec
+        self.created_at = created_at
+        self.state = "stopped"
+        self.saved_checkpoint = checkpoint
+        self.dispatcher: Optional[Dispatcher] = None
+        self.slots: dict = {}          # index -> WorkerHandle (starting or ready)
+        self.retiring: list = []       # draining WorkerHandles
+        self.restarts = 0
+        self.slot_restarts: dict = {}
+        self._restart_times: deque = deque()
+        self._backoffs = 0
+        self._backoff_timer = None
+        self._last_backoff_end = 0.0
+        self.stopping: Optional[dict] = None
+        self.parked_count = ctx.log.parked_count(key)
+        self.ever_attached = False
+        self._ephemeral_timer = None
+        self._make_dispatcher(checkpoint)
+
+    # ---- setup ---------------------------------------------------------------
+    def _make_dispatcher(self, checkpoint: int) -> None:
+        spec = self.spec
+        matcher = filters.compile_selector(spec["type"], filters.normalize(spec["type"],
+                                                                           spec["selector"]))
+        self.dispatcher = Dispatcher(self.key, matcher, self.ctx.log, spec["options"], checkpoint,
+                                     self.ctx.cfg.max_frame_bytes, self._schedule, self._park,
+                                     self._unpark)
+
+    def _schedule(self, when: float) -> None:
+        self.ctx.loop.call_at(when, _noop)   # wakes the loop; the end-of-turn pump does the work
+
+    def _park(self, rows: list) -> None:
+        self.ctx.log.park(self.key, rows)
+        self.parked_count = self.ctx.log.parked_count(self.key)
+        log.info("events parked", pool=self.name, count=len(rows), reason=rows[0][1])
+
+    def _unpark(self, positions: list) -> None:
+        self.ctx.log.unpark(self.key, positions)
+        self.parked_count = self.ctx.log.parked_count(self.key)
+
+    @property
+    def attach_mode(self) -> bool:
+        return self.spec["subscriber"] is None
+
+    @property
+    def checkpoint(self) -> int:
+        return self.dispatcher.checkpoint
+
+    # ---- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        """Run (again) from the checkpoint with the current spec; resets the restart count."""
+        if self._backoff_timer is not None:
+            self._backoff_timer.cancel()
+            self._backoff_timer = None
+        self.state = "running"
+        self.restarts = 0
+        self.slot_restarts = {}
+        self._restart_times.clear()
+        self._backoffs = 0
+        self.dispatcher.options = self.spec["options"]
+        self.dispatcher.draining = False
+        for index in sorted(self.slots):
+            if index >= self.spec["pool_size"]:
+                self._retire(self.slots.pop(index))
+        self._fill()
+        if self.spec["options"]["ephemeral"] and not self.ever_attached:
+            self._ephemeral_timer = self.ctx.loop.call_later(EPHEMERAL_IDLE, self._ephemeral_expired)
+        log.info("pool started", pool=self.name, subscription=self.spec["name"],
+                 workers=self.spec["pool_size"], checkpoint=self.checkpoint)
+
+    def _fill(self) -> None:
+        for index in range(self.spec["pool_size"]):
+            if index not in self.slots:
+                self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        h = WorkerHandle(self, index)
+        cfg = self.ctx.cfg
+        spec = {"key": self.key, "name": self.name, "index": index,
+                "subscriber": self.spec["subscriber"],
+                "ack_timeout": self.spec["options"]["ack_timeout"],
+                "heartbeat_interval": cfg.heartbeat_interval,
+                "max_frame": cfg.max_frame_bytes, "out_cap": cfg.output_buffer_bytes}
+        title = "emitterd: %s #%d" % (self.name, index)
+        pid, sock = procs.spawn(title, lambda s: worker_main.main(s, spec))
+        h.pid = pid
+        h.channel = Channel(self.ctx.loop, sock, PIPE_MAX_FRAME,
+                            lambda msg: self._on_worker_msg(h, msg), lambda reason: None)
+        self.slots[index] = h
+        self.ctx.children[pid] = h
+        log.debug("worker spawned", pool=self.name, index=index, pid=pid)
+
+    def _on_worker_msg(self, h: WorkerHandle, msg: dict) -> None:
+        h.last_seen = monotonic()
+        op = msg.get("op")
+        d = self.dispatcher
+        if op == "ack":
+            d.on_ack(h.wid, h.index, msg["positions"])
+        elif op == "nack":
+            d.on_nack(h.wid, msg["positions"], msg.get("action", "retry"), msg.get("reason"))
+        elif op == "requeue":
+            d.requeue(h.wid, msg["positions"])
+        elif op == "hb":
+            pass
+        elif op == "consumers":
+            self._consumers_changed(h, msg["n"])
+        elif op == "ready":
+            if h.state == "starting":
+                h.state = "ready"
+                self.ctx.metrics_respawn(time.perf_counter() - h.spawned_at)
+                try:
+                    h.proc = psutil.Process(h.pid)
+                    h.proc.cpu_percent(None)
+                except psutil.Error:
+                    h.proc = None
+        if h.state == "draining":
+            self._maybe_finish_drain(h)
+
+    def _consumers_changed(self, h: WorkerHandle, n: int) -> None:
+        before = self.consumer_count()
+        h.consumers = n
+        h.pending_consumers = 0
+        if n > 0 and not self.ever_attached:
+            self.ever_attached = True
+            if self._ephemeral_timer is not None:
+                self._ephemeral_timer.cancel()
+                self._ephemeral_timer = None
+        if (self.spec["options"]["ephemeral"] and before > 0 and self.consumer_count() == 0):
+            log.info("ephemeral subscription lost its last consumer", pool=self.name)
+            self.ctx.registry.delete(self.key)
+
+    def _ephemeral_expired(self) -> None:
+        self._ephemeral_timer = None
+        if not self.ever_attached and self.key in self.ctx.registry.pools:
+            log.info("ephemeral subscription never attached, deleting", pool=self.name)
+            self.ctx.registry.delete(self.key)
+
+    def consumer_count(self) -> int:
+        return sum(h.consumers + h.pending_consumers for h in self.slots.values())
+
+    def routing_slots(self) -> list:
+        slots = self.slots
+        out = []
+        for i in range(self.spec["pool_size"]):
+            h = slots.get(i)
+            out.append(h if h is not None and h.state == "ready" else None)
+        return out
+
+    def pump(self) -> bool:
+        if self.state not in ("running", "backoff") or self.dispatcher is None:
+            return False
+        return self.dispatcher.pump(self.routing_slots(), self.attach_mode)
+
+    # ---- worker exits ----------------------------------------------------------
+    def on_exit(self, h: WorkerHandle, status: int) -> None:
+        """Called by the reaper when this worker's process has exited."""
+        if h.kill_timer is not None:
+            h.kill_timer.cancel()
+        if h.channel is not None:
+            h.channel.close("worker exited")
+        if self.slots.get(h.index) is h:
+            del self.slots[h.index]
+        if h in self.retiring:
+            self.retiring.remove(h)
+        lost = self.dispatcher.worker_lost(h.wid) if self.dispatcher else 0
+        if h.planned:
+            log.debug("worker stopped", pool=self.name, index=h.index, pid=h.pid)
+            self._check_stopped()
+            return
+        self.restarts += 1
+        self.slot_restarts[h.index] = self.slot_restarts.get(h.index, 0) + 1
+        log.warning("worker died", pool=self.name, index=h.index, pid=h.pid,
+                    how=procs.describe_status(status), redeliver=lost, restarts=self.restarts)
+        if self.state != "running" or self.stopping is not None:
+            return
+        if h.index >= self.spec["pool_size"]:
+            return
+        now = monotonic()
+        period = self.spec["options"]["restart_period"]
+        times = self._restart_times
+        while times and times[0] < now - period:
+            times.popleft()
+        if len(times) >= self.spec["options"]["max_restarts"]:
+            self._enter_backoff()
+            return
+        times.append(now)
+        self._spawn(h.index)
+
+    def _enter_backoff(self) -> None:
+        cfg = self.ctx.cfg
+        now = monotonic()
+        if self._last_backoff_end and now - self._last_backoff_end > 2 * self.spec["options"]["restart_period"]:
+            self._backoffs = 0
+        self._backoffs += 1
+        if self._backoffs > cfg.max_backoffs:
+            self.state = "failed"
+            log.error("pool failed: restart intensity exceeded repeatedly", pool=self.name,
+                      restarts=self.restarts)
+            for h in list(self.slots.values()):
+                self._terminate(h)
+            return
+        initial, maximum = cfg.restart_backoff
+        delay = min(initial * 2 ** (self._backoffs - 1), maximum)
+        self.state = "backoff"
+        log.warning("pool in backoff: too many restarts", pool=self.name, delay=delay,
+                    restarts=self.restarts, backoffs=self._backoffs)
+        self._backoff_timer = self.ctx.loop.call_later(delay, self._end_backoff)
+
+    def _end_backoff(self) -> None:
+        self._backoff_timer = None
+        if self.state != "backoff":
+            return
+        self.state = "running"
+        self._last_backoff_end = monotonic()
+        self._restart_times.clear()
+        self._fill()
+
+    def _terminate(self, h: WorkerHandle) -> None:
+        """Planned end of a worker: close its pipe (it exits on EOF), SIGTERM, SIGKILL after grace."""
+        h.planned = True
+        h.state = "draining"
+        if self.slots.get(h.index) is h:
+            del self.slots[h.index]
+        if h not in self.retiring:
+            self.retiring.append(h)
+        if h.channel is not None:
+            h.channel.close("retired")
+        procs.kill(h.pid, signal.SIGTERM)
+        if h.kill_timer is None:
+            h.kill_timer = self.ctx.loop.call_later(self.ctx.cfg.worker_grace,
+                                                    lambda: procs.kill(h.pid, signal.SIGKILL))
+
+    def kill_unresponsive(self, h: WorkerHandle, why: str) -> None:
+        log.warning("worker unresponsive, killing", pool=self.name, index=h.index, pid=h.pid, why=why)
+        procs.kill(h.pid, signal.SIGKILL)
+
+    # ---- resize, retire, recycle -------------------------------------------------
+    def resize(self, n: int) -> None:
+        self.spec["pool_size"] = n
+        if self.state != "running":
+            return
+        for index in sorted(self.slots):
+            if index >= n:
+                self._retire(self.slots.pop(index))
+        self._fill()
+
+    def _retire(self, h: WorkerHandle) -> None:
+        h.state = "draining"
+        h.drain_deadline = monotonic() + self.ctx.cfg.drain_timeout
+        self.retiring.append(h)
+        self._maybe_finish_drain(h)
+
+    def _maybe_finish_drain(self, h: WorkerHandle) -> None:
+        if h.planned:
+            return
+        if self.dispatcher.worker_in_flight(h.wid) == 0 or monotonic() >= h.drain_deadline:
+            self._terminate(h)
+
+    def recycle(self, h: WorkerHandle, why: str) -> None:
+        """Replace a worker gracefully: the replacement first, then the old one drains."""
+        if self.slots.get(h.index) is not h or self.state != "running":
+            return
+        log.info("recycling worker", pool=self.name, index=h.index, pid=h.pid, why=why)
+        del self.slots[h.index]
+        self._retire(h)
+        self._spawn(h.index)
+
+    def tick(self, now: float) -> None:
+        """Periodic: liveness of workers, drains that timed out, a stop in progress."""
+        timeout = self.ctx.cfg.worker_timeout
+        for h in list(self.slots.values()):
+            if now - h.last_seen > timeout and not h.planned:
+                self.kill_unresponsive(h, "no heartbeat for %.1fs" % (now - h.last_seen))
+                h.last_seen = now   # one kill per timeout; the reaper does the rest
+        for h in list(self.retiring):
+            self._maybe_finish_drain(h)
+        if self.stopping is not None:
+            self.poll_stop()
+
+    # ---- stop ------------------------------------------------------------------
+    def stop(self, drain_timeout: float, done: Callable[[], Any], persist_state: bool = True) -> None:
+        """Drain in-flight events up to drain_timeout, then stop every worker; done() after."""
+        if self.state in ("stopped",) and not self.slots and not self.retiring:
+            done()
+            return
+        if self.stopping is not None:
+            self.stopping["waiters"].append(done)
+            return
+        if self._backoff_timer is not None:
+            self._backoff_timer.cancel()
+            self._backoff_timer = None
+        self.dispatcher.draining = True
+        self.stopping = {"deadline": monotonic() + drain_timeout, "waiters": [done],
+                         "terminated": False, "persist": persist_state}
+        self.poll_stop()
+
+    def poll_stop(self) -> None:
+        st = self.stopping
+        if st is None:
+            return
+        if not st["terminated"]:
+            if self.dispatcher.in_flight and monotonic() < st["deadline"] and self.slots:
+                return
+            st["terminated"] = True
+            if self.dispatcher.in_flight:
+                log.warning("drain timed out, unacked events will be redelivered", pool=self.name,
+                            in_flight=self.dispatcher.in_flight)
+            for h in list(self.slots.values()) + list(self.retiring):
+                self._terminate(h)
+        self._check_stopped()
+
+    def _check_stopped(self) -> None:
+        st = self.stopping
+        if st is None or not st["terminated"] or self.slots or self.retiring:
+            return
+        self.stopping = None
+        self.state = "stopped"
+        cp = self.checkpoint
+        # unfinished events stay after the checkpoint: the next start delivers them again
+        self.dispatcher.set_checkpoint(cp)
+        self.ctx.registry.persist(self, desired="stopped" if st["persist"] else None)
+        log.info("pool stopped", pool=self.name, checkpoint=cp)
+        for cb in st["waiters"]:
+            cb()
+
+    # ---- status ------------------------------------------------------------------
+    def status(self) -> dict:
+        d = self.dispatcher
+        workers = [h.status() for h in sorted(self.slots.values(), key=lambda h: h.index)]
+        workers += [h.status() for h in sorted(self.retiring, key=lambda h: h.index)]
+        return {"key": self.key, "name": self.name, "subscription": self.spec,
+                "state": self.state, "checkpoint": d.checkpoint, "head": self.ctx.log.head,
+                "in_flight": d.in_flight, "delivered": d.delivered, "retried": d.retried,
+                "parked": self.parked_count, "restarts": self.restarts, "workers": workers}
+
+    def configure_workers(self) -> None:
+        msg = {"op": "configure", "subscriber": self.spec["subscriber"],
+               "ack_timeout": self.spec["options"]["ack_timeout"]}
+        for h in list(self.slots.values()) + self.retiring:
+            if h.channel is not None:
+                h.channel.send(msg)
+
+
+def _noop() -> None:
+    pass
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False

@@ -1,0 +1,87 @@
+"""The only code that forks, signals and reaps processes, and makes worker socketpairs."""
+import gc
+import os
+import signal
+import socket
+import sys
+import traceback
+from typing import Callable, NoReturn
+
+from setproctitle import setproctitle
+
+
+def spawn(title: str, child_main: Callable[[socket.socket], None]) -> tuple:
+    """Fork a child running child_main(its end of a fresh socketpair); return (pid, parent end).
+
+    The child keeps only stdio and its own socket, so it holds no other worker's pipe and
+    sees EOF as soon as the parent is gone.
+    """
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        _child(title, child_end, child_main)
+    child_end.close()
+    parent_end.setblocking(False)
+    return pid, parent_end
+
+
+def _child(title: str, sock: socket.socket, child_main: Callable[[socket.socket], None]) -> NoReturn:
+    code = 0
+    try:
+        # Objects inherited from the parent must never be finalized here: a collected
+        # socket object would close an fd number this child may have reused.
+        gc.freeze()
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_DFL)
+        # Ctrl-C and reloads are the parent's business; it ends workers itself.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        keep = sock.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 1 << 20)
+        setproctitle(title)
+        child_main(sock)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0
+    except BaseException:
+        traceback.print_exc()
+        code = 70
+    finally:
+        try:
+            sys.stderr.flush()
+        except Exception:
+            pass
+        os._exit(code)
+
+
+def kill(pid: int, sig: int) -> bool:
+    """Send a signal; False when the process is already gone."""
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def reap() -> list:
+    """(pid, wait status) of every child that has exited, without blocking."""
+    out = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        out.append((pid, status))
+    return out
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        try:
+            return "killed by %s" % signal.Signals(os.WTERMSIG(status)).name
+        except ValueError:
+            return "killed by signal %d" % os.WTERMSIG(status)
+    return "exited with status %d" % os.waitstatus_to_exitcode(status)

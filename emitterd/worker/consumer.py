@@ -1,0 +1,98 @@
+"""One consumer connection inside a worker: events out, ack/nack in, in-flight and timeouts."""
+from collections import deque
+from typing import Any, Callable
+
+from emitterd import framing
+from emitterd.channel import Channel
+from emitterd.loop import monotonic
+
+NACK_ACTIONS = ("retry", "park", "skip")
+
+
+def _positions(msg: dict) -> Any:
+    ps = msg.get("positions")
+    if not isinstance(ps, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in ps):
+        return None
+    return ps
+
+
+class ConsumerConn:
+    """Tracks which positions are in flight on this connection; reports verdicts upward.
+
+    report(op, positions, **extra) sends ack / nack / requeue frames to the parent.
+    """
+
+    def __init__(self, worker: Any, sock: Any, kind: str, pending: bytes = b"") -> None:
+        self.worker = worker
+        self.kind = kind
+        self.inflight: dict = {}        # position -> ack deadline
+        self._deadlines: deque = deque()
+        self.channel = Channel(worker.loop, sock, worker.spec["max_frame"], self._on_frame,
+                               self._on_close, self._on_frame_error, max_out=worker.spec["out_cap"])
+        if pending:
+            self.channel.decoder.feed(pending)
+            self.channel.process()
+
+    @property
+    def closed(self) -> bool:
+        return self.channel.closed
+
+    def deliver(self, positions: list, frame: bytes) -> None:
+        deadline = monotonic() + self.worker.spec["ack_timeout"]
+        for p in positions:
+            self.inflight[p] = deadline
+        self._deadlines.append((deadline, positions))
+        self.channel.send_raw(frame)
+
+    def expire(self, now: float) -> list:
+        """Positions whose ack deadline passed: they leave this connection."""
+        expired = []
+        dl = self._deadlines
+        while dl and dl[0][0] <= now:
+            deadline, positions = dl.popleft()
+            for p in positions:
+                if self.inflight.get(p) == deadline:
+                    del self.inflight[p]
+                    expired.append(p)
+        return expired
+
+    def _take(self, positions: list) -> list:
+        inflight = self.inflight
+        return [p for p in positions if inflight.pop(p, None) is not None]
+
+    def _on_frame(self, msg: dict) -> None:
+        op = msg.get("op")
+        positions = _positions(msg)
+        if op == "ack" and positions is not None:
+            done = self._take(positions)
+            if done:
+                self.worker.report({"op": "ack", "positions": done})
+            return
+        if op == "nack" and positions is not None and msg.get("action") in NACK_ACTIONS:
+            reason = msg.get("reason")
+            if reason is not None and not isinstance(reason, str):
+                reason = str(reason)
+            done = self._take(positions)
+            if done:
+                self.worker.report({"op": "nack", "positions": done, "action": msg["action"],
+                                    "reason": reason})
+            return
+        self.channel.close("consumer sent a frame that is not ack/nack: op=%r" % (op,))
+
+    def _on_frame_error(self, err: Any) -> None:
+        self.channel.send({"id": 0, "ok": False, "error": {"code": err.code, "message": err.message}})
+        self.channel.close_when_flushed()
+
+    def _on_close(self, reason: str) -> None:
+        lost = list(self.inflight)
+        self.inflight.clear()
+        self._deadlines.clear()
+        self.worker.consumer_closed(self, lost, reason)
+
+
+def hello(key: str, name: str, index: int) -> bytes:
+    return framing.encode({"op": "hello", "key": key, "name": name, "worker": index})
+
+
+def noop(*_: Any) -> Callable:
+    return lambda *a: None

@@ -1,0 +1,135 @@
+"""The emitter worker process: one selector loop over the parent pipe and its consumers."""
+import os
+import random
+import socket
+from collections import deque
+from typing import Any, Optional
+
+from emitterd import logs
+from emitterd.channel import Channel
+from emitterd.loop import Loop, monotonic
+from emitterd.worker import attached
+from emitterd.worker.unix import UnixSink
+
+log = logs.get("worker")
+PIPE_MAX_FRAME = 64 * 1024 * 1024   # internal pipe: a delivery frame plus its envelope
+
+
+class Worker:
+    """Receives batches from the parent, hands each to one consumer, reports verdicts back."""
+
+    def __init__(self, sock: socket.socket, spec: dict) -> None:
+        self.spec = dict(spec)
+        self.index = spec["index"]
+        self.loop = Loop()
+        self.parent = Channel(self.loop, sock, PIPE_MAX_FRAME, self._on_parent, self._on_parent_close,
+                              recv_fds=True)
+        self.consumers: list = []
+        self.waiting: deque = deque()     # (positions, frame) with no consumer to take it yet
+        self.sink: Optional[UnixSink] = None
+        self._rr = 0
+
+    def run(self) -> None:
+        self.report({"op": "ready", "pid": os.getpid()})
+        if self.spec.get("subscriber"):
+            self.sink = UnixSink(self, self.spec["subscriber"])
+        self.loop.every(lambda: self.spec["heartbeat_interval"], self._heartbeat)
+        self.loop.every(lambda: min(0.25, self.spec["ack_timeout"] / 4), self._expire)
+        self.loop.run()
+
+    # ---- parent ----------------------------------------------------------------
+    def report(self, msg: dict) -> None:
+        self.parent.send(msg)
+
+    def _on_parent(self, msg: dict) -> None:
+        op = msg.get("op")
+        if op == "deliver":
+            self._deliver(msg["positions"], msg["frame"])
+        elif op == "consumer":
+            fd = self.parent.fds.popleft()
+            attached.adopt(self, fd, msg.get("pending") or b"")
+        elif op == "configure":
+            self._configure(msg)
+        else:
+            log.warning("unknown message from parent", op=op, worker=self.index)
+
+    def _on_parent_close(self, reason: str) -> None:
+        # The parent is gone or retired us: stop at once; it redelivers what we held.
+        self.loop.running = False
+
+    def _configure(self, msg: dict) -> None:
+        for k in ("ack_timeout", "heartbeat_interval", "out_cap"):
+            if k in msg:
+                self.spec[k] = msg[k]
+        if "subscriber" in msg and msg["subscriber"] != self.spec.get("subscriber"):
+            self.spec["subscriber"] = msg["subscriber"]
+            if self.sink is not None:
+                self.sink.stop()
+                self.sink = None
+            if msg["subscriber"]:
+                self.sink = UnixSink(self, msg["subscriber"])
+
+    def _heartbeat(self) -> None:
+        self.report({"op": "hb", "consumers": len(self.consumers),
+                     "in_flight": sum(len(c.inflight) for c in self.consumers) + sum(
+                         len(p) for p, _ in self.waiting)})
+
+    # ---- delivery --------------------------------------------------------------
+    def _pick(self) -> Any:
+        live = [c for c in self.consumers if not c.closed]
+        if not live:
+            return None
+        if len(live) == 1:
+            return live[0]
+        least = min(len(c.inflight) for c in live)
+        ties = [c for c in live if len(c.inflight) == least]
+        self._rr += 1
+        return ties[self._rr % len(ties)] if len(ties) > 1 else ties[0]
+
+    def _deliver(self, positions: list, frame: bytes) -> None:
+        conn = self._pick()
+        if conn is None:
+            if self.spec.get("subscriber"):
+                self.waiting.append((positions, frame))   # the sink reconnects; events wait
+            else:
+                self.report({"op": "requeue", "positions": positions, "reason": "no consumer"})
+            return
+        conn.deliver(positions, frame)
+
+    def _expire(self) -> None:
+        now = monotonic()
+        for c in self.consumers:
+            expired = c.expire(now)
+            if expired:
+                self.report({"op": "nack", "positions": expired, "action": "retry",
+                             "reason": "ack_timeout"})
+
+    # ---- consumers -------------------------------------------------------------
+    def consumer_opened(self, conn: Any) -> None:
+        if conn.closed:
+            return
+        self.consumers.append(conn)
+        self.report({"op": "consumers", "n": len(self.consumers)})
+        while self.waiting and not conn.closed:
+            positions, frame = self.waiting.popleft()
+            conn.deliver(positions, frame)
+
+    def consumer_closed(self, conn: Any, lost: list, reason: str) -> None:
+        if conn in self.consumers:
+            self.consumers.remove(conn)
+            self.report({"op": "consumers", "n": len(self.consumers)})
+        log.info("consumer connection closed", worker=self.index, kind=conn.kind, reason=reason,
+                 unfinished=len(lost))
+        if lost:
+            self.report({"op": "requeue", "positions": lost, "reason": "consumer gone"})
+        if not self.consumers and not self.spec.get("subscriber") and self.waiting:
+            for positions, _ in self.waiting:
+                self.report({"op": "requeue", "positions": positions, "reason": "no consumer"})
+            self.waiting.clear()
+        if self.sink is not None:
+            self.sink.lost(conn)
+
+
+def main(sock: socket.socket, spec: dict) -> None:
+    random.seed()
+    Worker(sock, spec).run()

@@ -1,0 +1,67 @@
+"""The unix: sink: connect to the subscriber's socket, say hello, reconnect with backoff."""
+import errno
+import socket
+from typing import Any, Optional
+
+from emitterd import logs
+from emitterd.worker.consumer import ConsumerConn, hello
+
+log = logs.get("worker")
+BACKOFF_START = 0.1
+BACKOFF_MAX = 5.0
+
+
+class UnixSink:
+    """Keeps one connection to `unix:/path` open while the worker lives."""
+
+    def __init__(self, worker: Any, uri: str) -> None:
+        self.worker = worker
+        self.path = uri[len("unix:"):]
+        self.backoff = BACKOFF_START
+        self.timer = None
+        self.conn: Optional[ConsumerConn] = None
+        self.stopped = False
+        self.failures = 0
+        self.connect()
+
+    def connect(self) -> None:
+        self.timer = None
+        if self.stopped:
+            return
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(self.path)
+        except OSError as e:
+            s.close()
+            if self.failures == 0:
+                log.warning("subscriber not reachable, retrying", path=self.path,
+                            error=errno.errorcode.get(e.errno, str(e)), worker=self.worker.index)
+            self.failures += 1
+            self.timer = self.worker.loop.call_later(self.backoff, self.connect)
+            self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+            return
+        if self.failures:
+            log.info("subscriber connected", path=self.path, worker=self.worker.index,
+                     after_failures=self.failures)
+        self.failures = 0
+        self.backoff = BACKOFF_START
+        spec = self.worker.spec
+        self.conn = ConsumerConn(self.worker, s, "unix")
+        self.conn.channel.send_raw(hello(spec["key"], spec["name"], spec["index"]))
+        self.worker.consumer_opened(self.conn)
+
+    def lost(self, conn: ConsumerConn) -> None:
+        if conn is self.conn:
+            self.conn = None
+            if not self.stopped and self.timer is None:
+                self.timer = self.worker.loop.call_later(self.backoff, self.connect)
+                self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.conn is not None:
+            self.conn.channel.close("subscriber changed")

@@ -1,0 +1,486 @@
+"""emitterctl (PROTOCOL §6): exit statuses, --json documents, human tables, tail, top."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import msgpack
+import pytest
+
+from daemon_fixture import clean_env, run_ctl
+from emitterd.cli import render
+
+UNKNOWN_KEY = "0123456789abcdef"
+COMMANDS = ["ping", "start", "stop", "update", "list", "status", "publish", "tail", "parked", "top"]
+
+
+def jdoc(res: Any) -> Any:
+    """The one JSON document of a successful `--json` run."""
+    rc, out, err = res
+    assert rc == 0, "rc=%s\nstdout=%s\nstderr=%s" % (rc, out, err)
+    try:
+        return json.loads(out)
+    except ValueError as e:
+        raise AssertionError("stdout is not one JSON document (%s): %r" % (e, out)) from None
+
+
+def wait_for(pred: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for %s (last: %r)" % (what, last))
+
+
+# ---- without a daemon --------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_unreachable_absent_socket_exits_3(short_tmp: str) -> None:
+    env = clean_env(short_tmp)
+    for extra in ([], ["--json"]):
+        rc, out, err = run_ctl(["--socket", os.path.join(short_tmp, "absent.sock")] + extra
+                               + ["ping"], env=env, cwd=short_tmp)
+        assert rc == 3, (rc, out, err)
+        assert "absent.sock" in err and out == ""
+
+
+@pytest.mark.timeout(30)
+def test_unreachable_stale_socket_exits_3(short_tmp: str) -> None:
+    stale = os.path.join(short_tmp, "stale.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(stale)
+    s.close()
+    rc, out, err = run_ctl(["--socket", stale, "--json", "list"], env=clean_env(short_tmp),
+                           cwd=short_tmp)
+    assert rc == 3, (rc, out, err)
+    assert "unreachable" in err
+
+
+@pytest.mark.timeout(30)
+def test_default_socket_from_environment(short_tmp: str) -> None:
+    env = clean_env(short_tmp, {"EMITTERD_SOCKET": os.path.join(short_tmp, "env.sock")})
+    rc, _, err = run_ctl(["ping"], env=env, cwd=short_tmp)
+    assert rc == 3 and "env.sock" in err, err
+    env = clean_env(short_tmp)
+    rc, _, err = run_ctl(["ping"], env=env, cwd=short_tmp)
+    assert rc == 3 and os.path.join(short_tmp, "run", "emitterd", "emitterd.sock") in err, err
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args", [
+    ["frobnicate"],
+    ["status"],
+    ["start", "x"],
+    ["--no-such-flag", "ping"],
+    ["start", "x", "--type", "stream", "--selector", "s", "--pool-size", "many"],
+    ["start", "x", "--type", "nonsense", "--selector", "s"],
+    ["start", "x", "--type", "event_payload", "--selector", "{not json"],
+    ["start", "x", "--type", "tags", "--selector", "[\"a\","],
+    ["start", "x", "--type", "stream", "--selector", "s", "--option", "batch_size"],
+    ["start", "x", "--type", "stream", "--selector", "s", "--option", "=5"],
+    ["start", "x", "--type", "stream", "--selector", "s", "--start-from", "yesterday"],
+    ["start", "x", "--type", "stream", "--selector", "s", "--subscriber", "/no/scheme.sock"],
+    ["update", UNKNOWN_KEY],
+    ["update", UNKNOWN_KEY, "--checkpoint", "x"],
+    ["publish", "--stream", "s"],
+    ["publish", "--stream", "s", "--type", "t", "--data", "{oops"],
+    ["publish", "--stream", "s", "--type", "t", "--metadata", "nope"],
+    ["publish", "--file", "/nonexistent/file.jsonl"],
+    ["publish", "--file", "-", "--stream", "s"],
+    ["tail"],
+    ["tail", UNKNOWN_KEY, "--type", "stream", "--selector", "s"],
+    ["tail", "--type", "stream"],
+    ["parked", UNKNOWN_KEY, "--replay", "--purge"],
+    ["top", "--interval", "0"],
+    ["stop"],
+])
+def test_usage_errors_exit_2_before_connecting(short_tmp: str, args: List[str]) -> None:
+    """Usage errors are found before the daemon is contacted (none runs here)."""
+    rc, out, err = run_ctl(["--socket", os.path.join(short_tmp, "absent.sock")] + args,
+                           env=clean_env(short_tmp), cwd=short_tmp)
+    assert rc == 2, (rc, out, err)
+    assert out == ""
+    assert "Usage" in err or "Error" in err
+
+
+@pytest.mark.timeout(60)
+def test_bad_jsonl_file_is_a_usage_error(short_tmp: str) -> None:
+    path = os.path.join(short_tmp, "bad.jsonl")
+    with open(path, "w") as f:
+        f.write('{"stream": "s", "type": "t"}\n\n[1, 2]\n')
+    rc, out, err = run_ctl(["--socket", os.path.join(short_tmp, "absent.sock"), "publish",
+                            "--file", path], env=clean_env(short_tmp), cwd=short_tmp)
+    assert rc == 2 and "line 3" in err, (rc, out, err)
+
+
+@pytest.mark.timeout(60)
+def test_help_on_every_command(short_tmp: str) -> None:
+    rc, out, _ = run_ctl(["--help"], env=clean_env(short_tmp))
+    assert rc == 0 and "Examples" in out and "Exit status" in out
+    for cmd in COMMANDS:
+        assert cmd in out
+        rc, out2, err = run_ctl([cmd, "--help"], env=clean_env(short_tmp))
+        assert rc == 0, (cmd, err)
+        assert out2.startswith("Usage: emitterctl %s" % cmd), out2
+        body = out2.split("\n\n", 2)[1].strip()
+        assert len(body) > 30, "the help of %s explains it: %r" % (cmd, body)
+
+
+@pytest.mark.timeout(10)
+def test_json_rendering_never_fails() -> None:
+    value = {"b": b"\x00\xffhi", "nested": [b"", {"x": float("nan")}], 1: "int key",
+             b"k": 2, None: 3, "inf": float("-inf"),
+             "ts": msgpack.Timestamp(1, 500000000), "ext": msgpack.ExtType(5, b"\x01")}
+    doc = json.loads(render.dumps(value))
+    assert doc["b"] == "AP9oaQ==" and doc["nested"][0] == "" and doc["nested"][1]["x"] == "NaN"
+    assert doc["1"] == "int key" and doc["aw=="] == 2 and doc["null"] == 3
+    assert doc["inf"] == "-Infinity" and math.isclose(doc["ts"], 1.5)
+    assert doc["ext"] == {"ext": 5, "data": "AQ=="}
+    assert "\n" not in render.compact(value)
+
+
+@pytest.mark.timeout(10)
+def test_human_helpers() -> None:
+    assert render.human_bytes(1536) == "1.5K"
+    assert render.human_bytes(70 * 1024 * 1024) == "70.0M"
+    assert render.human_bytes(None) == "-"
+    assert render.human_duration(3725) == "1h02m05s"
+    t = render.table(["A", "NUM"], [["x", 1], ["long", 22]], right=[1])
+    assert t.splitlines() == ["A     NUM", "x       1", "long   22"]
+
+
+# ---- against the real daemon -------------------------------------------------
+
+def start_json(daemon: Any, name: str, *extra: str) -> Dict[str, Any]:
+    return jdoc(daemon.ctl("--json", "start", name, "--type", "stream", "--selector", "$all",
+                           *extra))
+
+
+def wait_status(daemon: Any, key: str, pred: Any, what: str, timeout: float = 15) -> Dict[str, Any]:
+    c = daemon.client()
+    return wait_for(lambda: (lambda s: s if pred(s) else None)(c.status(key)), timeout, what)
+
+
+@pytest.mark.timeout(60)
+def test_ping_json_and_human(daemon: Any) -> None:
+    d = jdoc(daemon.ctl("--json", "ping"))
+    assert d["pid"] == daemon.proc.pid
+    for k in ("version", "store_id", "uptime", "head"):
+        assert k in d
+    rc, out, err = daemon.ctl("ping")
+    assert rc == 0, err
+    assert str(daemon.proc.pid) in out and "head" in out and daemon.socket in out
+
+
+@pytest.mark.timeout(60)
+def test_daemon_errors_exit_1_with_code_on_stderr(daemon: Any) -> None:
+    for args in (["status", UNKNOWN_KEY], ["stop", UNKNOWN_KEY], ["status", "not-a-key"],
+                 ["update", UNKNOWN_KEY, "--pool-size", "2"], ["parked", UNKNOWN_KEY],
+                 ["tail", UNKNOWN_KEY]):
+        rc, out, err = daemon.ctl("--json", *args)
+        assert rc == 1, (args, rc, out, err)
+        assert "error: not_found:" in err, (args, err)
+        assert out == ""
+    rc, _, err = daemon.ctl("start", "x", "--type", "stream", "--selector", "s",
+                            "--pool-size", "0")
+    assert rc == 1 and "invalid" in err and "subscription.pool_size" in err, err
+    start_json(daemon, "twice")
+    rc, _, err = daemon.ctl("start", "twice", "--type", "stream", "--selector", "$all")
+    assert rc == 1 and "already_started" in err, err
+    assert [s["subscription"]["name"] for s in daemon.client().list()["subscriptions"]] == ["twice"]
+
+
+@pytest.mark.timeout(90)
+def test_json_documents_of_the_pool_commands(daemon: Any) -> None:
+    r = start_json(daemon, "docs", "--pool-size", "2", "--start-from", "origin",
+                   "--strategy", "round_robin", "--option", "batch_size=5",
+                   "--option", "retry_backoff=[0.5, 2]", "--option", "note=hello")
+    key = r["key"]
+    assert len(key) == 16
+    sub = r["subscription"]
+    assert sub["pool_size"] == 2 and sub["start_from"] == "origin"
+    assert sub["options"]["strategy"] == "round_robin"
+    assert sub["options"]["retry_backoff"] == [0.5, 2]
+    st = jdoc(daemon.ctl("--json", "status", key))
+    assert st["key"] == key
+    assert st["subscription"]["options"]["batch_size"] == 5
+    assert isinstance(st["subscription"]["options"]["batch_size"], int)
+    lst = jdoc(daemon.ctl("--json", "list"))
+    assert [p["key"] for p in lst["subscriptions"]] == [key]
+    up = jdoc(daemon.ctl("--json", "update", key, "--pool-size", "1", "--option", "max_retries=3"))
+    assert up["subscription"]["pool_size"] == 1 and up["subscription"]["options"]["max_retries"] == 3
+    assert up["subscription"]["options"]["batch_size"] == 5, "a partial options update"
+    stopped = jdoc(daemon.ctl("--json", "stop", key, "--drain-timeout", "1"))
+    assert stopped["state"] == "stopped" and stopped["workers"] == []
+    again = jdoc(daemon.ctl("--json", "stop", key))
+    assert again["state"] == "stopped"
+    parked = jdoc(daemon.ctl("--json", "parked", key))
+    assert parked == {"events": []}
+    assert jdoc(daemon.ctl("--json", "parked", key, "--purge")) == {"count": 0}
+    jdoc(daemon.ctl("--json", "stop", key, "--delete"))
+    rc, _, err = daemon.ctl("status", key)
+    assert rc == 1 and "not_found" in err
+
+
+@pytest.mark.timeout(60)
+def test_update_subscriber_none_and_checkpoint(daemon: Any, short_tmp: str) -> None:
+    r = start_json(daemon, "subs", "--subscriber", "unix:" + os.path.join(short_tmp, "x.sock"))
+    key = r["key"]
+    assert r["subscription"]["subscriber"].startswith("unix:")
+    up = jdoc(daemon.ctl("--json", "update", key, "--subscriber", "none"))
+    assert up["subscription"]["subscriber"] is None
+    jdoc(daemon.ctl("--json", "publish", "--stream", "s", "--type", "t"))
+    up = jdoc(daemon.ctl("--json", "update", key, "--checkpoint", "1"))
+    assert up["checkpoint"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_selector_parsing(daemon: Any) -> None:
+    r = jdoc(daemon.ctl("--json", "start", "pat", "--type", "event_pattern",
+                        "--selector", '{"stream": "order-*", "type": "paid"}'))
+    assert r["subscription"]["selector"] == {"stream": "order-*", "type": "paid"}
+    r = jdoc(daemon.ctl("--json", "start", "tags", "--type", "tags", "--selector", '["a", "b"]'))
+    assert r["subscription"]["selector"] in (["a", "b"], {"any": ["a", "b"]})
+    r = jdoc(daemon.ctl("--json", "start", "plain", "--type", "event_pattern",
+                        "--selector", "order-*"))
+    assert r["subscription"]["selector"] == "order-*"
+    rc, out, err = daemon.ctl("start", "bad", "--type", "event_payload", "--selector", "{x")
+    assert rc == 2, (rc, out, err)
+    rc, _, err = daemon.ctl("start", "bad", "--type", "event_payload", "--selector", '{"a": {"$zz": 1}}')
+    assert rc == 1 and "invalid" in err and "subscription.selector" in err, err
+
+
+@pytest.mark.timeout(60)
+def test_human_tables(daemon: Any) -> None:
+    key = start_json(daemon, "human", "--pool-size", "2")["key"]
+    wait_status(daemon, key, lambda s: sum(w["state"] == "ready" for w in s["workers"]) == 2,
+                "2 ready workers")
+    rc, out, err = daemon.ctl("list")
+    assert rc == 0, err
+    header = out.splitlines()[0].split()
+    for col in ("KEY", "NAME", "TYPE", "SELECTOR", "STATE", "WORKERS", "CHECKPOINT/HEAD",
+                "IN_FLIGHT", "DELIVERED", "RESTARTS"):
+        assert col in header, out
+    assert key in out and "human" in out and "running" in out and "2/2" in out
+    rc, out, err = daemon.ctl("status", key)
+    assert rc == 0, err
+    assert key in out and "checkpoint" in out
+    lines = out.splitlines()
+    wh = [i for i, line in enumerate(lines) if line.split()[:3] == ["#", "PID", "STATE"]]
+    assert wh, out
+    for col in ("RSS", "CPU%", "IN_FLIGHT", "DELIVERED", "RESTARTS", "CONSUMERS"):
+        assert col in lines[wh[0]], out
+    rows = lines[wh[0] + 1:]
+    assert len(rows) == 2 and all("ready" in r for r in rows), out
+    assert any(u in rows[0] for u in ("K", "M", "G")), "rss is human readable: " + rows[0]
+    rc, out, err = daemon.ctl("stop", key)
+    assert rc == 0 and "stopped" in out, err
+
+
+@pytest.mark.timeout(90)
+def test_publish_single_and_file(daemon: Any) -> None:
+    r = jdoc(daemon.ctl("--json", "publish", "--stream", "user-1", "--type", "created",
+                        "--data", '{"id": 1}', "--metadata", '{"by": "me"}', "--tag", "a",
+                        "--tag", "b", "--id", "evt-1"))
+    assert r == {"positions": [1], "versions": [0]}
+    again = jdoc(daemon.ctl("--json", "publish", "--stream", "user-1", "--type", "created",
+                            "--id", "evt-1"))
+    assert again["positions"] == [1], "idempotent by id"
+    rc, out, err = daemon.ctl("publish", "--stream", "user-1", "--type", "x")
+    assert rc == 0 and "position 2" in out, (out, err)
+    rc, _, err = daemon.ctl("publish", "--stream", "user-1", "--type", "x",
+                            "--expected-version", "0")
+    assert rc == 1 and "conflict" in err, err
+
+    path = os.path.join(daemon.root, "events.jsonl")
+    n = 2500
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"stream": "bulk-%d" % (i % 7), "type": "bulk", "data": {"i": i}})
+                    + "\n")
+            if i % 1000 == 10:
+                f.write("\n")   # blank lines are skipped
+    d = jdoc(daemon.ctl("--json", "publish", "--file", path))
+    assert d == {"published": n, "first": 3, "last": n + 2}
+    assert daemon.client().ping()["head"] == n + 2
+    rc, out, err = daemon.ctl("publish", "--file", path)
+    assert rc == 0 and "published %d events" % n in out, (out, err)
+    assert "publishing" not in out, "no progress bar when stdout is not a terminal"
+    # from stdin
+    d = jdoc(daemon.ctl("--json", "publish", "--file", "-",
+                        input='{"stream": "in", "type": "t"}\n{"stream": "in", "type": "t"}\n'))
+    assert d == {"published": 2, "first": 2 * n + 3, "last": 2 * n + 4}
+    empty = os.path.join(daemon.root, "empty.jsonl")
+    open(empty, "w").close()
+    assert jdoc(daemon.ctl("--json", "publish", "--file", empty)) == \
+        {"published": 0, "first": None, "last": None}
+
+
+@pytest.mark.timeout(60)
+def test_publish_file_errors(daemon: Any) -> None:
+    head = daemon.client().ping()["head"]
+    bad_json = os.path.join(daemon.root, "bad.jsonl")
+    with open(bad_json, "w") as f:
+        f.write('{"stream": "s", "type": "t"}\n{"stream": \n')
+    rc, out, err = daemon.ctl("--json", "publish", "--file", bad_json)
+    assert rc == 2 and "line 2" in err, (rc, out, err)
+    assert daemon.client().ping()["head"] == head, "nothing is published from a bad file"
+    invalid = os.path.join(daemon.root, "invalid.jsonl")
+    with open(invalid, "w") as f:
+        f.write('{"stream": "s", "type": "t"}\n{"stream": "", "type": "t"}\n')
+    rc, out, err = daemon.ctl("--json", "publish", "--file", invalid)
+    assert rc == 1 and "invalid" in err and "line 2" in err, (rc, out, err)
+
+
+class LineReader:
+    """Reads a subprocess's stdout lines on a thread."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.q: "queue.Queue[Optional[str]]" = queue.Queue()
+        self.t = threading.Thread(target=self._run, args=(proc,), daemon=True)
+        self.t.start()
+
+    def _run(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self.q.put(line)
+        self.q.put(None)
+
+    def lines(self, n: int, timeout: float) -> List[str]:
+        got: List[str] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < n:
+            try:
+                line = self.q.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError("got only %d of %d lines: %r" % (len(got), n, got)) from None
+            if line is None:
+                raise AssertionError("stdout closed after %d lines: %r" % (len(got), got))
+            got.append(line)
+        return got
+
+
+def _finish(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+        raise
+
+
+def _consumers(daemon: Any, key: str) -> int:
+    try:
+        return sum(w["consumers"] for w in daemon.client().status(key)["workers"])
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+@pytest.mark.timeout(90)
+def test_tail_key_json_prints_and_acks(daemon: Any) -> None:
+    key = start_json(daemon, "tailed")["key"]
+    wait_status(daemon, key, lambda s: any(w["state"] == "ready" for w in s["workers"]), "ready")
+    proc = daemon.ctl_popen("--json", "tail", key)
+    try:
+        reader = LineReader(proc)
+        wait_for(lambda: _consumers(daemon, key) == 1, 15, "the tail consumer")
+        c = daemon.client()
+        positions = c.publish([{"stream": "t-%d" % i, "type": "ty", "data": {"i": i, "b": "x"}}
+                               for i in range(3)])["positions"]
+        evs = [json.loads(line) for line in reader.lines(3, 15)]
+        assert sorted(e["position"] for e in evs) == positions
+        assert {e["data"]["i"] for e in evs} == {0, 1, 2}
+        for e in evs:
+            assert set(e) >= {"position", "id", "stream", "version", "type", "data", "metadata",
+                              "tags", "timestamp", "attempt"}
+        wait_status(daemon, key, lambda s: s["checkpoint"] >= positions[-1], "acks from tail")
+    finally:
+        rc = _finish(proc)
+    assert rc == 0, proc.stderr.read()
+
+
+@pytest.mark.timeout(90)
+def test_tail_human_lines(daemon: Any) -> None:
+    key = start_json(daemon, "tailed-h")["key"]
+    wait_status(daemon, key, lambda s: any(w["state"] == "ready" for w in s["workers"]), "ready")
+    proc = daemon.ctl_popen("tail", key)
+    try:
+        reader = LineReader(proc)
+        wait_for(lambda: _consumers(daemon, key) == 1, 15, "the tail consumer")
+        pos = daemon.client().publish([{"stream": "orders-9", "type": "order.paid",
+                                        "data": {"amount": 12}}])["positions"][0]
+        (line,) = reader.lines(1, 15)
+        assert line.split()[:3] == [str(pos), "orders-9", "order.paid"], line
+        assert '{"amount":12}' in line
+    finally:
+        rc = _finish(proc)
+    assert rc == 0
+
+
+@pytest.mark.timeout(90)
+def test_tail_ephemeral_subscription(daemon: Any) -> None:
+    proc = daemon.ctl_popen("--json", "tail", "--type", "event_type", "--selector", "wanted")
+    c = daemon.client()
+    try:
+        reader = LineReader(proc)
+
+        def tail_pool() -> Optional[Dict[str, Any]]:
+            for p in c.list()["subscriptions"]:
+                if p["subscription"]["name"].startswith("tail-") and \
+                        sum(w["consumers"] for w in p["workers"]) == 1:
+                    return p
+            return None
+
+        pool = wait_for(tail_pool, 15, "the ephemeral tail subscription")
+        sub = pool["subscription"]
+        assert sub["options"]["ephemeral"] is True and sub["start_from"] == "now"
+        assert sub["type"] == "event_type" and sub["selector"] == "wanted"
+        positions = c.publish([{"stream": "e", "type": "other"}, {"stream": "e", "type": "wanted"}])[
+            "positions"]
+        (line,) = reader.lines(1, 15)
+        assert json.loads(line)["position"] == positions[1]
+    finally:
+        rc = _finish(proc)
+    assert rc == 0
+    wait_for(lambda: all(p["key"] != pool["key"] for p in c.list()["subscriptions"]), 15,
+             "the ephemeral subscription to be deleted after tail exits")
+
+
+@pytest.mark.timeout(60)
+def test_top_once(daemon: Any) -> None:
+    key = start_json(daemon, "topped")["key"]
+    d = jdoc(daemon.ctl("--json", "top", "--once"))
+    assert d["daemon"]["pid"] == daemon.proc.pid
+    (p,) = d["pools"]
+    assert p["key"] == key and p["lag"] == p["head"] - p["checkpoint"]
+    assert p["delivered_per_s"] is None
+    rc, out, err = daemon.ctl("top", "--once")
+    assert rc == 0, err
+    assert "\x1b[" not in out, "no ANSI codes when stdout is not a terminal"
+    assert key in out and "DELIV/S" in out and "LAG" in out
+
+
+@pytest.mark.timeout(60)
+def test_top_refreshes_with_rates(daemon: Any) -> None:
+    start_json(daemon, "rates")
+    proc = daemon.ctl_popen("--json", "top", "--interval", "0.2")
+    try:
+        reader = LineReader(proc)
+        frames = [json.loads(line) for line in reader.lines(3, 20)]
+    finally:
+        rc = _finish(proc)
+    assert rc == 0
+    assert frames[0]["pools"][0]["delivered_per_s"] is None
+    assert frames[2]["pools"][0]["delivered_per_s"] is not None

@@ -1,0 +1,530 @@
+"""emitterd.client: Client, Consumer, serve_subscriber.
+
+The first part plays the daemon with a tiny fake server (protocol edge cases
+the real daemon should never produce); the rest runs against a real daemon.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import pytest
+
+from emitterd import client as cl
+from emitterd.client import (AlreadyStarted, Client, EmitterError, Invalid, NotFound,
+                             PermissionDenied, ProtocolViolation, Unreachable, serve_subscriber)
+from emitterd.framing import Decoder, encode
+
+UNKNOWN_KEY = "0123456789abcdef"
+
+
+# ---- helpers -----------------------------------------------------------------
+
+class FakeServer:
+    """A one-connection-at-a-time fake control socket: `respond(request) -> list of
+    frames (dicts) or raw bytes, or None to close the connection`."""
+
+    def __init__(self, path: str, respond: Callable[[dict], Any]) -> None:
+        self.path = path
+        self.respond = respond
+        self.requests: List[dict] = []
+        self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.lsock.bind(path)
+        self.lsock.listen(8)
+        self.lsock.settimeout(0.2)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.lsock.accept()
+            except (socket.timeout, OSError):
+                continue
+            with conn:
+                dec = Decoder()
+                conn.settimeout(0.2)
+                open_ = True
+                while open_ and not self._stop.is_set():
+                    try:
+                        data = conn.recv(65536)
+                    except socket.timeout:
+                        continue
+                    except OSError:
+                        break
+                    if not data:
+                        break
+                    dec.feed(data)
+                    while True:
+                        req = dec.next()
+                        if req is None:
+                            break
+                        self.requests.append(req)
+                        answer = self.respond(req)
+                        if answer is None:
+                            open_ = False
+                            break
+                        if isinstance(answer, bytes):
+                            conn.sendall(answer)
+                        else:
+                            conn.sendall(b"".join(encode(f) for f in answer))
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.lsock.close()
+
+
+@pytest.fixture
+def fake(short_tmp: str) -> Any:
+    servers: List[FakeServer] = []
+
+    def make(respond: Callable[[dict], Any]) -> FakeServer:
+        s = FakeServer(os.path.join(short_tmp, "fake%d.sock" % len(servers)), respond)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def ok(req: dict, result: Any) -> List[dict]:
+    return [{"id": req["id"], "ok": True, "result": result}]
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError("timed out after %.1fs waiting for %s (last: %r)" % (timeout, what, last))
+
+
+def start_sub(c: Client, name: str, **over: Any) -> Dict[str, Any]:
+    sub = {"name": name, "type": "stream", "selector": "$all", "start_from": "origin"}
+    sub.update(over)
+    return c.start(sub)
+
+
+def wait_ready(c: Client, key: str, n: int = 1, timeout: float = 15.0) -> Dict[str, Any]:
+    return wait_for(lambda: (lambda s: s if sum(w["state"] == "ready" for w in s["workers"]) >= n
+                             else None)(c.status(key)), timeout, "%d ready workers" % n)
+
+
+def wait_checkpoint(c: Client, key: str, position: int, timeout: float = 15.0) -> Dict[str, Any]:
+    return wait_for(lambda: (lambda s: s if s["checkpoint"] >= position else None)(c.status(key)),
+                    timeout, "checkpoint >= %d" % position)
+
+
+def events(n: int, stream: str = "s-1", etype: str = "t") -> List[Dict[str, Any]]:
+    return [{"stream": stream, "type": etype, "data": {"i": i}} for i in range(n)]
+
+
+# ---- without a daemon --------------------------------------------------------
+
+@pytest.mark.timeout(10)
+def test_absent_socket_is_unreachable(short_tmp: str) -> None:
+    with pytest.raises(Unreachable) as ei:
+        Client(os.path.join(short_tmp, "absent.sock")).ping()
+    assert isinstance(ei.value, ConnectionError)
+
+
+@pytest.mark.timeout(10)
+def test_stale_socket_is_unreachable(short_tmp: str) -> None:
+    path = os.path.join(short_tmp, "stale.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()
+    with pytest.raises(Unreachable):
+        Client(path).ping()
+
+
+@pytest.mark.timeout(10)
+def test_default_socket_path_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMITTERD_SOCKET", "/tmp/somewhere/x.sock")
+    assert Client().socket_path == "/tmp/somewhere/x.sock"
+    assert Client("/tmp/y.sock").socket_path == "/tmp/y.sock"
+
+
+@pytest.mark.timeout(10)
+def test_ids_count_from_one_and_args_are_omitted_when_none(fake: Any) -> None:
+    srv = fake(lambda req: ok(req, {"echo": req.get("args")}))
+    with Client(srv.path, timeout=5) as c:
+        assert c.request("ping") == {"echo": None}
+        assert c.request("status", {"key": "k"}) == {"echo": {"key": "k"}}
+    assert [r["id"] for r in srv.requests] == [1, 2]
+    assert "args" not in srv.requests[0]
+
+
+@pytest.mark.timeout(10)
+def test_error_response_raises_its_typed_error(fake: Any) -> None:
+    srv = fake(lambda req: [{"id": req["id"], "ok": False,
+                             "error": {"code": "invalid", "message": "bad",
+                                       "details": {"field": "subscription.pool_size"}}}])
+    with Client(srv.path, timeout=5) as c:
+        with pytest.raises(Invalid) as ei:
+            c.request("start", {"subscription": {}})
+        assert ei.value.code == "invalid" and ei.value.message == "bad"
+        assert ei.value.details == {"field": "subscription.pool_size"}
+        # the connection stays usable after an ordinary error
+        with pytest.raises(Invalid):
+            c.request("start", {"subscription": {}})
+    assert [r["id"] for r in srv.requests] == [1, 2]
+
+
+@pytest.mark.timeout(10)
+def test_unknown_error_code_is_a_plain_emitter_error(fake: Any) -> None:
+    srv = fake(lambda req: [{"id": req["id"], "ok": False,
+                             "error": {"code": "brand_new", "message": "m"}}])
+    with pytest.raises(EmitterError) as ei:
+        Client(srv.path, timeout=5).ping()
+    assert type(ei.value) is EmitterError and ei.value.code == "brand_new"
+
+
+@pytest.mark.timeout(10)
+def test_connection_level_error_with_id_0(fake: Any) -> None:
+    srv = fake(lambda req: [{"id": 0, "ok": False,
+                             "error": {"code": "permission_denied", "message": "uid 1000"}}])
+    c = Client(srv.path, timeout=5)
+    with pytest.raises(PermissionDenied):
+        c.ping()
+    assert not c.connected
+
+
+@pytest.mark.timeout(10)
+def test_response_with_wrong_id_is_a_protocol_violation(fake: Any) -> None:
+    srv = fake(lambda req: ok(dict(req, id=req["id"] + 5), None))
+    c = Client(srv.path, timeout=5)
+    with pytest.raises(ProtocolViolation):
+        c.ping()
+    assert not c.connected
+
+
+@pytest.mark.timeout(10)
+def test_eof_before_the_response_is_unreachable(fake: Any) -> None:
+    srv = fake(lambda req: None)
+    with pytest.raises(Unreachable):
+        Client(srv.path, timeout=5).ping()
+
+
+@pytest.mark.timeout(10)
+def test_no_answer_raises_timeout_error_and_reconnects_next_time(fake: Any) -> None:
+    answers = iter([[], [], ])
+
+    def respond(req: dict) -> Any:
+        if req["op"] == "slow":
+            return next(answers, [])
+        return ok(req, "fine")
+
+    srv = fake(respond)
+    c = Client(srv.path, timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        c.request("slow")
+    assert time.monotonic() - t0 < 3
+    assert not c.connected
+    time.sleep(0.3)     # the fake serves one connection at a time; let it see the close
+    assert c.request("ping") == "fine"
+    assert srv.requests[-1]["id"] == 1, "a new connection counts ids from 1 again"
+
+
+@pytest.mark.timeout(10)
+def test_pipeline_returns_results_and_errors_in_order(fake: Any) -> None:
+    def respond(req: dict) -> Any:
+        if req["op"] == "bad":
+            return [{"id": req["id"], "ok": False, "error": {"code": "not_found", "message": "x"}}]
+        return ok(req, req["id"])
+
+    srv = fake(respond)
+    with Client(srv.path, timeout=5) as c:
+        res = c.pipeline([("a", None), ("bad", {"key": "k"}), ("c", {})])
+    assert res[0] == 1 and res[2] == 3
+    assert isinstance(res[1], NotFound)
+    assert [r["id"] for r in srv.requests] == [1, 2, 3]
+
+
+@pytest.mark.timeout(10)
+def test_error_classes_cover_every_protocol_code() -> None:
+    from emitterd.errors import CODES
+    assert set(cl.ERROR_CLASSES) == set(CODES)
+    for code, cls in cl.ERROR_CLASSES.items():
+        e = cl.error_from_wire({"code": code, "message": "m", "details": {"k": 1}}, 7)
+        assert type(e) is cls and e.code == code and e.details == {"k": 1} and e.request_id == 7
+
+
+class FakeWorker:
+    """Plays a pool worker connecting to a unix subscriber."""
+
+    def __init__(self, path: str, worker: int = 0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(path)
+        self.dec = Decoder()
+        self.sock.sendall(encode({"op": "hello", "key": "k" * 16, "name": "n", "worker": worker}))
+
+    def send_events(self, evs: List[Dict[str, Any]]) -> None:
+        self.sock.sendall(encode({"op": "events", "key": "k" * 16, "events": evs}))
+
+    def recv(self) -> dict:
+        while True:
+            f = self.dec.next()
+            if f is not None:
+                return f
+            data = self.sock.recv(65536)
+            assert data, "subscriber closed the connection"
+            self.dec.feed(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _ev(pos: int, **data: Any) -> Dict[str, Any]:
+    return {"position": pos, "id": "id-%d" % pos, "stream": "s", "version": pos - 1, "type": "t",
+            "data": data, "metadata": {}, "tags": [], "timestamp": 0, "attempt": 1}
+
+
+@pytest.mark.timeout(20)
+def test_serve_subscriber_batches_acks_and_maps_handler_results(short_tmp: str) -> None:
+    path = os.path.join(short_tmp, "sub.sock")
+    # a stale socket file is replaced
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()
+    seen: List[int] = []
+    hellos: List[dict] = []
+
+    def handler(e: Dict[str, Any]) -> Any:
+        seen.append(e["position"])
+        how = e["data"].get("how")
+        if how == "raise":
+            raise ValueError("boom")
+        if how == "park":
+            return ("nack", "park", "nope")
+        if how == "skip":
+            return ("nack", "skip")
+        return None if e["position"] % 2 else "ack"
+
+    stop, ready = threading.Event(), threading.Event()
+    t = threading.Thread(target=serve_subscriber, args=(path, handler),
+                         kwargs={"stop": stop, "ready": ready, "on_hello": hellos.append},
+                         daemon=True)
+    t.start()
+    assert ready.wait(5)
+    w0, w1 = FakeWorker(path, 0), FakeWorker(path, 1)   # several connections at once
+    try:
+        w0.send_events([_ev(1), _ev(2), _ev(3, how="raise"), _ev(4, how="park"),
+                        _ev(5, how="skip"), _ev(6)])
+        frames = [w0.recv() for _ in range(4)]
+        by_op: Dict[Any, dict] = {}
+        for f in frames:
+            by_op[(f["op"], f.get("action"))] = f
+        assert by_op[("ack", None)]["positions"] == [1, 2, 6]
+        assert by_op[("nack", "retry")]["positions"] == [3]
+        assert by_op[("nack", "retry")]["reason"] == "boom"
+        assert by_op[("nack", "park")]["positions"] == [4]
+        assert by_op[("nack", "park")]["reason"] == "nope"
+        assert by_op[("nack", "skip")]["positions"] == [5]
+        w1.send_events([_ev(7), _ev(8)])
+        assert w1.recv() == {"op": "ack", "positions": [7, 8]}
+        assert sorted(h["worker"] for h in hellos) == [0, 1]
+    finally:
+        w0.close()
+        w1.close()
+        stop.set()
+        t.join(5)
+    assert not t.is_alive()
+    assert not os.path.exists(path), "serve_subscriber removes its socket file"
+
+
+# ---- against the real daemon -------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_ping(daemon: Any) -> None:
+    r = daemon.client().ping()
+    for k in ("version", "pid", "store_id", "uptime", "head"):
+        assert k in r, r
+    assert r["pid"] == daemon.proc.pid
+
+
+@pytest.mark.timeout(60)
+def test_typed_errors(daemon: Any) -> None:
+    c = daemon.client()
+    with pytest.raises(NotFound):
+        c.status(UNKNOWN_KEY)
+    with pytest.raises(NotFound):
+        c.status("not-a-key")
+    with pytest.raises(Invalid) as ei:
+        c.start({"name": "x", "type": "stream", "selector": "s", "pool_size": 0})
+    assert ei.value.details["field"] == "subscription.pool_size"
+    with pytest.raises(Invalid) as ei:
+        c.publish([{"stream": "", "type": "t"}])
+    assert ei.value.details["field"] == "events.0.stream"
+    pool = start_sub(c, "twice")
+    with pytest.raises(AlreadyStarted) as ei:
+        start_sub(c, "twice")
+    assert ei.value.details["key"] == pool["key"]
+    # an error leaves the connection usable
+    assert c.ping()["pid"] == daemon.proc.pid
+
+
+@pytest.mark.timeout(60)
+def test_start_status_update_stop(daemon: Any) -> None:
+    c = daemon.client()
+    pool = start_sub(c, "lifecycle", pool_size=2)
+    key = pool["key"]
+    assert len(key) == 16 and pool["subscription"]["options"]["batch_size"] == 64
+    st = wait_ready(c, key, 2)
+    pids = sorted(w["pid"] for w in st["workers"])
+    for pid in pids:
+        daemon.track(pid)
+    up = c.update(key, pool_size=3, options={"batch_size": 5})
+    assert up["subscription"]["pool_size"] == 3
+    assert up["subscription"]["options"]["batch_size"] == 5
+    st = wait_ready(c, key, 3)
+    assert set(pids) <= {w["pid"] for w in st["workers"]}
+    assert [p["key"] for p in c.list()["subscriptions"]] == [key]
+    stopped = c.stop(key)
+    assert stopped["state"] == "stopped" and stopped["workers"] == []
+    c.stop(key, delete=True)
+    with pytest.raises(NotFound):
+        c.status(key)
+
+
+@pytest.mark.timeout(60)
+def test_stop_by_triple(daemon: Any) -> None:
+    c = daemon.client()
+    pool = start_sub(c, "triple")
+    st = c.stop(subscription={"name": "triple", "type": "stream", "selector": "$all"})
+    assert st["key"] == pool["key"] and st["state"] == "stopped"
+
+
+@pytest.mark.timeout(60)
+def test_pipelining(daemon: Any) -> None:
+    c = daemon.client()
+    res = c.pipeline([("ping", None),
+                      ("publish", {"events": events(3)}),
+                      ("status", {"key": UNKNOWN_KEY}),
+                      ("publish", {"events": events(2)}),
+                      ("no_such_op", None),
+                      ("ping", None)])
+    assert res[0]["pid"] == daemon.proc.pid
+    assert res[1]["positions"] == [1, 2, 3]
+    assert isinstance(res[2], NotFound)
+    assert res[3]["positions"] == [4, 5]
+    assert isinstance(res[4], cl.UnknownOp)
+    assert res[5]["head"] == 5
+
+
+@pytest.mark.timeout(60)
+def test_big_pipeline_does_not_deadlock(daemon: Any) -> None:
+    c = daemon.client()
+    n = 2000
+    res = c.pipeline([("publish", {"events": events(5, stream="big-%d" % i)}) for i in range(n)])
+    assert all(isinstance(r, dict) for r in res), [r for r in res if not isinstance(r, dict)][:3]
+    assert res[-1]["positions"][-1] == 5 * n
+
+
+@pytest.mark.timeout(60)
+def test_publish_expected_version_conflict(daemon: Any) -> None:
+    c = daemon.client()
+    r = c.publish(events(2, stream="ev"), expected_version=-1)
+    assert r["versions"] == [0, 1]
+    with pytest.raises(cl.Conflict):
+        c.publish(events(1, stream="ev"), expected_version=0)
+
+
+@pytest.mark.timeout(60)
+def test_consumer_acks_move_the_checkpoint(daemon: Any) -> None:
+    c = daemon.client()
+    key = start_sub(c, "attached")["key"]
+    wait_ready(c, key)
+    positions = c.publish(events(10, stream="a-1") + events(10, stream="a-2"))["positions"]
+    with c.attach(key) as consumer:
+        assert consumer.key == key and isinstance(consumer.worker, int)
+        got: List[Dict[str, Any]] = []
+        for batch in consumer.batches(timeout=10):
+            got.extend(batch)
+            consumer.ack([e["position"] for e in batch])
+            if len(got) >= len(positions):
+                break
+        assert sorted(e["position"] for e in got) == positions
+        assert all(e["attempt"] == 1 for e in got)
+        st = wait_checkpoint(c, key, positions[-1])
+        assert st["in_flight"] == 0
+        assert sum(w["consumers"] for w in st["workers"]) == 1
+    # the control connection of `c` was not turned into a consumer
+    assert c.ping()["head"] == positions[-1]
+
+
+@pytest.mark.timeout(60)
+def test_consumer_nack_retry_comes_back(daemon: Any) -> None:
+    c = daemon.client()
+    key = start_sub(c, "nacker", options={"retry_backoff": [0.05, 0.1]})["key"]
+    wait_ready(c, key)
+    pos = c.publish(events(1))["positions"][0]
+    with c.attach(key) as consumer:
+        it = iter(consumer)
+        first = next(it)
+        assert first["position"] == pos and first["attempt"] == 1
+        consumer.nack([pos], "retry", reason="later")
+        again = next(it)
+        assert again["position"] == pos and again["attempt"] == 2
+        consumer.ack([pos])
+        wait_checkpoint(c, key, pos)
+
+
+@pytest.mark.timeout(60)
+def test_attach_errors(daemon: Any, short_tmp: str) -> None:
+    c = daemon.client()
+    with pytest.raises(NotFound):
+        c.attach(UNKNOWN_KEY)
+    pushed = start_sub(c, "pushed", subscriber="unix:" + os.path.join(short_tmp, "nobody.sock"))
+    with pytest.raises(Invalid):
+        c.attach(pushed["key"])
+    stopped = start_sub(c, "stopped")
+    c.stop(stopped["key"])
+    with pytest.raises(cl.Unavailable):
+        c.attach(stopped["key"])
+
+
+@pytest.mark.timeout(90)
+def test_serve_subscriber_receives_and_acks(daemon: Any, short_tmp: str) -> None:
+    path = os.path.join(short_tmp, "sub.sock")
+    got: List[Dict[str, Any]] = []
+    hellos: List[dict] = []
+    lock = threading.Lock()
+
+    def handler(e: Dict[str, Any]) -> None:
+        with lock:
+            got.append(e)
+
+    stop, ready = threading.Event(), threading.Event()
+    t = threading.Thread(target=serve_subscriber, args=(path, handler),
+                         kwargs={"stop": stop, "ready": ready, "on_hello": hellos.append},
+                         daemon=True)
+    t.start()
+    try:
+        assert ready.wait(5)
+        c = daemon.client()
+        key = start_sub(c, "pushed", subscriber="unix:" + path, pool_size=2,
+                        options={"batch_size": 7})["key"]
+        positions = c.publish([e for i in range(8) for e in events(25, stream="p-%d" % i)])[
+            "positions"]
+        st = wait_checkpoint(c, key, positions[-1], timeout=30)
+        assert st["checkpoint"] == st["head"] == positions[-1]
+        with lock:
+            assert sorted(e["position"] for e in got) == positions
+        assert sorted(h["worker"] for h in hellos) == [0, 1]
+        assert all(h["key"] == key for h in hellos)
+    finally:
+        stop.set()
+        t.join(5)
+    assert not t.is_alive()
