@@ -281,8 +281,9 @@ def payload_cases(draw):
     return sel, data
 
 
-GLOB_TEXT = st.text("ab?*[\\.\n", max_size=7)
-PLAIN_TEXT = st.text("ab?*[\\.\n", max_size=9)
+# Mostly a tiny alphabet so that segments collide and overlap; sometimes the odd characters.
+GLOB_TEXT = st.one_of(st.text("ab*?", max_size=8), st.text("ab?*[\\.\n", max_size=7))
+PLAIN_TEXT = st.one_of(st.text("ab", max_size=9), st.text("ab?*[\\.\n", max_size=9))
 TAG = st.sampled_from(["x", "y", "z", "", "*"])
 TAG_LISTS = st.lists(TAG, min_size=1, max_size=3)
 TAG_SELECTORS = st.one_of(
@@ -403,6 +404,9 @@ def test_event_type_exact_and_no_all():
     ("a*?", "ab", True),
     ("*ab*ab*", "abab", True),
     ("*ab*ab*", "aba", False),
+    ("*bc*cx", "xbcx", False),               # a middle segment may not overlap the tail
+    ("*bc*cx", "xbccx", True),
+    ("ab*ba", "aba", False),                 # nor may the head overlap the tail
 ])
 def test_glob(glob, value, expected):
     assert compile_glob(glob)(value) is expected
@@ -437,12 +441,48 @@ def test_glob_against_reference(glob, value):
     assert compile_glob(glob)(value) == ref_glob(glob, value)
 
 
-@given(GLOB_TEXT, PLAIN_TEXT)
+@pytest.mark.timeout(30)
+def test_glob_exhaustive_small():
+    # Every glob over {a, b, *, ?} up to 5 characters against every string over {a, b} up
+    # to 5: small enough to run in about a second, and it covers every way fixed-length
+    # segments can overlap each other and the head or tail.
+    strings = [""]
+    for _ in range(5):
+        strings += [s + c for s in strings if len(s) == len(strings[-1]) for c in "ab"]
+    globs = [""]
+    frontier = [""]
+    for _ in range(5):
+        frontier = [g + c for g in frontier for c in "ab*?"]
+        globs += frontier
+    assert (len(strings), len(globs)) == (63, 1365)
+    for glob in globs:
+        g = compile_glob(glob)
+        for value in strings:
+            assert g(value) == ref_glob(glob, value), (glob, value)
+
+
+@st.composite
+def near_misses(draw):
+    """A glob and a string that matches it, or nearly does (one edit away)."""
+    glob = draw(GLOB_TEXT)
+    filled = "".join(draw(PLAIN_TEXT) if c == "*" else (draw(st.sampled_from("ab?[\n"))
+                                                        if c == "?" else c) for c in glob)
+    edit = draw(st.integers(0, 3))
+    if filled and edit:
+        i = draw(st.integers(0, len(filled) - 1))
+        filled = (filled[:i] + filled[i + 1:] if edit == 1
+                  else filled[:i] + filled[i] + filled[i:] if edit == 2
+                  else filled[:i] + draw(st.sampled_from("ab[")) + filled[i + 1:])
+    return glob, filled, edit == 0
+
+
+@given(near_misses())
 @PROPS
-def test_glob_matches_what_it_should(glob, value):
-    # Build a string the glob surely matches by filling the wildcards.
-    filled = "".join(value[:2] if c == "*" else ("?" if c == "?" else c) for c in glob)
-    assert compile_glob(glob)(filled)
+def test_glob_near_misses_against_reference(case):
+    glob, value, surely = case
+    assert compile_glob(glob)(value) == ref_glob(glob, value)
+    if surely:
+        assert compile_glob(glob)(value)
 
 
 # ----------------------------------------------------------------------------- event_pattern
