@@ -50,6 +50,7 @@ class Daemon:
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop_waiting = 0
         self.exit_code = 0
+        self.exporter: Any = None
 
     def start(self) -> None:
         ctx = self.ctx
@@ -72,6 +73,10 @@ class Daemon:
         wd = ctx.notifier.watchdog_interval()
         if wd:
             loop.every(wd, ctx.notifier.watchdog)
+        if cfg.metrics_listen:
+            from emitterd.control.metrics import render
+            from emitterd.exporter import Exporter
+            self.exporter = Exporter(loop, cfg.metrics_listen, lambda: render(ctx))
         ctx.registry.load()
         ctx.notifier.ready(self._summary())
         log.info("emitterd ready", pid=os.getpid(), socket=cfg.socket, data_dir=cfg.data_dir,
@@ -179,6 +184,8 @@ class Daemon:
             procs.kill(pid, signal.SIGKILL)
         if ctx.server is not None:
             ctx.server.close()
+        if self.exporter is not None:
+            self.exporter.close()
         if ctx.log is not None:
             ctx.log.close()
         signal.set_wakeup_fd(-1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 __all__ = ["SELECTOR_TYPES", "SelectorError", "normalize", "compile_selector", "match_all",
            "compile_glob"]
@@ -353,6 +353,10 @@ def compile_glob(glob: str) -> Callable[[Any], bool]:
         n = len(head) + len(tail)
         return lambda s: (isinstance(s, str) and len(s) >= n and s.startswith(head)
                           and s.endswith(tail))
+    if len(parts) == 2:
+        # One star: a single regex `head.*tail` backtracks at most once per position.
+        rx = re.compile(_segment_pattern(head) + ".*" + _segment_pattern(tail), re.DOTALL)
+        return lambda s: isinstance(s, str) and rx.fullmatch(s) is not None
     min_len = sum(len(p) for p in parts)
     head_rx = _segment_regex(head) if head else None
     tail_rx = _segment_regex(tail) if tail else None
@@ -387,9 +391,14 @@ def compile_glob(glob: str) -> Callable[[Any], bool]:
     return match
 
 
+def _segment_pattern(segment: str) -> str:
+    """Regex source for a star-free glob segment: `?` is any one character."""
+    return ".".join(re.escape(p) for p in segment.split("?"))
+
+
 def _segment_regex(segment: str) -> "re.Pattern[str]":
-    """A regex for a star-free glob segment: `?` is any one character (newline too)."""
-    return re.compile(".".join(re.escape(p) for p in segment.split("?")), re.DOTALL)
+    # DOTALL: `?` and `*` match a newline like any other character.
+    return re.compile(_segment_pattern(segment), re.DOTALL)
 
 
 # --- payload

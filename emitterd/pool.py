@@ -176,10 +176,13 @@ class Pool:
                 try:
                     h.proc = psutil.Process(h.pid)
                     h.proc.cpu_percent(None)
+                    h.rss = h.proc.memory_info().rss
                 except psutil.Error:
                     h.proc = None
         if h.state == "draining":
             self._maybe_finish_drain(h)
+        if self.stopping is not None:
+            self.poll_stop()
 
     def _consumers_changed(self, h: WorkerHandle, n: int) -> None:
         before = self.consumer_count()

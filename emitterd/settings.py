@@ -430,8 +430,9 @@ def parse_hostport(value: str) -> tuple[str, int]:
         if not sep or ":" in host:
             raise _Invalid("expected HOST:PORT like 127.0.0.1:9464 (an IPv6 address in "
                            "brackets), got %s" % _show(value))
-    if not host or not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
-        raise _Invalid("expected HOST:PORT with a port 1..65535, got %s" % _show(value))
+    # port 0 asks for any free port; the daemon logs the one it got (tests use this)
+    if not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise _Invalid("expected HOST:PORT with a port 0..65535, got %s" % _show(value))
     return host, int(port_s)
 
 

@@ -10,7 +10,7 @@ import time
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from emitterd.filters import (SELECTOR_TYPES, SelectorError, compile_glob, compile_selector,

@@ -13,6 +13,7 @@ import msgpack
 EVENT_MAP_HEADER = b"\x8a"
 STORED_MAP_HEADER = b"\x89"
 ATTEMPT_KEY = msgpack.packb("attempt")
+_ATTEMPTS = [ATTEMPT_KEY + msgpack.packb(i) for i in range(128)]   # positive fixints
 
 
 class EventRecord:
@@ -40,7 +41,8 @@ class EventRecord:
 
     def encoded(self, attempt: int) -> bytes:
         """The delivered Event map, encoded, with this attempt number."""
-        return EVENT_MAP_HEADER + self.body + ATTEMPT_KEY + msgpack.packb(attempt)
+        tail = _ATTEMPTS[attempt] if attempt < 128 else ATTEMPT_KEY + msgpack.packb(attempt)
+        return EVENT_MAP_HEADER + self.body + tail
 
 
 _UNSET = object()
@@ -115,6 +117,8 @@ class EventLog:
         raise NotImplementedError
 
 
-def open_log(data_dir: str, synchronous: str = "full", tail_events: int = 65536) -> EventLog:
+def open_log(data_dir: str, synchronous: str = "full", tail_events: int = 65536,
+             tail_bytes: int = 64 << 20) -> EventLog:
     from emitterd.eventlog.sqlite import SqliteLog
-    return SqliteLog(data_dir, synchronous=synchronous, tail_events=tail_events)
+    return SqliteLog(data_dir, synchronous=synchronous, tail_events=tail_events,
+                     tail_bytes=tail_bytes)

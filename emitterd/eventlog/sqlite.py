@@ -71,7 +71,8 @@ def generated_position(salt: int, text: str) -> Optional[int]:
 
 
 class SqliteLog(EventLog):
-    def __init__(self, data_dir: str, synchronous: str = "full", tail_events: int = 65536) -> None:
+    def __init__(self, data_dir: str, synchronous: str = "full", tail_events: int = 65536,
+                 tail_bytes: int = 64 << 20) -> None:
         ensure_private_dir(data_dir)
         self.path = os.path.join(data_dir, "emitterd.db")
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -89,7 +90,10 @@ class SqliteLog(EventLog):
         self._stream_versions: dict = {}
         self._tail: list = []
         self._tail_start = self.head + 1
+        # recent events stay in memory so live pools never query SQLite; bounded twice
         self._tail_max = max(1024, tail_events)
+        self._tail_bytes_max = tail_bytes
+        self._tail_bytes = 0
 
     # ---- events --------------------------------------------------------------
     def _stream_version(self, stream: str, overlay: dict) -> int:
@@ -177,10 +181,16 @@ class SqliteLog(EventLog):
         self.head = pos
         self._stream_versions.update(overlay)
         self._tail.extend(records)
-        if len(self._tail) > self._tail_max * 2:
-            drop = len(self._tail) - self._tail_max
+        self._tail_bytes += sum(len(r.body) for r in records)
+        if len(self._tail) > self._tail_max * 2 or self._tail_bytes > self._tail_bytes_max:
+            drop = max(0, len(self._tail) - self._tail_max)
+            kept_bytes = self._tail_bytes - sum(len(r.body) for r in self._tail[:drop])
+            while kept_bytes > self._tail_bytes_max // 2 and drop < len(self._tail):
+                kept_bytes -= len(self._tail[drop].body)
+                drop += 1
             del self._tail[:drop]
             self._tail_start += drop
+            self._tail_bytes = kept_bytes
         return records
 
     def read(self, start: int, limit: int) -> list:

@@ -1,0 +1,101 @@
+"""Optional Prometheus exporter on metrics_listen: a tiny HTTP/1.0 responder inside the loop.
+
+prometheus-client's own server runs in a thread, and the parent runs none, so this
+answers `GET /metrics` from the selector loop with the same text as the `metrics` op.
+"""
+import selectors
+import socket
+from typing import Any, Callable
+
+from emitterd import logs
+from emitterd.settings import parse_hostport
+
+log = logs.get("metrics")
+MAX_REQUEST = 8192
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Exporter:
+    def __init__(self, loop: Any, listen: str, render: Callable[[], str]) -> None:
+        self.loop = loop
+        self.render = render
+        host, port = parse_hostport(listen)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        self.address = "%s:%d" % (host if family == socket.AF_INET else "[%s]" % host,
+                                  self.sock.getsockname()[1])
+        loop.add_reader(self.sock, self._accept)
+        log.info("metrics exporter listening", address=self.address)
+
+    def _accept(self, mask: int) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setblocking(False)
+        buf = bytearray()
+        timer = self.loop.call_later(5.0, lambda: self._drop(conn))
+
+        def readable(mask: int) -> None:
+            try:
+                data = conn.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            buf.extend(data)
+            if not data or len(buf) > MAX_REQUEST:
+                timer.cancel()
+                self._drop(conn)
+                return
+            if b"\r\n\r\n" in buf or b"\n\n" in buf:
+                timer.cancel()
+                self.loop.remove(conn)
+                self._respond(conn, bytes(buf))
+        self.loop.add_reader(conn, readable)
+
+    def _respond(self, conn: socket.socket, request: bytes) -> None:
+        line = request.split(b"\n", 1)[0].decode("latin-1").split()
+        if len(line) >= 2 and line[0] in ("GET", "HEAD") and line[1].split("?")[0] in ("/metrics", "/"):
+            body = self.render().encode("utf-8")
+            head = ("HTTP/1.0 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                    "Connection: close\r\n\r\n" % (CONTENT_TYPE, len(body))).encode()
+            payload = head + (body if line[0] == "GET" else b"")
+        else:
+            msg = b"not found: try /metrics\n"
+            payload = (b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                       b"Connection: close\r\n\r\n" % len(msg)) + msg
+        self._write(conn, payload)
+
+    def _write(self, conn: socket.socket, payload: bytes) -> None:
+        view = memoryview(payload)
+        timer = self.loop.call_later(5.0, lambda: self._drop(conn))
+
+        def writable(mask: int) -> None:
+            nonlocal view
+            try:
+                n = conn.send(view)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = len(view)
+            view = view[n:]
+            if not len(view):
+                timer.cancel()
+                self._drop(conn)
+        self.loop.set_events(conn, selectors.EVENT_WRITE, writable)
+
+    def _drop(self, conn: socket.socket) -> None:
+        self.loop.remove(conn)
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.loop.remove(self.sock)
+        self.sock.close()
