@@ -575,7 +575,8 @@ def _membership(values: list) -> Callable[[Any], bool]:
             blobs.add(x)
         else:
             others.append(x)
-    fstrs, fblobs, fnums, fothers = frozenset(strs), frozenset(blobs), frozenset(nums), tuple(others)
+    fstrs, fblobs, fnums = frozenset(strs), frozenset(blobs), frozenset(nums)
+    fothers = tuple(others)
 
     def pred(v: Any) -> bool:
         if isinstance(v, str):

@@ -1,0 +1,574 @@
+"""emitterd as a service (DESIGN §1, §6; PROTOCOL §2, §6, §7): sd_notify, socket
+activation, shutdown under load, SIGHUP reload, metrics, RSS recycling, log formats
+and `emitterctl top` -- each against a real daemon, real sockets and real signals."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from emitterd.client import Client, Unavailable, Unreachable
+from service_helpers import (ActivatedDaemon, NotifyReceiver, Subscriber, has_line,
+                             proc_fd_links, read_log, wait_log, wait_until, worker_pids)
+from daemon_fixture import clean_env
+
+
+def _sub(name, path=None, **kw):
+    spec = {"name": name, "type": "stream", "selector": "$all", "start_from": "origin"}
+    if path is not None:
+        spec["subscriber"] = "unix:" + path
+    spec.update(kw)
+    return spec
+
+
+def _events(n, stream="s-1", start=0):
+    return [{"stream": stream, "type": "t", "data": {"i": start + i}} for i in range(n)]
+
+
+def _wait_workers_ready(c, key, n, timeout=15.0):
+    def ready():
+        st = c.status(key)
+        ws = [w for w in st["workers"] if w["state"] == "ready"]
+        return st if len(ws) >= n else None
+    return wait_until(ready, timeout, "%d ready workers of %s" % (n, key))
+
+
+# ---- 1. sd_notify ---------------------------------------------------------------------------
+
+@pytest.mark.timeout(40)
+def test_notify_ready_status_watchdog_reload_stopping(make_daemon, short_tmp):
+    d = make_daemon(start=False)
+    nsock = os.path.join(short_tmp, "notify.sock")
+    rx = NotifyReceiver(nsock, watch_path=d.socket)
+    try:
+        d.env.update({"NOTIFY_SOCKET": nsock, "WATCHDOG_USEC": "400000"})
+        d.start()
+        i_ready, (t_ready, text, sock_existed) = rx.wait_for(lambda t: has_line(t, "READY=1"), 10)
+        assert sock_existed, "READY=1 arrived before the control socket file existed"
+        # READY=1 means the socket listens: a ping answers.
+        with Client(d.socket, timeout=5) as c:
+            assert c.ping()["pid"] == d.proc.pid
+        assert all(not has_line(m, "READY=1") for m in rx.texts()[:i_ready])
+
+        # WATCHDOG=1 every WATCHDOG_USEC/2 = 0.2 s: at least 3 within 1.5 s.
+        time.sleep(1.5)
+        dogs = [m for m in rx.messages if m[0] >= t_ready and has_line(m[1], "WATCHDOG=1")
+                and m[0] <= t_ready + 1.6]
+        assert len(dogs) >= 3, rx.texts()
+
+        # A STATUS= line: with READY and then on its own every 5 s.
+        assert any(line.startswith("STATUS=") and len(line) > len("STATUS=")
+                   for line in text.split("\n")), text
+        rx.wait_for(lambda t: t.startswith("STATUS=") and "READY=1" not in t, 7, after=i_ready + 1)
+
+        # SIGHUP: RELOADING=1 (with MONOTONIC_USEC, as systemd requires) then READY=1.
+        n = rx.count()
+        d.proc.send_signal(signal.SIGHUP)
+        i_rel, (_, rel, _) = rx.wait_for(lambda t: has_line(t, "RELOADING=1"), 5, after=n)
+        assert re.search(r"^MONOTONIC_USEC=\d+$", rel, re.M), rel
+        rx.wait_for(lambda t: has_line(t, "READY=1"), 5, after=i_rel + 1)
+        with Client(d.socket, timeout=5) as c2:
+            c2.ping()
+
+        # SIGTERM: STOPPING=1, exit 0.
+        n = rx.count()
+        d.proc.send_signal(signal.SIGTERM)
+        rx.wait_for(lambda t: has_line(t, "STOPPING=1"), 5, after=n)
+        assert d.proc.wait(15) == 0
+    finally:
+        rx.close()
+
+
+@pytest.mark.timeout(30)
+def test_watchdog_pid_of_another_process_sends_no_watchdog(make_daemon, short_tmp):
+    nsock = os.path.join(short_tmp, "notify.sock")
+    rx = NotifyReceiver(nsock)
+    try:
+        d = make_daemon(env={"NOTIFY_SOCKET": nsock, "WATCHDOG_USEC": "200000",
+                             "WATCHDOG_PID": "1"})
+        rx.wait_for(lambda t: has_line(t, "READY=1"), 10)
+        time.sleep(0.8)
+        assert not any(has_line(t, "WATCHDOG=1") for t in rx.texts()), rx.texts()
+    finally:
+        rx.close()
+
+
+# ---- 2. socket activation -------------------------------------------------------------------
+
+@pytest.mark.timeout(45)
+def test_socket_activation_fd3_workers_close_it_file_kept(short_tmp):
+    path = os.path.join(short_tmp, "act.sock")
+    data_dir = os.path.join(short_tmp, "data")
+    log_path = os.path.join(short_tmp, "daemon.log")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(16)
+    ino_file = os.stat(path).st_ino
+    ino_sock = os.fstat(lsock.fileno()).st_ino
+    want_link = "socket:[%d]" % ino_sock
+    sub_path = os.path.join(short_tmp, "sub.sock")
+    sub = Subscriber(sub_path)
+    d = ActivatedDaemon(lsock, path, data_dir, log_path, clean_env(short_tmp), short_tmp)
+    try:
+        ping = d.wait_ping()
+        assert ping["pid"] == d.proc.pid
+        wait_log(log_path, r"listening .*activated=True", timeout=5)
+        # The daemon serves on the inherited socket (no file of its own).
+        assert os.stat(path).st_ino == ino_file
+        assert want_link in proc_fd_links(d.proc.pid).values()
+
+        with Client(path, timeout=20) as c:
+            st = c.start(_sub("act", sub_path, pool_size=2))
+            key = st["key"]
+            st = _wait_workers_ready(c, key, 2)
+            pids = worker_pids(st)
+            assert len(pids) == 2
+            for pid in pids:
+                d.track(pid)
+            c.publish(_events(10))
+            wait_until(lambda: c.status(key)["checkpoint"] == c.status(key)["head"], 10,
+                       "delivery through the activated daemon")
+            for pid in pids:
+                links = proc_fd_links(pid)
+                assert want_link not in links.values(), (
+                    "worker %d holds the inherited listening socket: %r" % (pid, links))
+                assert not any(data_dir in l for l in links.values()), (
+                    "worker %d holds files of the data dir: %r" % (pid, links))
+                # stdio, its socketpair, its own selector and consumer connections only
+                assert all(fd <= 2 or l.startswith(("socket:", "anon_inode:", "pipe:"))
+                           for fd, l in links.items()), links
+        d.collect_children()
+
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(15) == 0
+        # The daemon neither created nor removed the socket file.
+        assert os.path.exists(path), "the socket-activated daemon removed the socket file"
+        assert os.stat(path).st_ino == ino_file
+        log = read_log(log_path)
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        d.cleanup()
+        sub.close()
+        lsock.close()
+
+
+# ---- 3. SIGTERM under load ------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_sigterm_under_load_drains_refuses_publish_and_keeps_checkpoint(make_daemon, short_tmp):
+    drain = 2.0
+    max_in_flight, batch = 100, 10
+    d = make_daemon("--drain-timeout", drain)
+    sub_path = os.path.join(short_tmp, "slow.sock")
+    sub = Subscriber(sub_path, delay=0.005)      # ~50 ms per batch of 10
+    sub2 = None
+    try:
+        c = d.client()
+        st = c.start(_sub("slow", sub_path, options={"batch_size": batch,
+                                                     "max_in_flight": max_in_flight}))
+        key = st["key"]
+        total = 2000
+        for i in range(4):
+            c.publish(_events(500, start=i * 500))
+        assert c.ping()["head"] == total
+        sub.wait_count(300, 20)
+
+        other = d.client(timeout=10)
+        other.ping()
+        before = sub.count()
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        wait_log(d.log_path, r"shutting down", timeout=5)
+        for what, call in (("publish", lambda: other.publish(_events(1, stream="late"))),
+                           ("start", lambda: other.start(_sub("late-pool")))):
+            try:
+                call()
+            except Unavailable:
+                pass
+            except Unreachable:
+                time.sleep(0.5)
+                assert d.proc.poll() is not None, (
+                    "the connection was closed during the drain instead of answering unavailable")
+                break
+            else:
+                pytest.fail("a %s during the shutdown drain was accepted" % what)
+
+        rc = d.proc.wait(drain + 5)
+        elapsed = time.monotonic() - t0
+        assert rc == 0
+        assert elapsed < drain + 5
+        time.sleep(0.2)
+        sub.close()
+        got = sub.positions()
+        # Dispatching stopped: only what was in flight at SIGTERM came after it.
+        assert len(got) - before <= max_in_flight + batch, (before, len(got))
+        acked_max = max(got)
+        assert acked_max < total, "the whole log was delivered before SIGTERM: test too slow"
+
+        # Restart on the same data dir, subscriber down: the persisted checkpoint.
+        d.start()
+        with Client(d.socket, timeout=20) as c2:
+            st = c2.status(key)
+            assert st["head"] == total, "the late publish was appended during the drain"
+            cp = st["checkpoint"]
+            assert 0 < cp <= st["head"]
+            # The drain (well under drain_timeout) acked everything in flight.
+            assert cp >= acked_max, (cp, acked_max)
+            sub2 = Subscriber(sub_path)
+            wait_until(lambda: c2.status(key)["checkpoint"] == total, 30,
+                       "checkpoint reaching head after the restart")
+            after = sub2.positions()
+            assert set(range(cp + 1, total + 1)) <= set(after)
+            assert min(after) == cp + 1, "delivery did not resume right after the checkpoint"
+            assert c2.status(key)["state"] == "running"
+    finally:
+        sub.close()
+        if sub2 is not None:
+            sub2.close()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_drain_timeout_expires_then_second_signal_cuts_drain(make_daemon, short_tmp):
+    """A consumer that never acks: the drain gives up after drain_timeout, exit 0, the
+    checkpoint of what was acked is kept; a second signal ends a long drain at once."""
+    import threading
+    d = make_daemon("--drain-timeout", 1)
+    sub_path = os.path.join(short_tmp, "stuck.sock")
+    release = threading.Event()
+    block_after = {"pos": 50}
+
+    def stuck(event):
+        if event["position"] > block_after["pos"]:
+            release.wait(30)
+    sub = Subscriber(sub_path, handler=stuck)
+    sub2 = None
+    try:
+        c = d.client()
+        key = c.start(_sub("stuck", sub_path, options={"batch_size": 10}))["key"]
+        c.publish(_events(50))
+        wait_until(lambda: c.status(key)["checkpoint"] == 50, 15, "checkpoint 50")
+        c.publish(_events(50, start=50))
+        wait_until(lambda: max(sub.positions()) > 50, 15, "a blocked delivery")
+        assert c.status(key)["in_flight"] > 0
+
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(1 + 5) == 0
+        elapsed = time.monotonic() - t0
+        assert elapsed >= 0.9, "exited after %.2fs without waiting for the drain" % elapsed
+        wait_log(d.log_path, r"drain timed out", timeout=1)
+        release.set()
+        sub.close()
+
+        # Restart with a long drain; everything blocks now.
+        block_after["pos"] = 0
+        release.clear()
+        sub2 = Subscriber(sub_path, handler=stuck)
+        d.extra_args += ["--drain-timeout", "30"]     # the last flag wins
+        d.start()
+        c2 = d.client()
+        st = c2.status(key)
+        assert st["checkpoint"] == 50, st
+        wait_until(lambda: sub2.count() > 0, 15, "redelivery after restart")
+        assert min(sub2.positions()) == 51
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        wait_log(d.log_path, r"shutting down", count=2, timeout=5)
+        time.sleep(0.3)
+        assert d.proc.poll() is None, "did not wait for the 30 s drain"
+        d.proc.send_signal(signal.SIGINT)
+        assert d.proc.wait(5) == 0
+        assert time.monotonic() - t0 < 6
+        wait_log(d.log_path, r"second stop request", timeout=1)
+    finally:
+        release.set()
+        sub.close()
+        if sub2 is not None:
+            sub2.close()
+
+
+@pytest.mark.timeout(45)
+def test_ready_only_after_stored_pools_started(make_daemon, short_tmp):
+    d = make_daemon()
+    with Client(d.socket, timeout=20) as c:
+        key = c.start(_sub("stored", pool_size=2))["key"]
+        _wait_workers_ready(c, key, 2)
+    assert d.stop() == 0
+    nsock = os.path.join(short_tmp, "notify.sock")
+    box = {}
+
+    def children_at_ready(text):
+        if has_line(text, "READY=1") and "pid" in box:
+            return [k.pid for k in psutil.Process(box["pid"]).children()]
+        return None
+
+    rx = NotifyReceiver(nsock, watch_path=d.socket, probe=children_at_ready)
+    try:
+        d.env["NOTIFY_SOCKET"] = nsock
+        with open(d.log_path, "ab") as log:
+            d.proc = subprocess.Popen(d.argv(), stdin=subprocess.DEVNULL, stdout=log,
+                                      stderr=subprocess.STDOUT, env=d.env, cwd=d.root,
+                                      start_new_session=True)
+        box["pid"] = d.proc.pid
+        d.track(d.proc.pid)
+        i, (_, text, existed) = rx.wait_for(lambda t: has_line(t, "READY=1"), 15)
+        d.collect_children()
+        kids = rx.probes.get(i)
+        assert existed
+        assert isinstance(kids, list) and len(kids) >= 2, (
+            "READY=1 before the stored pool's workers were started: children %r" % (kids,))
+        d.wait_ping()
+        with Client(d.socket, timeout=20) as c:
+            assert c.status(key)["state"] == "running"
+        assert re.search(r"^STATUS=.*2 workers", text, re.M), text
+    finally:
+        rx.close()
+
+
+# ---- 4. SIGHUP reload -----------------------------------------------------------------------
+
+def _write(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@pytest.mark.timeout(45)
+def test_sighup_reload_applies_reloadable_refuses_invalid(make_daemon, short_tmp):
+    cfg = os.path.join(short_tmp, "emitterd.toml")
+    _write(cfg, 'log_level = "info"\ndefault_batch_size = 64\nstore_id = "one"\n')
+    d = make_daemon("--config", cfg)
+    c = d.client()
+    assert c.ping()["store_id"] == "one"
+    assert c.start(_sub("before"))["subscription"]["options"]["batch_size"] == 64
+
+    _write(cfg, 'log_level = "debug"\ndefault_batch_size = 5\nstore_id = "two"\n')
+    d.proc.send_signal(signal.SIGHUP)
+    wait_log(d.log_path, r"configuration reloaded", timeout=10)
+    log = read_log(d.log_path)
+    assert re.search(r"setting reloaded setting=log_level old=info new=debug", log), log[-3000:]
+    assert re.search(r"setting reloaded setting=default_batch_size old=64 new=5", log), log[-3000:]
+    assert re.search(r"WARNING .*needs a restart.* setting=store_id old=one new=two", log), log[-3000:]
+    assert not re.search(r"setting reloaded setting=store_id", log)
+    assert c.ping()["store_id"] == "one"
+    st = c.start(_sub("after"))
+    assert st["subscription"]["options"]["batch_size"] == 5
+    # an explicit option still wins over the default
+    assert c.start(_sub("explicit", options={"batch_size": 9}))["subscription"]["options"][
+        "batch_size"] == 9
+
+    bad_files = [
+        'log_level = "info"\ndefault_batch_size = 7\nstore_id = "two\n',          # invalid TOML
+        'log_level = "info"\ndefault_batch_size = 7\nmax_frame_bytes = "x"\n',    # bad value
+    ]
+    for i, text in enumerate(bad_files, 1):
+        _write(cfg, text)
+        d.proc.send_signal(signal.SIGHUP)
+        wait_log(d.log_path, r"reload refused", count=i, timeout=10)
+        assert d.proc.poll() is None
+        assert c.ping()["store_id"] == "one"
+        st = c.start(_sub("bad-%d" % i))
+        assert st["subscription"]["options"]["batch_size"] == 5, text
+        with Client(d.socket, timeout=10) as fresh:
+            fresh.ping()
+    log = read_log(d.log_path)
+    assert not re.search(r"setting reloaded setting=(default_batch_size old=5|log_level old=debug)",
+                         log), log[-3000:]
+    # still at debug level: the refused files' log_level = "info" was not applied
+    assert len(wait_log(d.log_path, r"configuration reloaded")) == 1
+
+
+# ---- 5. metrics -----------------------------------------------------------------------------
+
+def _families(text):
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+@pytest.mark.timeout(45)
+def test_metrics_op_and_http_exporter(make_daemon, short_tmp):
+    d = make_daemon("--metrics-listen", "127.0.0.1:0")
+    line = wait_log(d.log_path, r"metrics exporter listening address=127\.0\.0\.1:\d+", timeout=5)[0]
+    port = int(re.search(r"address=127\.0\.0\.1:(\d+)", line).group(1))
+    assert port > 0
+    sub_path = os.path.join(short_tmp, "m.sock")
+    sub = Subscriber(sub_path)
+    try:
+        c = d.client()
+        key = c.start(_sub("metered", sub_path))["key"]
+        c.publish(_events(20))
+        wait_until(lambda: c.status(key)["delivered"] >= 20, 15, "20 delivered")
+        wait_until(lambda: all(w["rss"] > 0 for w in c.status(key)["workers"]), 5, "rss sampled")
+
+        fams = _families(c.metrics()["text"])
+        assert fams["emitterd_log_head"].samples[0].value == 20
+        delivered = [s for s in fams["emitterd_pool_delivered"].samples
+                     if s.name == "emitterd_pool_delivered_total"]
+        assert [s.labels.get("key") for s in delivered] == [key]
+        assert delivered[0].value == 20
+        rss = fams["emitterd_worker_rss_bytes"].samples
+        assert rss and all(s.labels.get("key") == key and s.value > 0 for s in rss)
+
+        # A slow HTTP client holding an unfinished request must not block the daemon.
+        slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        slow.sendall(b"GET /metrics HTTP/1.0\r\n")
+        try:
+            t = time.monotonic()
+            other = d.client(timeout=5)
+            other.ping()
+            other.publish(_events(1, stream="x"))
+            assert time.monotonic() - t < 2.0
+
+            h = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            h.request("GET", "/metrics")
+            r = h.getresponse()
+            body = r.read().decode()
+            assert r.status == 200
+            assert r.getheader("Content-Type", "").startswith("text/plain")
+            h.close()
+            hf = _families(body)
+            for name in ("emitterd_log_head", "emitterd_pool_delivered", "emitterd_worker_rss_bytes"):
+                assert name in hf, name
+            assert set(hf) == set(_families(c.metrics()["text"]))
+
+            h = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            h.request("GET", "/nope")
+            r = h.getresponse()
+            r.read()
+            assert r.status == 404
+            h.close()
+        finally:
+            slow.close()
+        assert c.ping()["head"] == 21
+        assert d.proc.poll() is None
+    finally:
+        sub.close()
+
+
+# ---- 6. recycling by RSS --------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_recycling_by_rss_is_planned_and_loses_nothing(make_daemon, short_tmp):
+    d = make_daemon("--max-worker-rss", 1)
+    sub_path = os.path.join(short_tmp, "r.sock")
+    sub = Subscriber(sub_path)
+    try:
+        c = d.client()
+        key = c.start(_sub("recycled", sub_path, pool_size=1))["key"]
+        pids = set()
+        positions = []
+        t_end = time.monotonic() + 3.0
+        i = 0
+        while time.monotonic() < t_end:
+            positions += c.publish(_events(5, stream="s-%d" % (i % 3), start=i))["positions"]
+            i += 5
+            st = c.status(key)
+            pids.update(worker_pids(st))
+            for p in worker_pids(st):
+                d.track(p)
+            time.sleep(0.05)
+        head = c.ping()["head"]
+        assert head == len(positions)
+        wait_until(lambda: c.status(key)["checkpoint"] == head, 20, "checkpoint reaching head")
+        st = c.status(key)
+        pids.update(worker_pids(st))
+        assert len(pids) >= 2, "worker never recycled: pids %r" % pids
+        assert st["restarts"] == 0, st
+        assert all(w["restarts"] == 0 for w in st["workers"]), st
+        assert st["state"] == "running"
+        assert set(positions) <= set(sub.positions())
+        wait_log(d.log_path, r"recycling worker", timeout=1)
+        assert "Traceback" not in read_log(d.log_path)
+    finally:
+        sub.close()
+
+
+# ---- 7. logs --------------------------------------------------------------------------------
+
+_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
+
+
+@pytest.mark.timeout(45)
+def test_log_formats_json_and_journald(make_daemon, short_tmp):
+    # json, with a JOURNAL_STREAM that names another file: plain JSON lines
+    cfg = os.path.join(short_tmp, "j.toml")
+    _write(cfg, 'store_id = "one"\n')
+    dj = make_daemon("--log-format", "json", "--config", cfg, env={"JOURNAL_STREAM": "1:1"})
+    cj = dj.client()
+    cj.start(_sub("json-pool", pool_size=1))
+    _write(cfg, 'store_id = "two"\n')
+    dj.proc.send_signal(signal.SIGHUP)
+    wait_log(dj.log_path, r"configuration reloaded", timeout=10)
+    lines = [ln for ln in read_log(dj.log_path).splitlines() if ln.strip()]
+    assert len(lines) >= 3
+    levels = set()
+    for ln in lines:
+        obj = json.loads(ln)          # every line is one JSON object
+        assert isinstance(obj, dict), ln
+        assert isinstance(obj.get("level"), str) and isinstance(obj.get("msg"), str), ln
+        levels.add(obj["level"])
+    assert {"info", "warning"} <= levels, levels
+
+    # text under journald: JOURNAL_STREAM = dev:ino of the file that is its stderr
+    cfg2 = os.path.join(short_tmp, "t.toml")
+    _write(cfg2, 'store_id = "one"\n')
+    dt = make_daemon("--config", cfg2, start=False)
+    open(dt.log_path, "ab").close()
+    st = os.stat(dt.log_path)
+    dt.env["JOURNAL_STREAM"] = "%d:%d" % (st.st_dev, st.st_ino)
+    dt.start()
+    dt.client().start(_sub("journal-pool", pool_size=1))
+    _write(cfg2, 'store_id = "two"\nlog_format = "json"\n')
+    dt.proc.send_signal(signal.SIGHUP)
+    wait_log(dt.log_path, r"configuration reloaded", timeout=10)
+    lines = [ln for ln in read_log(dt.log_path).splitlines() if ln.strip()]
+    assert lines
+    prefixes = set()
+    for ln in lines:
+        m = re.match(r"<([0-7])>", ln)
+        assert m, "line without a syslog priority prefix: %r" % ln
+        prefixes.add(m.group(1))
+        if not ln[3:].startswith("{"):     # text lines (json keeps its "ts" field)
+            assert not _TS.search(ln[:40]), "timestamp under journald: %r" % ln
+    assert {"6", "4"} <= prefixes, prefixes
+    assert any(ln.startswith("<4>") and "needs a restart" in ln for ln in lines)
+    assert any(ln.startswith("<6>") and "emitterd ready" in ln for ln in lines)
+    # log_format reloaded to json: from then on "<6>{json}" lines
+    last = json.loads(lines[-1][3:])
+    assert lines[-1].startswith("<6>") and last["msg"] == "configuration reloaded", lines[-1]
+
+
+# ---- 8. emitterctl top ----------------------------------------------------------------------
+
+@pytest.mark.timeout(40)
+def test_emitterctl_top_once_and_json(make_daemon):
+    d = make_daemon()
+    c = d.client()
+    key = c.start(_sub("topped", pool_size=2))["key"]
+    st = _wait_workers_ready(c, key, 2)
+    pids = worker_pids(st)
+    for p in pids:
+        d.track(p)
+
+    rc, out, err = d.ctl("top", "--once")
+    assert rc == 0, err
+    assert key in out, out
+    for p in pids:
+        assert re.search(r"\b%d\b" % p, out), (p, out)
+
+    rc, out, err = d.ctl("--json", "top", "--once")
+    assert rc == 0, err
+    frame = json.loads(out)
+    pools = {p["key"]: p for p in frame["pools"]}
+    assert key in pools
+    assert sorted(w["pid"] for w in pools[key]["worker_rows"]) == sorted(pids)
+    assert frame["daemon"]["pid"] == d.proc.pid
