@@ -93,10 +93,12 @@ class Dispatcher:
     # ---- sending ---------------------------------------------------------------
     def pump(self, slots: list, attach_mode: bool) -> bool:
         """Hand out what the workers have room for; True when work was left for next turn."""
+        if self.draining:
+            return False      # a drain only waits for what workers hold; nothing new goes out
         due = self.retry_heap
         if due and due[0][0] <= monotonic():
             self._release_due()
-        if not self.ready and (self.draining or self.cursor > self.log.head):
+        if not self.ready and self.cursor > self.log.head:
             return False
         if attach_mode:
             targets = [w for w in slots if w is not None and w.consumers > 0]
@@ -186,37 +188,36 @@ class Dispatcher:
             heapq.heappush(ready, pos)
         more = False
         # 2. new events from the log
-        if not self.draining:
-            hold_limit = max_if * max(1, len(routable)) * 2
-            scanned = 0
-            matcher = self.matcher
-            stop = False
-            while free > 0 and not stop:
-                recs = self.log.read(self.cursor, SCAN_CHUNK)
-                if not recs:
-                    break
-                for rec in recs:
-                    scanned += 1
-                    if not matcher(rec):
-                        self.cursor = rec.position + 1
-                        continue
-                    w = choose(rec.stream) if free > 0 else None
-                    if w is None:
-                        if pinned and free > 0 and len(ready) < hold_limit:
-                            pos = rec.position
-                            entries[pos] = Entry(rec)
-                            heapq.heappush(ready, pos)
-                            blocked.add(rec.stream)
-                            self.cursor = pos + 1
-                            continue
-                        stop = True
-                        break
-                    e = entries[rec.position] = Entry(rec)
+        hold_limit = max_if * max(1, len(routable)) * 2
+        scanned = 0
+        matcher = self.matcher
+        stop = False
+        while free > 0 and not stop:
+            recs = self.log.read(self.cursor, SCAN_CHUNK)
+            if not recs:
+                break
+            for rec in recs:
+                scanned += 1
+                if not matcher(rec):
                     self.cursor = rec.position + 1
-                    assign(rec.position, e, w)
-                if scanned >= SCAN_LIMIT and not stop:
-                    more = self.cursor <= self.log.head
+                    continue
+                w = choose(rec.stream) if free > 0 else None
+                if w is None:
+                    if pinned and free > 0 and len(ready) < hold_limit:
+                        pos = rec.position
+                        entries[pos] = Entry(rec)
+                        heapq.heappush(ready, pos)
+                        blocked.add(rec.stream)
+                        self.cursor = pos + 1
+                        continue
+                    stop = True
                     break
+                e = entries[rec.position] = Entry(rec)
+                self.cursor = rec.position + 1
+                assign(rec.position, e, w)
+            if scanned >= SCAN_LIMIT and not stop:
+                more = self.cursor <= self.log.head
+                break
         for b in batches.values():
             self._send(b[0], b)
         return more
@@ -345,6 +346,10 @@ class Dispatcher:
             heapq.heappush(self.ready, rec.position)
             n += 1
         return n
+
+    def held_by_workers(self) -> int:
+        """Events handed to a worker and not yet answered (what a drain waits for)."""
+        return sum(self.per_worker.values())
 
     def worker_in_flight(self, wid: int) -> int:
         return self.per_worker.get(wid, 0)

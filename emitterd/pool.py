@@ -204,7 +204,8 @@ class Pool:
             self.ctx.registry.delete(self.key)
 
     def consumer_count(self) -> int:
-        return sum(h.consumers + h.pending_consumers for h in self.slots.values())
+        return sum(h.consumers + h.pending_consumers
+                   for h in list(self.slots.values()) + self.retiring)
 
     def routing_slots(self) -> list:
         slots = self.slots
@@ -367,12 +368,13 @@ class Pool:
         if st is None:
             return
         if not st["terminated"]:
-            if self.dispatcher.in_flight and monotonic() < st["deadline"] and self.slots:
+            held = self.dispatcher.held_by_workers()
+            if held and monotonic() < st["deadline"] and (self.slots or self.retiring):
                 return
             st["terminated"] = True
-            if self.dispatcher.in_flight:
+            if held:
                 log.warning("drain timed out, unacked events will be redelivered", pool=self.name,
-                            in_flight=self.dispatcher.in_flight)
+                            unacked=held)
             for h in list(self.slots.values()) + list(self.retiring):
                 self._terminate(h)
         self._check_stopped()

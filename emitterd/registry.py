@@ -85,6 +85,10 @@ class Registry:
                 done()
         pool.stop(0.0, forget)
 
+    def consumer_count(self) -> int:
+        """Attached consumer connections across all pools (handed to workers)."""
+        return sum(p.consumer_count() for p in self.pools.values() if p.attach_mode)
+
     def pump_all(self) -> bool:
         more = False
         for pool in list(self.pools.values()):

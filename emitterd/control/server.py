@@ -167,7 +167,8 @@ class ControlServer:
             log.warning("connection refused: peer not allowed", pid=pid, uid=uid, gid=gid)
             self._refuse(sock, PERMISSION_DENIED, "uid %d / gid %d may not use this socket" % (uid, gid))
             return
-        if len(self.conns) >= cfg.max_connections:
+        # attached consumers live in workers now, but they are still connections to us
+        if len(self.conns) + self.ctx.registry.consumer_count() >= cfg.max_connections:
             log.warning("connection refused: max_connections reached", limit=cfg.max_connections)
             self._refuse(sock, UNAVAILABLE, "too many connections (max_connections %d)"
                          % cfg.max_connections)

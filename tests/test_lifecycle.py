@@ -1,0 +1,506 @@
+"""The daemon's own lifecycle against real processes (PROTOCOL §2, §3, §5, §6;
+DESIGN §1, §6): persisted subscriptions across a restart, workers never
+outliving the daemon, the control socket file (stale, taken, not a socket,
+modes), the data dir mode, graceful shutdown with events in flight,
+SO_PEERCRED permission checks and max_connections.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import psutil
+import pytest
+
+from daemon_fixture import Daemon
+from emitterd.client import AlreadyStarted, Client, Unavailable
+from emitterd.framing import Decoder, encode
+
+NOBODY = 65534
+
+
+# ---- helpers -----------------------------------------------------------------
+
+def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError("timed out after %.1fs waiting for %s (last %r)" % (timeout, what, last))
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def sub(name: str, **kw: Any) -> Dict[str, Any]:
+    s = {"name": name, "type": "stream", "selector": "orders"}
+    s.update(kw)
+    return s
+
+
+def ready_status(d: Daemon, c: Client, key: str, n: int, timeout: float = 10.0,
+                 exclude: frozenset = frozenset()) -> Dict[str, Any]:
+    def ready() -> Optional[Dict[str, Any]]:
+        st = c.status(key)
+        ws = st["workers"]
+        if (st["state"] == "running" and len(ws) == n
+                and all(w["state"] == "ready" and w["pid"] not in exclude for w in ws)):
+            return st
+        return None
+    st = wait_for(ready, timeout, what="%d ready workers of %s" % (n, key))
+    for w in st["workers"]:
+        d.track(w["pid"])
+    return st
+
+
+def run_refused(d: Daemon, timeout: float = 15.0) -> subprocess.CompletedProcess:
+    """Run `emitterd run` for d in the foreground, expecting it to refuse to start."""
+    return subprocess.run(d.argv(), env=d.env, cwd=d.root, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_frame(sock: socket.socket, timeout: float = 5.0) -> Optional[dict]:
+    """One frame from a raw socket, or None on EOF."""
+    dec = Decoder(0xFFFFFFFF)
+    deadline = time.monotonic() + timeout
+    while True:
+        f = dec.next()
+        if f is not None:
+            return f
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            return None
+        dec.feed(data)
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+# ---- persisted subscriptions -------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_subscriptions_survive_a_restart(make_daemon: Any) -> None:
+    d1 = make_daemon("--drain-timeout", "1")     # one event stays unacked on purpose
+    c = d1.client()
+    running = c.start(sub("keeps-running", pool_size=2, start_from="origin",
+                          options={"batch_size": 3}))
+    stopped = c.start(sub("stays-stopped", selector="other"))
+    st = ready_status(d1, c, running["key"], 2)
+    old_pids = {w["pid"] for w in st["workers"]}
+    ready_status(d1, c, stopped["key"], 1)
+    c.stop(stopped["key"])
+    # some progress to persist: 2 of the 3 events acked
+    positions = c.publish([{"stream": "orders", "type": "t", "data": i} for i in range(3)])[
+        "positions"]
+    with c.attach(running["key"]) as consumer:
+        got: List[int] = []
+        for batch in consumer.batches(timeout=10):
+            got += [e["position"] for e in batch]
+            if len(got) >= 3:
+                break
+        assert sorted(got) == positions
+        consumer.ack(positions[:2])
+        wait_for(lambda: c.status(running["key"])["checkpoint"] == positions[1], 5,
+                 what="checkpoint %d" % positions[1])
+    before = {s["key"]: s for s in c.list()["subscriptions"]}
+    c.close()
+
+    d1.proc.send_signal(signal.SIGTERM)
+    assert d1.proc.wait(20) == 0
+    for pid in old_pids:
+        wait_for(lambda pid=pid: not alive(pid), 5, what="old worker %d to exit" % pid)
+
+    d2 = make_daemon(start=False)
+    d2.data_dir = d1.data_dir
+    d2.start()
+    c2 = d2.client()
+    after = {s["key"]: s for s in c2.list()["subscriptions"]}
+    assert set(after) == set(before) == {running["key"], stopped["key"]}
+    for key in after:
+        assert after[key]["subscription"] == before[key]["subscription"]
+    st = ready_status(d2, c2, running["key"], 2)
+    assert not old_pids & {w["pid"] for w in st["workers"]}, "new daemon, new workers"
+    for w in st["workers"]:
+        assert psutil.Process(w["pid"]).ppid() == d2.proc.pid
+    assert st["checkpoint"] >= positions[1]
+    assert st["head"] == positions[-1] == c2.ping()["head"]
+    st = c2.status(stopped["key"])
+    assert st["state"] == "stopped" and st["workers"] == []
+    # the same triple has the same key in the new run
+    with pytest.raises(AlreadyStarted) as ei:
+        c2.start(sub("keeps-running", pool_size=2))
+    assert ei.value.details == {"key": running["key"]}
+    # the unacked event comes again (attempt 1 after a daemon restart), the acked ones not
+    with c2.attach(running["key"]) as consumer:
+        again: List[Dict[str, Any]] = []
+        for batch in consumer.batches(timeout=5):
+            again += batch
+            consumer.ack([e["position"] for e in batch])
+            if any(e["position"] == positions[2] for e in again):
+                break
+        assert [(e["position"], e["attempt"]) for e in again] == [(positions[2], 1)]
+    # the stopped one starts again on request
+    assert c2.start(sub("stays-stopped", selector="other"))["state"] == "running"
+    ready_status(d2, c2, stopped["key"], 1)
+
+
+@pytest.mark.timeout(30)
+def test_workers_exit_when_the_daemon_is_killed(make_daemon: Any) -> None:
+    d = make_daemon()
+    c = d.client()
+    keys = [c.start(sub("a", pool_size=3))["key"], c.start(sub("b", pool_size=2))["key"]]
+    pids: List[int] = []
+    for key, n in zip(keys, (3, 2)):
+        pids += [w["pid"] for w in ready_status(d, c, key, n)["workers"]]
+    assert {p.pid for p in d.collect_children()} == set(pids)
+    c.close()
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(5)
+    # checked before the fixture's cleanup kills anything: they exit on their own
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    left = [p for p in pids if alive(p)]
+    assert left == [], "workers outlived the daemon: %r" % left
+    # crash recovery: the socket file left behind is stale; a new daemon on the same
+    # socket and data dir replaces it and runs both pools again
+    assert stat.S_ISSOCK(os.lstat(d.socket).st_mode)
+    d2 = make_daemon(start=False)
+    d2.socket, d2.data_dir = d.socket, d.data_dir
+    d2.start()
+    c2 = d2.client()
+    assert sorted(s["key"] for s in c2.list()["subscriptions"]) == sorted(keys)
+    for key, n in zip(keys, (3, 2)):
+        st = ready_status(d2, c2, key, n)
+        assert not set(pids) & {w["pid"] for w in st["workers"]}
+
+
+# ---- the socket file --------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_stale_socket_file_is_replaced(make_daemon: Any) -> None:
+    d = make_daemon(start=False)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(d.socket)              # bound, never listening, then closed: a stale socket file
+    s.close()
+    assert stat.S_ISSOCK(os.lstat(d.socket).st_mode)
+    d.start()
+    assert d.client().ping()["pid"] == d.proc.pid
+    assert mode(d.socket) == 0o660
+
+
+@pytest.mark.timeout(30)
+def test_second_daemon_on_the_same_socket_refuses(make_daemon: Any) -> None:
+    d1 = make_daemon()
+    ino = os.stat(d1.socket).st_ino
+    d2 = make_daemon(start=False)
+    d2.socket = d1.socket
+    r = run_refused(d2)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert d1.socket in out or "already" in out.lower(), out
+    # the first one keeps its socket and answers
+    assert os.stat(d1.socket).st_ino == ino
+    assert d1.proc.poll() is None
+    assert d1.client().ping()["pid"] == d1.proc.pid
+
+
+@pytest.mark.timeout(30)
+def test_regular_file_at_the_socket_path_is_not_replaced(make_daemon: Any) -> None:
+    d = make_daemon(start=False)
+    with open(d.socket, "w") as f:
+        f.write("precious\n")
+    r = run_refused(d)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert d.socket in out, out
+    with open(d.socket) as f:
+        assert f.read() == "precious\n"
+
+
+@pytest.mark.timeout(30)
+def test_socket_mode_and_data_dir_mode(make_daemon: Any) -> None:
+    d = make_daemon()
+    assert stat.S_ISSOCK(os.stat(d.socket).st_mode)
+    assert mode(d.socket) == 0o660
+    assert mode(d.data_dir) == 0o700
+    d2 = make_daemon("--socket-mode", "0600")
+    assert mode(d2.socket) == 0o600
+    assert d2.client().ping()["pid"] == d2.proc.pid
+
+
+@pytest.mark.timeout(30)
+def test_default_paths_are_created_private(make_daemon: Any) -> None:
+    # no --socket, no --data-dir: $XDG_RUNTIME_DIR/emitterd/emitterd.sock, $XDG_STATE_HOME/emitterd
+    d = make_daemon(start=False)
+    d.socket = os.path.join(d.root, "run", "emitterd", "emitterd.sock")
+    d.data_dir = os.path.join(d.root, "state", "emitterd")
+    d.argv = lambda: [sys.executable, "-m", "emitterd", "run"]  # type: ignore[method-assign]
+    assert not os.path.exists(os.path.dirname(d.socket))
+    d.start()
+    assert mode(os.path.dirname(d.socket)) == 0o700
+    assert mode(d.socket) == 0o660
+    assert mode(d.data_dir) == 0o700
+    assert d.client().ping()["pid"] == d.proc.pid
+
+
+# ---- graceful shutdown ---------------------------------------------------------------------
+
+@pytest.mark.timeout(40)
+def test_sigterm_with_unacked_events_exits_0_after_the_drain(make_daemon: Any) -> None:
+    d = make_daemon("--drain-timeout", "1")
+    c = d.client()
+    key = c.start(sub("slow-consumer", start_from="origin"))["key"]
+    ready_status(d, c, key, 1)
+    positions = c.publish([{"stream": "orders", "type": "t"} for _ in range(3)])["positions"]
+    other = d.client()
+    other.ping()
+    consumer = c.attach(key)
+    try:
+        got: List[int] = []
+        for batch in consumer.batches(timeout=10):
+            got += [e["position"] for e in batch]
+            if len(got) >= 3:
+                break
+        assert sorted(got) == positions
+        wait_for(lambda: c.status(key)["in_flight"] == 3, 5, what="3 events in flight")
+        d.proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        # while it drains, new publishes are refused as unavailable
+        def refused() -> bool:
+            try:
+                other.publish([{"stream": "late", "type": "t"}])
+            except Unavailable:
+                return True
+            return False
+        wait_for(refused, 0.9, interval=0.05, what="publish to be unavailable while draining")
+        assert d.proc.wait(1 + 5) == 0
+        elapsed = time.monotonic() - sent
+        assert elapsed >= 0.5, "exited without waiting for the drain (%.2fs)" % elapsed
+        # the consumer connection ends with the daemon
+        assert consumer.recv(timeout=5) is None
+    finally:
+        consumer.close()
+    assert not os.path.exists(d.socket), "the daemon removes its socket file on exit"
+    # nothing was lost: a new daemon delivers the unacked events again
+    d2 = make_daemon(start=False)
+    d2.data_dir = d.data_dir
+    d2.start()
+    c2 = d2.client()
+    ready_status(d2, c2, key, 1)
+    assert c2.status(key)["checkpoint"] == 0
+    with c2.attach(key) as again:
+        redo: List[int] = []
+        for batch in again.batches(timeout=5):
+            redo += [e["position"] for e in batch]
+            again.ack([e["position"] for e in batch])
+            if len(redo) >= 3:
+                break
+        assert sorted(redo) == positions
+
+
+# ---- permissions (SO_PEERCRED) ----------------------------------------------------------------
+
+def _as_nobody(path: str, send_ping: bool) -> Dict[str, Any]:
+    """In a forked child running as uid/gid 65534: connect, (ping,) read one frame,
+    check for EOF; the outcome comes back through a pipe. The child is always reaped."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                          # child: never returns
+        out: Dict[str, Any] = {}
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(path)
+            if send_ping:
+                try:
+                    s.sendall(encode({"id": 7, "op": "ping"}))
+                except (BrokenPipeError, ConnectionResetError):
+                    out["send_failed"] = True    # refused before the request went out
+            out["frame"] = read_frame(s)
+            out["closed"] = closed_by_peer(s, 3)
+            s.close()
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = "%s: %s" % (type(e).__name__, e)
+        finally:
+            try:
+                os.write(w, json.dumps(out, default=repr).encode())
+            finally:
+                os._exit(0)
+    os.close(w)
+    try:
+        chunks = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        try:
+            for _ in range(100):
+                done, _status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                time.sleep(0.05)
+            else:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    return json.loads(b"".join(chunks).decode() or "{}")
+
+
+@pytest.fixture
+def needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the test switches a forked child to uid/gid 65534")
+
+
+def _open_daemon(make_daemon: Any, *args: str) -> Daemon:
+    d = make_daemon(start=False)
+    os.chmod(d.root, 0o755)           # uid 65534 must reach the socket file
+    d.extra_args = ["--socket-mode", "0666"] + list(args)
+    return d.start()
+
+
+@pytest.mark.timeout(60)
+def test_permission_denied_for_other_uids(make_daemon: Any, needs_root: None) -> None:
+    d = _open_daemon(make_daemon, "--allow-uids", "12345", "--allow-gids", "12345")
+    got = _as_nobody(d.socket, send_ping=False)
+    assert "error" not in got, got
+    frame = got["frame"]
+    assert frame is not None, got
+    assert frame["id"] == 0 and frame["ok"] is False, frame
+    assert frame["error"]["code"] == "permission_denied", frame
+    assert isinstance(frame["error"]["message"], str)
+    assert got["closed"] is True, "the refused connection stays open"
+    # a refused peer affects nobody else
+    assert d.client().ping()["pid"] == d.proc.pid
+    # even a request sent at once gets only the refusal
+    got = _as_nobody(d.socket, send_ping=True)
+    assert got.get("frame") and got["frame"]["id"] == 0, got
+    assert got["frame"]["error"]["code"] == "permission_denied", got
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flag", ["--allow-uids", "--allow-gids"])
+def test_allowed_uid_or_gid_is_served(make_daemon: Any, needs_root: None, flag: str) -> None:
+    d = _open_daemon(make_daemon, flag, "1000,%d" % NOBODY)
+    got = _as_nobody(d.socket, send_ping=True)
+    assert "error" not in got, got
+    frame = got["frame"]
+    assert frame is not None and frame["id"] == 7 and frame["ok"] is True, frame
+    assert frame["result"]["pid"] == d.proc.pid
+    assert got["closed"] is False, "an allowed connection must stay open"
+
+
+# ---- max_connections ------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_max_connections(make_daemon: Any) -> None:
+    d = make_daemon("--max-connections", "3")
+    clients = [Client(d.socket, timeout=5) for _ in range(3)]
+    extra: List[socket.socket] = []
+    try:
+        for cl in clients:
+            assert cl.ping()["pid"] == d.proc.pid
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        extra.append(s)
+        s.connect(d.socket)
+        frame = read_frame(s)
+        assert frame is not None, "the 4th connection got no answer"
+        assert frame["id"] == 0 and frame["ok"] is False, frame
+        assert frame["error"]["code"] == "unavailable", frame
+        assert closed_by_peer(s), "the refused connection stays open"
+        # the three admitted ones still work, on their own connections
+        for cl in clients:
+            assert cl.connected
+            assert cl.ping()["pid"] == d.proc.pid
+        # closing one lets a new one in
+        clients[0].close()
+
+        def admitted() -> bool:
+            s2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            extra.append(s2)
+            s2.connect(d.socket)
+            s2.sendall(encode({"id": 3, "op": "ping"}))
+            f = read_frame(s2)
+            if f is not None and f.get("ok") is True and f["id"] == 3:
+                return True
+            assert f is not None and f["error"]["code"] == "unavailable", f
+            s2.close()
+            return False
+        wait_for(admitted, 5, interval=0.05, what="a new connection to be admitted")
+        for cl in clients[1:]:
+            assert cl.ping()["pid"] == d.proc.pid
+    finally:
+        for cl in clients:
+            cl.close()
+        for s in extra:
+            s.close()
+
+
+@pytest.mark.timeout(30)
+def test_attached_consumers_count_toward_max_connections(make_daemon: Any) -> None:
+    # `emitterd config`: max_connections is "Most open connections on the control
+    # socket, attached consumers included; more are refused."
+    d = make_daemon("--max-connections", "3")
+    c = Client(d.socket, timeout=5)
+    consumers: List[Any] = []
+    extra: List[socket.socket] = []
+    try:
+        key = c.start(sub("consumed"))["key"]
+        ready_status(d, c, key, 1)
+        consumers = [c.attach(key) for _ in range(2)]           # 1 control + 2 consumers = 3
+        wait_for(lambda: c.status(key)["workers"][0]["consumers"] == 2, 5,
+                 what="2 consumers on the worker")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        extra.append(s)
+        s.connect(d.socket)
+        s.sendall(encode({"id": 1, "op": "ping"}))
+        frame = read_frame(s)
+        assert frame is not None, "the 4th connection got no answer"
+        assert frame["id"] == 0 and frame["ok"] is False and \
+            frame["error"]["code"] == "unavailable", \
+            "a 4th connection was admitted beside 1 client and 2 attached consumers: %r" % (frame,)
+    finally:
+        for cons in consumers:
+            cons.close()
+        c.close()
+        for s in extra:
+            s.close()
