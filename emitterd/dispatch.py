@@ -18,7 +18,7 @@ _packer = msgpack.Packer(use_bin_type=True)
 
 class Entry:
     """An unfinished matching event: queued, in flight on a worker, or waiting to retry."""
-    __slots__ = ("rec", "attempt", "retries", "wid", "replay")
+    __slots__ = ("rec", "attempt", "retries", "wid", "replay", "sent")
 
     def __init__(self, rec: Any, replay: bool = False) -> None:
         self.rec = rec
@@ -26,6 +26,7 @@ class Entry:
         self.retries = 0
         self.wid: Optional[int] = None
         self.replay = replay
+        self.sent = True        # False while it waits inside a worker with no consumer
 
 
 def stream_slot(stream: str, n: int) -> int:
@@ -71,12 +72,17 @@ class Dispatcher:
         return len(self.entries)
 
     @property
-    def checkpoint(self) -> int:
+    def cursor_checkpoint(self) -> int:
+        """Highest P with every matching event up to P handled (may exceed the head)."""
         low = self.cursor
         for p, e in self.entries.items():
             if p < low and not e.replay:
                 low = p
         return low - 1
+
+    @property
+    def checkpoint(self) -> int:
+        return min(self.cursor_checkpoint, self.log.head)
 
     def set_checkpoint(self, position: int) -> None:
         """Move the cursor: events after `position` are delivered (again), none up to it."""
@@ -323,12 +329,19 @@ class Dispatcher:
             self.retried += 1
             heapq.heappush(self.ready, p)
 
-    def requeue(self, wid: int, positions: list) -> None:
-        """The consumer went away: these go back to the head of the queue, attempt + 1."""
+    def requeue(self, wid: int, positions: list, sent: bool = True) -> None:
+        """The consumer went away: these go back to the head of the queue, attempt + 1
+        for those that had reached a consumer."""
         for p, e in self._own(wid, positions):
             self._release(e)
-            e.attempt += 1
+            if sent and e.sent:
+                e.attempt += 1
+            e.sent = True
             heapq.heappush(self.ready, p)
+
+    def mark_sent(self, wid: int, positions: list, sent: bool) -> None:
+        for _, e in self._own(wid, positions):
+            e.sent = sent
 
     def worker_lost(self, wid: int) -> int:
         """A worker exited: everything it held is delivered again."""

@@ -111,6 +111,11 @@ class Pool:
     def checkpoint(self) -> int:
         return self.dispatcher.checkpoint
 
+    @property
+    def stored_checkpoint(self) -> int:
+        """What is persisted: may lie beyond the head for a start_from in the future."""
+        return self.dispatcher.cursor_checkpoint
+
     # ---- lifecycle -------------------------------------------------------------
     def start(self) -> None:
         """Run (again) from the checkpoint with the current spec; resets the restart count."""
@@ -164,7 +169,11 @@ class Pool:
         elif op == "nack":
             d.on_nack(h.wid, msg["positions"], msg.get("action", "retry"), msg.get("reason"))
         elif op == "requeue":
-            d.requeue(h.wid, msg["positions"])
+            d.requeue(h.wid, msg["positions"], sent=msg.get("reason") != "no consumer")
+        elif op == "waiting":
+            d.mark_sent(h.wid, msg["positions"], False)
+        elif op == "sent":
+            d.mark_sent(h.wid, msg["positions"], True)
         elif op == "hb":
             pass
         elif op == "consumers":
@@ -386,8 +395,7 @@ class Pool:
         self.stopping = None
         self.state = "stopped"
         cp = self.checkpoint
-        # unfinished events stay after the checkpoint: the next start delivers them again
-        self.dispatcher.set_checkpoint(cp)
+        # unfinished events stay queued (attempts kept) and after the checkpoint on disk
         self.ctx.registry.persist(self, desired="stopped" if st["persist"] else None)
         log.info("pool stopped", pool=self.name, checkpoint=cp)
         for cb in st["waiters"]:

@@ -34,7 +34,8 @@ class Registry:
     def create(self, key: str, spec: dict) -> Pool:
         head = self.ctx.log.head
         sf = spec["start_from"]
-        checkpoint = 0 if sf == "origin" else head if sf == "now" else min(sf - 1, head)
+        # a start_from beyond the head is kept: the cursor waits there (reported checkpoint <= head)
+        checkpoint = 0 if sf == "origin" else head if sf == "now" else sf - 1
         pool = Pool(self.ctx, key, spec, checkpoint, int(time.time() * 1_000_000))
         self.pools[key] = pool
         self.desired[key] = "running"
@@ -46,7 +47,7 @@ class Registry:
             return
         if desired is not None:
             self.desired[pool.key] = desired
-        cp = pool.checkpoint
+        cp = pool.stored_checkpoint
         self.ctx.log.save_subscription(pool.key, pool.spec, self.desired[pool.key], cp,
                                        pool.created_at)
         self._saved[pool.key] = cp
@@ -55,7 +56,7 @@ class Registry:
         """Persist every checkpoint that moved since the last flush (one transaction)."""
         changed = {}
         for key, pool in self.pools.items():
-            cp = pool.checkpoint
+            cp = pool.stored_checkpoint
             if self._saved.get(key) != cp:
                 changed[key] = cp
         if changed:

@@ -91,6 +91,7 @@ class Worker:
         if conn is None:
             if self.spec.get("subscriber"):
                 self.waiting.append((positions, frame))   # the sink reconnects; events wait
+                self.report({"op": "waiting", "positions": positions})
             else:
                 self.report({"op": "requeue", "positions": positions, "reason": "no consumer"})
             return
@@ -110,9 +111,13 @@ class Worker:
             return
         self.consumers.append(conn)
         self.report({"op": "consumers", "n": len(self.consumers)})
+        sent = []
         while self.waiting and not conn.closed:
             positions, frame = self.waiting.popleft()
             conn.deliver(positions, frame)
+            sent.extend(positions)
+        if sent:
+            self.report({"op": "sent", "positions": sent})
 
     def consumer_closed(self, conn: Any, lost: list, reason: str) -> None:
         if conn in self.consumers:
