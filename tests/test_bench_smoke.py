@@ -1,0 +1,52 @@
+"""scripts/bench --quick --no-peer --json runs end to end and reports every figure.
+
+No timing thresholds: the machine may be slow or busy; only the shape of the
+report and that every figure is a positive number are checked.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "scripts", "bench")
+
+EXPECTED = [
+    "emitterd_eps_pool1", "emitterd_eps_pool2", "emitterd_eps_pool4",
+    "limit_eps",
+    "ratio_emitterd_limit_pool1", "ratio_emitterd_limit_pool2", "ratio_emitterd_limit_pool4",
+    "emitterd_publish_eps_pool1", "emitterd_drain_eps_pool1", "emitterd_drain_eps_pool4",
+    "latency_p50_ms", "latency_p99_ms", "latency_max_ms", "latency_rate_eps",
+    "respawn_median_ms", "respawn_p99_ms",
+    "ping_median_us", "ping_p99_us", "status_median_us", "status_p99_us",
+    "pool_start_ms",
+    "worker_rss_mib", "worker_uss_mib", "parent_rss_mib", "parent_uss_mib",
+]
+
+
+@pytest.mark.timeout(300)
+def test_bench_quick_json() -> None:
+    r = subprocess.run([sys.executable, BENCH, "--quick", "--no-peer", "--json"],
+                       capture_output=True, text=True, timeout=280, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, "bench failed (%d):\n%s" % (r.returncode, r.stderr[-4000:])
+    doc = json.loads(r.stdout)
+    assert {"meta", "settings", "results", "notes"} <= set(doc)
+    meta = doc["meta"]
+    for k in ("date", "nproc", "cpu", "python", "command", "daemon_command"):
+        assert meta.get(k), k
+    assert "--quick" in meta["command"]
+    res = doc["results"]
+    missing = [k for k in EXPECTED if k not in res]
+    assert not missing, "missing figures: %s" % missing
+    for k, v in res.items():
+        assert {"median", "runs", "unit"} <= set(v), k
+        assert isinstance(v["median"], (int, float)) and math.isfinite(v["median"]), k
+        assert v["median"] > 0, (k, v)
+        assert v["runs"] and all(x > 0 for x in v["runs"]), (k, v)
+    assert not any(k.startswith(("redis_", "ratio_emitterd_redis")) for k in res)
+    assert doc["raw"]["respawn"]["kills"] >= 1
+    # the bench removes its temporary directory
+    assert meta["tmp_dir"].startswith("/tmp/") and not os.path.exists(meta["tmp_dir"])
