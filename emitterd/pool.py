@@ -144,6 +144,7 @@ class Pool:
                 self._spawn(index)
 
     def _spawn(self, index: int) -> None:
+        t0 = time.perf_counter()
         h = WorkerHandle(self, index)
         cfg = self.ctx.cfg
         spec = {"key": self.key, "name": self.name, "index": index,
@@ -158,7 +159,8 @@ class Pool:
                             lambda msg: self._on_worker_msg(h, msg), lambda reason: None)
         self.slots[index] = h
         self.ctx.children[pid] = h
-        log.debug("worker spawned", pool=self.name, index=index, pid=pid)
+        log.debug("worker spawned", pool=self.name, index=index, pid=pid,
+                  fork_ms=round((time.perf_counter() - t0) * 1000, 2))
 
     def _on_worker_msg(self, h: WorkerHandle, msg: dict) -> None:
         h.last_seen = monotonic()
@@ -181,7 +183,10 @@ class Pool:
         elif op == "ready":
             if h.state == "starting":
                 h.state = "ready"
-                self.ctx.metrics_respawn(time.perf_counter() - h.spawned_at)
+                took = time.perf_counter() - h.spawned_at
+                self.ctx.metrics_respawn(took)
+                log.debug("worker ready", pool=self.name, index=h.index, pid=h.pid,
+                          ms=round(took * 1000, 2))
                 try:
                     h.proc = psutil.Process(h.pid)
                     h.proc.cpu_percent(None)

@@ -51,8 +51,13 @@ _STREAM_CACHE_MAX = 200_000
 def generated_id(salt: int, position: int) -> str:
     """A UUIDv8 that encodes this store's salt and the position, so that a republished
     generated id is recognised without indexing generated ids (only client ids are indexed)."""
-    n = ((salt >> 12) << 80) | (0x8 << 76) | ((salt & 0xFFF) << 64) | (0b10 << 62) | position
-    return str(uuid.UUID(int=n))
+    return _id_prefix(salt) + "%04x-%012x" % (0x8000 | (position >> 48), position & 0xFFFFFFFFFFFF)
+
+
+def _id_prefix(salt: int) -> str:
+    """The first three groups of a generated id: they depend on the salt only."""
+    hi = salt >> 12
+    return "%08x-%04x-8%03x-" % (hi >> 16, hi & 0xFFFF, salt & 0xFFF)
 
 
 def generated_position(salt: int, text: str) -> Optional[int]:
@@ -85,6 +90,7 @@ class SqliteLog(EventLog):
             salt = secrets.randbits(60).to_bytes(8, "big")
             self._db.execute("INSERT INTO meta (name, value) VALUES ('id_salt', ?)", (salt,))
         self._salt = int.from_bytes(salt, "big")
+        self._id_prefix = _id_prefix(self._salt)
         row = self._db.execute("SELECT MAX(position) FROM events").fetchone()
         self.head = row[0] or 0
         self._stream_versions: dict = {}
@@ -127,7 +133,7 @@ class SqliteLog(EventLog):
         ids: dict = {}
         rows = []
         records = []
-        salt = self._salt
+        prefix = self._id_prefix
         for b in batches:
             if b.expected_version is not None:
                 stream = b.events[0].stream
@@ -140,26 +146,29 @@ class SqliteLog(EventLog):
             positions = []
             versions = []
             for e in b.events:
-                if e.id is not None:
-                    hit = ids.get(e.id) or self._lookup_id(e.id)
+                eid = e.id
+                if eid is not None:
+                    hit = ids.get(eid) or self._lookup_id(eid)
                     if hit is not None:
                         positions.append(hit[0])
                         versions.append(hit[1])
                         continue
                 pos += 1
-                version = self._stream_version(e.stream, overlay) + 1
-                overlay[e.stream] = version
-                if e.id is not None:
-                    ids[e.id] = (pos, version)
-                    eid = e.id
+                stream = e.stream
+                version = overlay.get(stream)
+                version = (self._stream_version(stream, overlay) if version is None else version) + 1
+                overlay[stream] = version
+                if eid is not None:
+                    ids[eid] = (pos, version)
+                    gen = eid
                 else:
-                    eid = generated_id(salt, pos)
-                body = b"".join((K_POSITION, _pack(pos), K_ID, _pack(eid), K_STREAM, _pack(e.stream),
+                    gen = prefix + "%04x-%012x" % (0x8000 | (pos >> 48), pos & 0xFFFFFFFFFFFF)
+                body = b"".join((K_POSITION, _pack(pos), K_ID, _pack(gen), K_STREAM, _pack(stream),
                                  K_VERSION, _pack(version), K_TYPE, _pack(e.type), e.payload,
                                  K_TIMESTAMP, ts))
-                rows.append((pos, e.stream, version, e.type, _pack(e.tags) if e.tags else None,
-                             e.id, body))
-                records.append(EventRecord(pos, e.stream, e.type, e.tags, body))
+                tags = e.tags
+                rows.append((pos, stream, version, e.type, _pack(tags) if tags else None, eid, body))
+                records.append(EventRecord(pos, stream, e.type, tags, body))
                 positions.append(pos)
                 versions.append(version)
             b.result = {"positions": positions, "versions": versions}
