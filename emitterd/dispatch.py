@@ -107,7 +107,7 @@ class Dispatcher:
         if not self.ready and self.cursor > self.log.head:
             return False
         if attach_mode:
-            targets = [w for w in slots if w is not None and w.consumers > 0]
+            targets = [w for w in slots if w is not None and w.routable_consumers > 0]
         else:
             targets = slots
         routable = [w for w in targets if w is not None]
@@ -164,6 +164,7 @@ class Dispatcher:
                     owner[e.rec.stream] = [w.wid, 1]
                 else:
                     o[1] += 1
+            e.sent = w.consumers > 0
             data = e.rec.encoded(e.attempt)
             b = batches.get(w.wid)
             if b is not None and (len(b[1]) >= batch_size or b[2] + len(data) > frame_budget):
@@ -231,7 +232,7 @@ class Dispatcher:
     def _send(self, w: Any, b: list) -> None:
         parts = b[3]
         body = self._prefix + _packer.pack_array_header(len(parts)) + b"".join(parts)
-        w.send_batch(b[1], _LEN.pack(len(body)) + body)
+        w.send_batch(b[1], _LEN.pack(len(body)) + body, w.consumers == 0)
         b[1] = []
         b[2] = 0
         b[3] = []

@@ -43,8 +43,18 @@ class WorkerHandle:
         self.kill_timer = None
         self.drain_deadline = 0.0
 
-    def send_batch(self, positions: list, frame: bytes) -> None:
-        self.channel.send({"op": "deliver", "positions": positions, "frame": frame})
+    @property
+    def routable_consumers(self) -> int:
+        """Consumers events may be routed to: adopted or already handed over (the fd
+        travels on the same pipe before any later batch)."""
+        return self.consumers + self.pending_consumers
+
+    def send_batch(self, positions: list, frame: bytes, unsent: bool) -> None:
+        """unsent: we believe this worker has no consumer, so it must tell us when these go out."""
+        msg = {"op": "deliver", "positions": positions, "frame": frame}
+        if unsent:
+            msg["unsent"] = True
+        self.channel.send(msg)
 
     def status(self) -> dict:
         d = self.pool.dispatcher
@@ -200,8 +210,9 @@ class Pool:
 
     def _consumers_changed(self, h: WorkerHandle, n: int) -> None:
         before = self.consumer_count()
+        if n > h.consumers:          # handed-over connections the worker has now adopted
+            h.pending_consumers = max(0, h.pending_consumers - (n - h.consumers))
         h.consumers = n
-        h.pending_consumers = 0
         if n > 0 and not self.ever_attached:
             self.ever_attached = True
             if self._ephemeral_timer is not None:

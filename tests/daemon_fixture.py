@@ -15,6 +15,7 @@ When a test fails, the tail of each of its daemons' logs is printed.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -125,6 +126,16 @@ class Daemon:
         self.collect_children()
         return run_ctl(["--socket", self.socket] + list(args), env=self.env, cwd=self.root,
                        timeout=timeout, input=input)
+
+    def ctl_json(self, *args: Any, timeout: float = 60) -> Any:
+        """Run `emitterctl --socket S --json *args`; assert exit 0; return the parsed document."""
+        rc, out, err = self.ctl("--json", *args, timeout=timeout)
+        assert rc == 0, "emitterctl %s: rc=%s\nstdout=%s\nstderr=%s" % (list(args), rc, out, err)
+        try:
+            return json.loads(out)
+        except ValueError as e:
+            raise AssertionError("emitterctl %s: stdout is not one JSON document (%s): %r"
+                                 % (list(args), e, out)) from None
 
     def ctl_popen(self, *args: Any, **kw: Any) -> subprocess.Popen:
         """Start `emitterctl --socket S *args` (text mode pipes); the caller ends it."""

@@ -399,8 +399,9 @@ def test_metrics_listen_not_loopback_warns(tmp_path):
     assert "not a loopback address" in cfg.warnings[0]
     assert settings.parse_hostport("[::1]:9464") == ("::1", 9464)
     assert settings.parse_hostport("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert settings.parse_hostport("127.0.0.1:0") == ("127.0.0.1", 0)   # any free port
     with pytest.raises(ValueError):
-        settings.parse_hostport("127.0.0.1:0")
+        settings.parse_hostport("127.0.0.1:65536")
 
 
 @pytest.mark.timeout(10)

@@ -387,8 +387,17 @@ def _publish_file(ctx: click.Context, st: State, path: str, batch_size: int) -> 
     bar_cm = click.progressbar(length=total, label="publishing", file=sys.stdout,
                                show_pos=True) if show_bar else None
     bar = bar_cm.__enter__() if bar_cm is not None else None
+    batches = _batches(_read_jsonl(path), batch_size)
     try:
-        for batch in _batches(_read_jsonl(path), batch_size):
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except click.BadParameter as e:
+                if published:   # only from stdin: a file is checked before anything is sent
+                    e.message += " (%d events were published before it)" % published
+                raise
             try:
                 r = client.publish([e for _, e in batch])
             except EmitterError as e:

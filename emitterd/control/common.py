@@ -10,7 +10,7 @@ def resolve_key(args: dict) -> str:
     if "key" in args and args["key"] is not None:
         key = args["key"]
         if not subscription.is_key(key):
-            raise ProtocolError(NOT_FOUND, "no subscription with key %r" % (str(key)[:64],))
+            raise ProtocolError(NOT_FOUND, "no subscription with key %s" % describe(key))
         return key
     if "subscription" in args:
         try:
@@ -19,6 +19,13 @@ def resolve_key(args: dict) -> str:
             raise ProtocolError(NOT_FOUND, "no subscription matches the given triple") from None
         return subscription.key(type_, normalized, name)
     raise invalid("key", 'give "key" or "subscription" {name, type, selector}')
+
+
+def describe(value: Any) -> str:
+    """A short, safe rendering of a client value for an error message (never recurses)."""
+    if isinstance(value, str):
+        return repr(value[:64])
+    return "of type %s" % type(value).__name__
 
 
 def find_pool(ctx: Any, args: dict) -> Any:

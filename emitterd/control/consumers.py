@@ -3,7 +3,7 @@ from typing import Any
 
 from emitterd import framing, logs, subscription
 from emitterd.errors import NOT_FOUND, UNAVAILABLE, ProtocolError, invalid
-from emitterd.control.common import only_keys
+from emitterd.control.common import describe, only_keys
 
 log = logs.get("control")
 
@@ -12,7 +12,7 @@ def attach(ctx: Any, req: Any) -> dict:
     only_keys(req.args, ("key",))
     key = req.args.get("key")
     if not subscription.is_key(key):
-        raise ProtocolError(NOT_FOUND, "no subscription with key %r" % (str(key)[:64],))
+        raise ProtocolError(NOT_FOUND, "no subscription with key %s" % describe(key))
     pool = ctx.registry.pools.get(key)
     if pool is None:
         raise ProtocolError(NOT_FOUND, "no subscription with key %s" % key)

@@ -8,7 +8,9 @@ from emitterd.errors import UNAVAILABLE, ProtocolError, invalid
 def parked(ctx: Any, req: Any) -> dict:
     only_keys(req.args, ("key", "subscription", "action", "limit"))
     pool = find_pool(ctx, req.args)
-    action = req.args.get("action") or "list"
+    action = req.args.get("action")
+    if action is None:
+        action = "list"
     if action not in ("list", "replay", "purge"):
         raise invalid("action", 'action must be "list", "replay" or "purge"')
     limit = req.args.get("limit", 100)

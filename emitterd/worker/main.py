@@ -44,7 +44,7 @@ class Worker:
     def _on_parent(self, msg: dict) -> None:
         op = msg.get("op")
         if op == "deliver":
-            self._deliver(msg["positions"], msg["frame"])
+            self._deliver(msg["positions"], msg["frame"], msg.get("unsent", False))
         elif op == "consumer":
             fd = self.parent.fds.popleft()
             attached.adopt(self, fd, msg.get("pending") or b"")
@@ -86,16 +86,21 @@ class Worker:
         self._rr += 1
         return ties[self._rr % len(ties)] if len(ties) > 1 else ties[0]
 
-    def _deliver(self, positions: list, frame: bytes) -> None:
+    def _deliver(self, positions: list, frame: bytes, unsent: bool) -> None:
+        # The parent counts an attempt only for events that reached a consumer: tell it
+        # when its belief ("unsent" means it thinks we have no consumer) is wrong.
         conn = self._pick()
         if conn is None:
             if self.spec.get("subscriber"):
                 self.waiting.append((positions, frame))   # the sink reconnects; events wait
-                self.report({"op": "waiting", "positions": positions})
+                if not unsent:
+                    self.report({"op": "waiting", "positions": positions})
             else:
                 self.report({"op": "requeue", "positions": positions, "reason": "no consumer"})
             return
         conn.deliver(positions, frame)
+        if unsent:
+            self.report({"op": "sent", "positions": positions})
 
     def _expire(self) -> None:
         now = monotonic()
