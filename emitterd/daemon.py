@@ -12,6 +12,7 @@ from emitterd.control.server import ControlServer
 from emitterd.eventlog import open_log
 from emitterd.loop import Loop, monotonic
 from emitterd.registry import Registry
+from emitterd.spare import Spare
 
 log = logs.get("daemon")
 SAMPLE_INTERVAL = 1.0
@@ -29,7 +30,8 @@ class Context:
         self.server: Any = None
         self.committer: Any = None
         self.notifier: Any = None
-        self.children: dict = {}       # pid -> WorkerHandle
+        self.children: dict = {}       # pid -> WorkerHandle (or the spare's handle)
+        self.spare: Any = None
         self.started = monotonic()
         self.shutting_down = False
         self.respawn_seconds: list = []
@@ -60,6 +62,7 @@ class Daemon:
         ctx.log = open_log(cfg.data_dir, cfg.synchronous)
         ctx.committer = Committer(ctx)
         ctx.registry = Registry(ctx)
+        ctx.spare = Spare(ctx)
         ctx.server = ControlServer(ctx, OPS)
         self._install_signals()
         ctx.server.listen(inherited[0] if inherited else None)
@@ -154,6 +157,7 @@ class Daemon:
                     pool.poll_stop()
             return
         ctx.shutting_down = True
+        ctx.spare.close()
         ctx.notifier.stopping()
         log.info("shutting down: draining pools", signal=why, drain_timeout=ctx.cfg.drain_timeout)
         pools = [p for p in ctx.registry.pools.values()]

@@ -143,6 +143,7 @@ class Pool:
             if index >= self.spec["pool_size"]:
                 self._retire(self.slots.pop(index))
         self._fill()
+        self.ctx.spare.ensure()
         if self.spec["options"]["ephemeral"] and not self.ever_attached:
             self._ephemeral_timer = self.ctx.loop.call_later(EPHEMERAL_IDLE, self._ephemeral_expired)
         log.info("pool started", pool=self.name, subscription=self.spec["name"],
@@ -153,7 +154,7 @@ class Pool:
             if index not in self.slots:
                 self._spawn(index)
 
-    def _spawn(self, index: int) -> None:
+    def _spawn(self, index: int, use_spare: bool = False) -> None:
         t0 = time.perf_counter()
         h = WorkerHandle(self, index)
         cfg = self.ctx.cfg
@@ -162,11 +163,17 @@ class Pool:
                 "ack_timeout": self.spec["options"]["ack_timeout"],
                 "heartbeat_interval": cfg.heartbeat_interval,
                 "max_frame": cfg.max_frame_bytes, "out_cap": cfg.output_buffer_bytes}
-        title = "emitterd: %s #%d" % (self.name, index)
-        pid, sock = procs.spawn(title, lambda s: worker_main.main(s, spec))
+        spare = self.ctx.spare.take() if use_spare else None
+        if spare is not None:
+            pid, sock = spare
+        else:
+            title = "emitterd: %s #%d" % (self.name, index)
+            pid, sock = procs.spawn(title, lambda s: worker_main.main(s, spec))
         h.pid = pid
         h.channel = Channel(self.ctx.loop, sock, PIPE_MAX_FRAME,
                             lambda msg: self._on_worker_msg(h, msg), lambda reason: None)
+        if spare is not None:
+            h.channel.send({"op": "activate", "spec": spec})
         self.slots[index] = h
         self.ctx.children[pid] = h
         log.debug("worker spawned", pool=self.name, index=index, pid=pid,
@@ -278,7 +285,7 @@ class Pool:
             self._enter_backoff()
             return
         times.append(now)
-        self._spawn(h.index)
+        self._spawn(h.index, use_spare=True)
 
     def _enter_backoff(self) -> None:
         cfg = self.ctx.cfg
@@ -414,6 +421,7 @@ class Pool:
         # unfinished events stay queued (attempts kept) and after the checkpoint on disk
         self.ctx.registry.persist(self, desired="stopped" if st["persist"] else None)
         log.info("pool stopped", pool=self.name, checkpoint=cp)
+        self.ctx.spare.release_if_idle()
         for cb in st["waiters"]:
             cb()
 

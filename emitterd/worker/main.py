@@ -143,3 +143,22 @@ class Worker:
 def main(sock: socket.socket, spec: dict) -> None:
     random.seed()
     Worker(sock, spec).run()
+
+
+def standby(sock: socket.socket) -> None:
+    """A spare worker: wait (blocking) for {"op": "activate", "spec"}, then become that worker."""
+    from setproctitle import setproctitle
+    from emitterd import framing
+    decoder = framing.Decoder(PIPE_MAX_FRAME)
+    sock.setblocking(True)
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return                      # the parent is gone before it needed us
+        decoder.feed(data)
+        msg = decoder.next()
+        if msg is not None:
+            break
+    spec = msg["spec"]
+    setproctitle("emitterd: %s #%d" % (spec["name"], spec["index"]))
+    main(sock, spec)
