@@ -106,6 +106,8 @@ class Daemon:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, _ignore)
+        # a file size limit must turn into a failed write (answered as an error), not a kill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         self.ctx.loop.add_reader(self._wake_r, self._on_signal)
 
     def _on_signal(self, mask: int) -> None:
