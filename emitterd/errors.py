@@ -32,6 +32,15 @@ class ProtocolError(Exception):
         return err
 
 
+MAX_ECHO = 200   # characters of client-supplied text echoed back in an error
+
+
+def clip(text: str) -> str:
+    """Client-supplied text shortened for an error, so a response never grows with the input."""
+    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO] + "..."
+
+
 def invalid(field: str, message: str) -> ProtocolError:
     """An `invalid` error naming the dotted path of the offending field."""
-    return ProtocolError(INVALID, message, {"field": field})
+    return ProtocolError(INVALID, clip(message) if len(message) > 4 * MAX_ECHO else message,
+                         {"field": clip(field)})

@@ -5,6 +5,10 @@ import selectors
 import time
 from typing import Any, Callable, Optional
 
+from emitterd import logs
+
+log = logs.get("loop")
+
 monotonic = time.monotonic
 
 
@@ -88,20 +92,34 @@ class Loop:
             timeout = wait if timeout is None else min(timeout, wait)
         if self._dirty:
             timeout = 0
+        # Every callback is guarded: a bug handling one message must not stop the loop
+        # (control requests are guarded again, per request, to answer `internal`).
         for key, mask in self.selector.select(timeout):
-            key.data(mask)
+            try:
+                key.data(mask)
+            except Exception:
+                log.exception("unhandled error in an I/O handler")
         now = monotonic()
         timers = self._timers
         while timers and timers[0][0] <= now:
             t = heapq.heappop(timers)[2]
             if not t.cancelled:
-                t.callback()
+                try:
+                    t.callback()
+                except Exception:
+                    log.exception("unhandled error in a timer")
         for hook in self._turn_end:
-            hook()
+            try:
+                hook()
+            except Exception:
+                log.exception("unhandled error at the end of a loop turn")
         while self._dirty:
             dirty, self._dirty = self._dirty, {}
             for obj in dirty.values():
-                obj.flush()
+                try:
+                    obj.flush()
+                except Exception:
+                    log.exception("unhandled error while flushing")
 
     def run(self) -> None:
         while self.running:

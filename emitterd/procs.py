@@ -17,15 +17,27 @@ def spawn(title: str, child_main: Callable[[socket.socket], None]) -> tuple:
     sees EOF as soon as the parent is gone.
     """
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
+    # Until the child has dropped the parent's handlers and wakeup fd, a signal sent to it
+    # would be written into the PARENT's wakeup pipe: keep them blocked across the fork.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        raise
     if pid == 0:
-        _child(title, child_end, child_main)
+        _child(title, child_end, child_main, old_mask)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     child_end.close()
     parent_end.setblocking(False)
     return pid, parent_end
 
 
-def _child(title: str, sock: socket.socket, child_main: Callable[[socket.socket], None]) -> NoReturn:
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+
+
+def _child(title: str, sock: socket.socket, child_main: Callable[[socket.socket], None],
+           old_mask: set) -> NoReturn:
     code = 0
     try:
         # Objects inherited from the parent must never be finalized here: a collected
@@ -37,6 +49,7 @@ def _child(title: str, sock: socket.socket, child_main: Callable[[socket.socket]
         # Ctrl-C and reloads are the parent's business; it ends workers itself.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)   # a pending SIGTERM acts now
         keep = sock.fileno()
         os.closerange(3, keep)
         os.closerange(keep + 1, 1 << 20)

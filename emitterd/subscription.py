@@ -6,13 +6,14 @@ from typing import Any, Optional
 import msgpack
 
 from emitterd import filters
-from emitterd.errors import invalid
+from emitterd.errors import clip, invalid
 
 FIELDS = ("name", "type", "selector", "subscriber", "pool_size", "start_from", "options")
 STRATEGIES = ("pinned", "round_robin", "random")
 OPTION_NAMES = ("strategy", "batch_size", "max_in_flight", "ack_timeout", "max_retries",
                 "retry_backoff", "max_restarts", "restart_period", "ephemeral")
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
+MAX_SELECTOR_BYTES = 16 * 1024   # keeps every status (and so `list`) small
 
 
 def _is_int(v: Any) -> bool:
@@ -67,7 +68,7 @@ def validate_options(given: Any, base: dict, field: str) -> dict:
     for k, v in given.items():
         f = "%s.%s" % (field, k)
         if k not in OPTION_NAMES:
-            raise invalid(f, "unknown option %r (known: %s)" % (k, ", ".join(OPTION_NAMES)))
+            raise invalid(f, "unknown option %r (known: %s)" % (clip(str(k)), ", ".join(OPTION_NAMES)))
         if k == "strategy":
             if v not in STRATEGIES:
                 raise invalid(f, "strategy must be one of %s" % ", ".join(STRATEGIES))
@@ -116,7 +117,10 @@ def validate_identity(sub: Any, field: str = "subscription") -> tuple:
     if "selector" not in sub:
         raise invalid(field + ".selector", "selector is required")
     selector = sub["selector"]
-    return name, type_, selector, normalize_selector(type_, selector, field + ".selector")
+    normalized = normalize_selector(type_, selector, field + ".selector")
+    if len(msgpack.packb(normalized, use_bin_type=True)) > MAX_SELECTOR_BYTES:
+        raise invalid(field + ".selector", "selector is over %d bytes encoded" % MAX_SELECTOR_BYTES)
+    return name, type_, selector, normalized
 
 
 def validate(sub: Any, cfg: Any, field: str = "subscription") -> dict:
@@ -124,7 +128,7 @@ def validate(sub: Any, cfg: Any, field: str = "subscription") -> dict:
     name, type_, selector, _ = validate_identity(sub, field)
     for k in sub:
         if k not in FIELDS:
-            raise invalid("%s.%s" % (field, k), "unknown subscription field %r" % (k,))
+            raise invalid("%s.%s" % (field, k), "unknown subscription field %r" % (clip(str(k)),))
     subscriber = validate_subscriber(sub.get("subscriber"), field + ".subscriber")
     pool_size = sub.get("pool_size")
     pool_size = cfg.default_pool_size if pool_size is None else validate_pool_size(

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import psutil
 
 from emitterd.client import Client, serve_subscriber
+from waits import wait_until  # noqa: E402
 
 
 # ---- sd_notify ------------------------------------------------------------------------------
@@ -175,23 +176,6 @@ def wait_log(path: str, pattern: str, count: int = 1, timeout: float = 10.0) -> 
                                  % (path, len(lines), pattern, timeout, count,
                                     "\n".join(read_log(path).splitlines()[-40:])))
         time.sleep(0.05)
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str = "condition",
-               interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = pred()
-        except Exception as e:  # noqa: BLE001
-            last = e
-        if last and not isinstance(last, Exception):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.1fs waiting for %s (last %r)"
-                                 % (timeout, what, last))
-        time.sleep(interval)
 
 
 # ---- a socket-activated daemon --------------------------------------------------------------

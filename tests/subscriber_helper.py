@@ -25,6 +25,7 @@ import pytest
 
 from emitterd.client import Client
 from emitterd.framing import Decoder, encode
+from waits import wait_until  # noqa: E402
 
 ACK = "ack"
 HOLD = "hold"
@@ -41,28 +42,6 @@ def ack_all(event: Dict[str, Any], conn: Any) -> Any:
 
 def hold_all(event: Dict[str, Any], conn: Any) -> Any:
     return HOLD
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str = "condition",
-               interval: float = 0.02) -> Any:
-    """Poll pred() until it is truthy and return it; AssertionError after `timeout`.
-    Exceptions other than AssertionError count as "not yet"."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    err: Optional[BaseException] = None
-    while True:
-        try:
-            last = pred()
-            if last:
-                return last
-        except AssertionError:
-            raise
-        except Exception as e:  # noqa: BLE001 - not yet
-            err = e
-        if time.monotonic() >= deadline:
-            raise AssertionError("timed out after %.1fs waiting for %s (last value %r, "
-                                 "last error %r)" % (timeout, what, _short(last), err))
-        time.sleep(interval)
 
 
 def _short(obj: Any, limit: int = 600) -> str:

@@ -17,6 +17,7 @@ import pytest
 
 from daemon_fixture import clean_env, run_ctl
 from emitterd.cli import render
+from waits import wait_for  # noqa: E402
 
 UNKNOWN_KEY = "0123456789abcdef"
 COMMANDS = ["ping", "start", "stop", "update", "list", "status", "publish", "tail", "parked", "top"]
@@ -30,17 +31,6 @@ def jdoc(res: Any) -> Any:
         return json.loads(out)
     except ValueError as e:
         raise AssertionError("stdout is not one JSON document (%s): %r" % (e, out)) from None
-
-
-def wait_for(pred: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for %s (last: %r)" % (what, last))
 
 
 # ---- without a daemon --------------------------------------------------------

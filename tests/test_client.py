@@ -17,6 +17,7 @@ from emitterd import client as cl
 from emitterd.client import (AlreadyStarted, Client, EmitterError, Invalid, NotFound,
                              PermissionDenied, ProtocolViolation, Unreachable, serve_subscriber)
 from emitterd.framing import Decoder, encode
+from waits import wait_for  # noqa: E402
 
 UNKNOWN_KEY = "0123456789abcdef"
 
@@ -95,17 +96,6 @@ def fake(short_tmp: str) -> Any:
 
 def ok(req: dict, result: Any) -> List[dict]:
     return [{"id": req["id"], "ok": True, "result": result}]
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError("timed out after %.1fs waiting for %s (last: %r)" % (timeout, what, last))
 
 
 def start_sub(c: Client, name: str, **over: Any) -> Dict[str, Any]:

@@ -21,6 +21,7 @@ from daemon_fixture import Daemon
 from emitterd.client import (AlreadyStarted, Client, EmitterError, Invalid, NotFound,
                              Unavailable, UnknownOp)
 from emitterd.framing import Decoder, encode
+from waits import wait_for  # noqa: E402
 
 UNKNOWN_KEY = "0123456789abcdef"
 
@@ -34,17 +35,6 @@ WORKER_KEYS = {"index", "pid", "state", "rss", "cpu_percent", "in_flight", "deli
 
 
 # ---- helpers -----------------------------------------------------------------
-
-def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError("timed out after %.1fs waiting for %s (last %r)" % (timeout, what, last))
-
 
 def wait_ready(c: Client, key: str, n: int = 1, timeout: float = 10.0) -> Dict[str, Any]:
     def ready() -> Optional[Dict[str, Any]]:

@@ -22,22 +22,12 @@ import pytest
 from daemon_fixture import Daemon
 from emitterd.client import AlreadyStarted, Client, Unavailable
 from emitterd.framing import Decoder, encode
+from waits import wait_for, ready_status  # noqa: E402
 
 NOBODY = 65534
 
 
 # ---- helpers -----------------------------------------------------------------
-
-def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError("timed out after %.1fs waiting for %s (last %r)" % (timeout, what, last))
-
 
 def alive(pid: int) -> bool:
     try:
@@ -50,21 +40,6 @@ def sub(name: str, **kw: Any) -> Dict[str, Any]:
     s = {"name": name, "type": "stream", "selector": "orders"}
     s.update(kw)
     return s
-
-
-def ready_status(d: Daemon, c: Client, key: str, n: int, timeout: float = 10.0,
-                 exclude: frozenset = frozenset()) -> Dict[str, Any]:
-    def ready() -> Optional[Dict[str, Any]]:
-        st = c.status(key)
-        ws = st["workers"]
-        if (st["state"] == "running" and len(ws) == n
-                and all(w["state"] == "ready" and w["pid"] not in exclude for w in ws)):
-            return st
-        return None
-    st = wait_for(ready, timeout, what="%d ready workers of %s" % (n, key))
-    for w in st["workers"]:
-        d.track(w["pid"])
-    return st
 
 
 def run_refused(d: Daemon, timeout: float = 15.0) -> subprocess.CompletedProcess:

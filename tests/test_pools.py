@@ -18,20 +18,10 @@ import pytest
 
 from daemon_fixture import Daemon
 from emitterd.client import AlreadyStarted, Client, NotFound, Unavailable
+from waits import wait_for, ready_status  # noqa: E402
 
 
 # ---- helpers -----------------------------------------------------------------
-
-def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError("timed out after %.1fs waiting for %s (last %r)" % (timeout, what, last))
-
 
 def sub(name: str, **kw: Any) -> Dict[str, Any]:
     s = {"name": name, "type": "stream", "selector": "$all"}
@@ -51,22 +41,6 @@ def title(pid: int) -> str:
     with open("/proc/%d/cmdline" % pid, "rb") as f:
         raw = f.read()
     return " ".join(p.decode("utf-8", "replace") for p in raw.split(b"\0") if p)
-
-
-def ready_status(d: Daemon, c: Client, key: str, n: int, timeout: float = 10.0,
-                 exclude: frozenset = frozenset()) -> Dict[str, Any]:
-    """Poll status until the pool runs exactly n ready workers (none with a pid in exclude)."""
-    def ready() -> Optional[Dict[str, Any]]:
-        st = c.status(key)
-        ws = st["workers"]
-        if (st["state"] == "running" and len(ws) == n
-                and all(w["state"] == "ready" and w["pid"] not in exclude for w in ws)):
-            return st
-        return None
-    st = wait_for(ready, timeout, what="%d ready workers of %s" % (n, key))
-    for w in st["workers"]:
-        d.track(w["pid"])
-    return st
 
 
 def pids_by_index(st: Dict[str, Any]) -> Dict[int, int]:

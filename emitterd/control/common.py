@@ -2,7 +2,7 @@
 from typing import Any
 
 from emitterd import subscription
-from emitterd.errors import NOT_FOUND, UNAVAILABLE, ProtocolError, invalid
+from emitterd.errors import NOT_FOUND, UNAVAILABLE, ProtocolError, clip, invalid
 
 
 def resolve_key(args: dict) -> str:
@@ -39,7 +39,8 @@ def find_pool(ctx: Any, args: dict) -> Any:
 def only_keys(args: dict, allowed: tuple) -> None:
     for k in args:
         if k not in allowed:
-            raise invalid(str(k), "unknown argument %r (allowed: %s)" % (k, ", ".join(allowed)))
+            name = clip(str(k))
+            raise invalid(name, "unknown argument %r (allowed: %s)" % (name, ", ".join(allowed)))
 
 
 def number_arg(args: dict, name: str, default: float, minimum: float = 0.0) -> float:

@@ -6,7 +6,7 @@ import msgpack
 from emitterd import logs
 from emitterd.control.common import not_shutting_down, only_keys
 from emitterd.control.server import DEFERRED
-from emitterd.errors import ProtocolError, invalid
+from emitterd.errors import ProtocolError, clip, invalid
 from emitterd.eventlog import NewEvent, PublishBatch
 
 log = logs.get("publish")
@@ -29,7 +29,7 @@ def validate_event(e: Any, field: str, max_bytes: int) -> NewEvent:
     if not EVENT_FIELD_SET.issuperset(e):
         k = next(k for k in e if k not in EVENT_FIELD_SET)
         raise invalid("%s.%s" % (field, k), "unknown event field %r (allowed: %s)"
-                      % (k, ", ".join(EVENT_FIELDS)))
+                      % (clip(str(k)), ", ".join(EVENT_FIELDS)))
     get = e.get
     stream = get("stream")
     if type(stream) is not str or not 0 < len(stream) <= 256:

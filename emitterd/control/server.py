@@ -110,6 +110,12 @@ class ControlConn:
                 log.error("response could not be encoded", error=str(e))
                 data = framing.encode(_error(response.get("id", 0), INTERNAL,
                                              "response could not be encoded"))
+            if len(data) - 4 > self.server.ctx.cfg.max_frame_bytes:
+                # PROTOCOL §1: no frame exceeds max_frame_bytes, responses included
+                log.error("response over max_frame_bytes replaced by an error", size=len(data))
+                data = framing.encode(_error(response.get("id", 0), INTERNAL,
+                                             "the response (%d bytes) exceeds max_frame_bytes %d"
+                                             % (len(data) - 4, self.server.ctx.cfg.max_frame_bytes)))
             ch.send_raw(data)
             if close_after:
                 self.slots.clear()
