@@ -12,6 +12,10 @@ from emitterd.errors import CONFLICT, UNAVAILABLE, ProtocolError
 from emitterd.eventlog import EventLog, EventRecord
 from emitterd.paths import ensure_private_dir
 
+# The events table has no secondary index: every event pays only for its own row.
+# Stream heads live in `streams` (one upsert per stream per transaction) and client ids in
+# `event_ids` (written only for events that carry one), so publishers without ids pay nothing
+# for idempotency.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
@@ -20,11 +24,17 @@ CREATE TABLE IF NOT EXISTS events (
     version   INTEGER NOT NULL,
     type      TEXT NOT NULL,
     tags      BLOB,
-    client_id TEXT,
     body      BLOB NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS events_stream_version ON events (stream, version);
-CREATE UNIQUE INDEX IF NOT EXISTS events_client_id ON events (client_id) WHERE client_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS streams (
+    stream  TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS event_ids (
+    id       TEXT PRIMARY KEY,
+    position INTEGER NOT NULL,
+    version  INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS subscriptions (
     key        TEXT PRIMARY KEY,
     spec       BLOB NOT NULL,
@@ -38,6 +48,19 @@ CREATE TABLE IF NOT EXISTS parked (
     reason   TEXT NOT NULL,
     PRIMARY KEY (key, position)
 ) WITHOUT ROWID;
+"""
+
+# Version 1 (before 0.1.0 was tagged) indexed every event twice; move it to the tables above.
+MIGRATE_FROM_V1 = """
+BEGIN IMMEDIATE;
+CREATE TABLE streams (stream TEXT PRIMARY KEY, version INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO streams SELECT stream, MAX(version) FROM events GROUP BY stream;
+CREATE TABLE event_ids (id TEXT PRIMARY KEY, position INTEGER NOT NULL, version INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO event_ids SELECT client_id, position, version FROM events WHERE client_id IS NOT NULL;
+DROP INDEX IF EXISTS events_stream_version;
+DROP INDEX IF EXISTS events_client_id;
+ALTER TABLE events DROP COLUMN client_id;
+COMMIT;
 """
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -83,6 +106,9 @@ class SqliteLog(EventLog):
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=%s" % ("FULL" if synchronous == "full" else "NORMAL"))
+        cols = [r[1] for r in self._db.execute("PRAGMA table_info(events)")]
+        if "client_id" in cols:
+            self._db.executescript(MIGRATE_FROM_V1)
         self._db.executescript(SCHEMA)
         os.chmod(self.path, 0o600)
         salt = self.meta("id_salt")
@@ -108,9 +134,9 @@ class SqliteLog(EventLog):
             return v
         v = self._stream_versions.get(stream)
         if v is None:
-            row = self._db.execute("SELECT MAX(version) FROM events WHERE stream = ?",
+            row = self._db.execute("SELECT version FROM streams WHERE stream = ?",
                                    (stream,)).fetchone()
-            v = -1 if row[0] is None else row[0]
+            v = -1 if row is None else row[0]
             if len(self._stream_versions) >= _STREAM_CACHE_MAX:
                 self._stream_versions.clear()
             self._stream_versions[stream] = v
@@ -122,7 +148,7 @@ class SqliteLog(EventLog):
             row = self._db.execute("SELECT position, version FROM events WHERE position = ?",
                                    (pos,)).fetchone()
         else:
-            row = self._db.execute("SELECT position, version FROM events WHERE client_id = ?",
+            row = self._db.execute("SELECT position, version FROM event_ids WHERE id = ?",
                                    (event_id,)).fetchone()
         return tuple(row) if row else None
 
@@ -130,7 +156,7 @@ class SqliteLog(EventLog):
         ts = _pack(int(time.time() * 1_000_000))
         pos = self.head
         overlay: dict = {}
-        ids: dict = {}
+        ids: dict = {}     # client id -> (position, version), new in this transaction
         rows = []
         records = []
         prefix = self._id_prefix
@@ -167,7 +193,7 @@ class SqliteLog(EventLog):
                                  K_VERSION, _pack(version), K_TYPE, _pack(e.type), e.payload,
                                  K_TIMESTAMP, ts))
                 tags = e.tags
-                rows.append((pos, stream, version, e.type, _pack(tags) if tags else None, eid, body))
+                rows.append((pos, stream, version, e.type, _pack(tags) if tags else None, body))
                 records.append(EventRecord(pos, stream, e.type, tags, body))
                 positions.append(pos)
                 versions.append(version)
@@ -176,8 +202,14 @@ class SqliteLog(EventLog):
             return []
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("INSERT INTO events (position, stream, version, type, tags, "
-                                 "client_id, body) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT INTO events (position, stream, version, type, tags, body) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT INTO streams (stream, version) VALUES (?, ?) ON CONFLICT "
+                                 "(stream) DO UPDATE SET version = excluded.version",
+                                 overlay.items())
+            if ids:
+                self._db.executemany("INSERT INTO event_ids (id, position, version) VALUES (?, ?, ?)",
+                                     [(i, p, v) for i, (p, v) in ids.items()])
             self._db.execute("COMMIT")
         except sqlite3.Error as e:
             if self._db.in_transaction:
