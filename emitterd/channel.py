@@ -101,7 +101,9 @@ class Channel:
             self._fd_marks.append((self._out_base + len(self._out), list(fds)))
         self._out += data
         if self.max_out and len(self._out) > self.max_out:
-            self.close("output buffer over %d bytes (peer not reading)" % self.max_out)
+            self.flush()      # a peer that reads takes it now; only one that does not is cut off
+            if not self.closed and len(self._out) > self.max_out:
+                self.close("output buffer over %d bytes (peer not reading)" % self.max_out)
             return
         self.loop.mark_dirty(self)
 

@@ -57,6 +57,9 @@ class Daemon:
     def start(self) -> None:
         ctx = self.ctx
         cfg = ctx.cfg
+        # files we create (log, WAL, SHM) are private from their first byte; the socket's
+        # mode is set explicitly
+        os.umask(0o077)
         ctx.notifier = sd.Notifier()
         inherited = sd.listen_fds()
         ctx.log = open_log(cfg.data_dir, cfg.synchronous)

@@ -29,6 +29,18 @@ def default_data_dir(env: Optional[Mapping[str, str]] = None, uid: Optional[int]
 
 
 def ensure_private_dir(path: str) -> None:
-    """Create a directory (and parents) with mode 0700 when it is missing."""
-    if not os.path.isdir(path):
-        os.makedirs(path, mode=0o700, exist_ok=True)
+    """Create a directory and every missing parent with mode 0700 (existing ones untouched)."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o700)     # mkdir's mode is filtered by the umask

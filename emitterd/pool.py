@@ -42,6 +42,7 @@ class WorkerHandle:
         self.cpu = 0.0
         self.kill_timer = None
         self.drain_deadline = 0.0
+        self.replacement = False      # respawned after an unplanned death
 
     @property
     def routable_consumers(self) -> int:
@@ -143,7 +144,6 @@ class Pool:
             if index >= self.spec["pool_size"]:
                 self._retire(self.slots.pop(index))
         self._fill()
-        self.ctx.spare.ensure()
         if self.spec["options"]["ephemeral"] and not self.ever_attached:
             self._ephemeral_timer = self.ctx.loop.call_later(EPHEMERAL_IDLE, self._ephemeral_expired)
         log.info("pool started", pool=self.name, subscription=self.spec["name"],
@@ -154,7 +154,7 @@ class Pool:
             if index not in self.slots:
                 self._spawn(index)
 
-    def _spawn(self, index: int, use_spare: bool = False) -> None:
+    def _spawn(self, index: int, replacement: bool = False) -> None:
         t0 = time.perf_counter()
         h = WorkerHandle(self, index)
         cfg = self.ctx.cfg
@@ -163,7 +163,7 @@ class Pool:
                 "ack_timeout": self.spec["options"]["ack_timeout"],
                 "heartbeat_interval": cfg.heartbeat_interval,
                 "max_frame": cfg.max_frame_bytes, "out_cap": cfg.output_buffer_bytes}
-        spare = self.ctx.spare.take() if use_spare else None
+        spare = self.ctx.spare.take() if replacement else None
         if spare is not None:
             pid, sock = spare
         else:
@@ -174,6 +174,7 @@ class Pool:
                             lambda msg: self._on_worker_msg(h, msg), lambda reason: None)
         if spare is not None:
             h.channel.send({"op": "activate", "spec": spec})
+        h.replacement = replacement
         self.slots[index] = h
         self.ctx.children[pid] = h
         log.debug("worker spawned", pool=self.name, index=index, pid=pid,
@@ -203,7 +204,11 @@ class Pool:
                 took = time.perf_counter() - h.spawned_at
                 self.ctx.metrics_respawn(took)
                 log.debug("worker ready", pool=self.name, index=h.index, pid=h.pid,
-                          ms=round(took * 1000, 2))
+                          ms=round(took * 1000, 2), replacement=h.replacement)
+                if h.replacement:
+                    # workers die here: keep a spare so the next replacement is one message
+                    # away (made now, after this one serves, never between a death and its fix)
+                    self.ctx.spare.ensure()
                 try:
                     h.proc = psutil.Process(h.pid)
                     h.proc.cpu_percent(None)
@@ -285,7 +290,7 @@ class Pool:
             self._enter_backoff()
             return
         times.append(now)
-        self._spawn(h.index, use_spare=True)
+        self._spawn(h.index, replacement=True)
 
     def _enter_backoff(self) -> None:
         cfg = self.ctx.cfg
@@ -299,6 +304,7 @@ class Pool:
                       restarts=self.restarts)
             for h in list(self.slots.values()):
                 self._terminate(h)
+            self.ctx.spare.release_if_idle()
             return
         initial, maximum = cfg.restart_backoff
         delay = min(initial * 2 ** (self._backoffs - 1), maximum)

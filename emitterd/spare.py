@@ -7,7 +7,7 @@ from emitterd import logs, procs
 from emitterd.worker import main as worker_main
 
 log = logs.get("spare")
-REPLENISH_DELAY = 0.05   # fork the next spare off the critical path
+REPLENISH_DELAY = 0.0    # a new spare is asked for once the last one's replacement is ready
 
 
 class _SpareHandle:
@@ -49,7 +49,6 @@ class Spare:
         got = (self.pid, self.sock)
         self.ctx.children.pop(self.pid, None)
         self.pid, self.sock = 0, None
-        self.ensure()
         return got
 
     def lost(self, pid: int, status: int) -> None:

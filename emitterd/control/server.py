@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from emitterd import framing, logs
 from emitterd.channel import Channel
+from emitterd.paths import ensure_private_dir
 from emitterd.errors import (INTERNAL, INVALID, PERMISSION_DENIED, UNAVAILABLE, UNKNOWN_OP,
                              ProtocolError)
 
@@ -131,6 +132,8 @@ class ControlConn:
 
     def _on_close(self, reason: str) -> None:
         self.server.conns.discard(self)
+        if reason.startswith(("output buffer", "send failed")):
+            log.warning("control connection closed", reason=reason, peer_pid=self.peer[0])
 
 
 class ControlServer:
@@ -219,9 +222,7 @@ class ControlServer:
 
 def bind_control_socket(path: str, mode: int) -> socket.socket:
     """Bind the control socket; replace a stale file, refuse when a daemon answers there."""
-    parent = os.path.dirname(path) or "."
-    if not os.path.isdir(parent):
-        os.makedirs(parent, mode=0o700, exist_ok=True)
+    ensure_private_dir(os.path.dirname(path) or ".")
     try:
         st = os.lstat(path)
     except FileNotFoundError:

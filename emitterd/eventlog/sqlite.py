@@ -8,6 +8,7 @@ from typing import Iterable, Optional
 
 import msgpack
 
+from emitterd import logs
 from emitterd.errors import CONFLICT, UNAVAILABLE, ProtocolError
 from emitterd.eventlog import EventLog, EventRecord
 from emitterd.paths import ensure_private_dir
@@ -63,6 +64,7 @@ ALTER TABLE events DROP COLUMN client_id;
 COMMIT;
 """
 
+log = logs.get("eventlog")
 _pack = msgpack.Packer(use_bin_type=True).pack
 K_POSITION, K_ID, K_STREAM, K_VERSION, K_TYPE, K_TIMESTAMP = (
     _pack(k) for k in ("position", "id", "stream", "version", "type", "timestamp"))
@@ -214,6 +216,8 @@ class SqliteLog(EventLog):
         except sqlite3.Error as e:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
+            log.error("publish failed: the event log could not store the events", error=str(e),
+                      events=len(rows))
             err = ProtocolError(UNAVAILABLE, "the event log could not store the events: %s" % e)
             for b in batches:
                 if isinstance(b.result, dict):

@@ -1,0 +1,636 @@
+"""Resource limits against a real daemon (DESIGN §4 "Bounded everything", PROTOCOL §1-§3).
+
+* a client that sends half a frame and stalls blocks nobody, and is still served
+  when the rest of its frame arrives;
+* an attached consumer that stops reading is cut off at output_buffer_bytes and
+  its events are delivered to the other consumer;
+* a control client that pipelines requests and never reads is cut off at
+  output_buffer_bytes;
+* a full disk (RLIMIT_FSIZE on the daemon, which ignores SIGXFSZ) turns publishes
+  into error answers without losing an acknowledged event; a read-only event log
+  (chattr +i) likewise;
+* deeply nested and huge values in publish data get proper answers.
+
+max_connections, max_subscriptions, max_publish_events and max_frame_bytes
+(frame_too_large) have their tests in test_lifecycle.py, test_control.py and
+test_delivery.py.
+"""
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import msgpack
+import pytest
+
+from daemon_fixture import Daemon
+from emitterd.client import Client, EmitterError, Invalid, Unreachable
+from emitterd.framing import Decoder, encode
+from subscriber_helper import (consumers, start_pool, sub_spec,  # noqa: F401
+                               subscribers, wait_checkpoint, wait_status, wait_until)
+
+HEADER = struct.Struct(">I")
+
+
+# ---- raw connections -------------------------------------------------------------------------
+
+def raw_connect(path: str, timeout: float = 5.0, rcvbuf: Optional[int] = None) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(timeout)
+    s.connect(path)
+    return s
+
+
+def read_frame(s: socket.socket, dec: Decoder, timeout: float = 5.0) -> Optional[Dict[str, Any]]:
+    """The next frame on a raw connection; None on EOF/reset; TimeoutError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = dec.next()
+        if frame is not None:
+            return frame
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no frame within %.1fs" % timeout)
+        s.settimeout(left)
+        try:
+            data = s.recv(1 << 16)
+        except socket.timeout:
+            raise TimeoutError("no frame within %.1fs" % timeout) from None
+        except (ConnectionResetError, BrokenPipeError):
+            return None
+        if not data:
+            return None
+        dec.feed(data)
+
+
+def silent(s: socket.socket, seconds: float) -> bool:
+    """True when nothing (no byte, no EOF) arrives on `s` for `seconds`."""
+    r, _, _ = select.select([s], [], [], seconds)
+    return not r
+
+
+def drain_to_eof(s: socket.socket, timeout: float) -> Tuple[bool, int]:
+    """Read and discard until EOF or reset: (reached_eof, bytes_read)."""
+    deadline = time.monotonic() + timeout
+    got = 0
+    while time.monotonic() < deadline:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = s.recv(1 << 20)
+        except socket.timeout:
+            break
+        except (ConnectionResetError, BrokenPipeError):
+            return True, got
+        if not data:
+            return True, got
+        got += len(data)
+    return False, got
+
+
+def hung_up(s: socket.socket, timeout: float) -> bool:
+    """True once the peer has closed its end, seen WITHOUT reading (POLLHUP/POLLRDHUP
+    are raised while unread data still waits): False after `timeout`."""
+    p = select.poll()
+    p.register(s, select.POLLRDHUP)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        for _fd, ev in p.poll(left * 1000):
+            if ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR):
+                return True
+        time.sleep(0.02)    # POLLIN alone (unread data): keep waiting, still without reading
+
+
+def log_text(d: Daemon) -> str:
+    try:
+        with open(d.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def timed(fn: Any, limit: float, what: str) -> Any:
+    t0 = time.monotonic()
+    out = fn()
+    took = time.monotonic() - t0
+    assert took < limit, "%s took %.2fs (limit %.1fs) beside a stalled client" % (what, took, limit)
+    return out
+
+
+# ---- 1. half a frame, then a stall -----------------------------------------------------------
+
+def padded_publish_payload(rid: int, size: int) -> bytes:
+    """A valid publish request whose msgpack payload is exactly `size` bytes."""
+    def build(n: int) -> bytes:
+        return msgpack.packb({"id": rid, "op": "publish", "args": {"events": [
+            {"stream": "stalled", "type": "t", "data": "x" * n}]}}, use_bin_type=True)
+    for n in range(size):
+        body = build(n)
+        if len(body) == size:
+            return body
+    raise AssertionError("no padding gives a %d-byte publish" % size)
+
+
+@pytest.mark.timeout(40)
+def test_a_half_sent_frame_blocks_nobody_and_is_served_once_complete(daemon: Daemon,
+                                                                      subscribers: Any) -> None:
+    d = daemon
+    c = d.client(timeout=10)
+    sub = subscribers()
+    key = start_pool(d, c, sub_spec("flowing", subscriber=sub.uri, start_from="now"))["key"]
+    sub.wait_hellos(1)
+
+    # A: a 4-byte header announcing 100 bytes, then 10 of them; B: 2 header bytes only
+    body_a = padded_publish_payload(9, 100)
+    stalled_a = raw_connect(d.socket)
+    stalled_b = raw_connect(d.socket)
+    ping_b = encode({"id": 7, "op": "ping"})
+    try:
+        stalled_a.sendall(HEADER.pack(100) + body_a[:10])
+        stalled_b.sendall(ping_b[:2])
+
+        published: List[int] = []
+        for i in range(5):
+            timed(c.ping, 3.0, "ping")
+            res = timed(lambda: c.publish([{"stream": "flow-%d" % i, "type": "t", "data": i},
+                                           {"stream": "flow-%d" % i, "type": "t", "data": -i}]),
+                        3.0, "publish")
+            published += res["positions"]
+            timed(lambda: c.status(key), 3.0, "status")
+            # a new client gets in and is served too
+            with Client(d.socket, timeout=3) as other:
+                timed(other.ping, 3.0, "ping on a new connection")
+            # the pool keeps delivering to its subscriber
+            sub.wait_count(len(published), timeout=5)
+        assert sorted(sub.positions(key)) == published
+        wait_checkpoint(c, key, published[-1], timeout=5)
+
+        # the stalled connections are still open, and were not answered
+        assert silent(stalled_a, 0.3), "the half-sent frame was answered or its connection closed"
+        assert silent(stalled_b, 0.1), "the 2-byte header was answered or its connection closed"
+        # nothing of the half-sent publish is in the log yet
+        assert c.ping()["head"] == published[-1]
+
+        # the rest of each frame: both are answered
+        stalled_a.sendall(body_a[10:])
+        got = read_frame(stalled_a, Decoder(1 << 30), 5)
+        assert got is not None, "connection closed instead of answering the completed frame"
+        assert got["id"] == 9 and got["ok"] is True, got
+        assert got["result"]["positions"] == [published[-1] + 1], got
+        stalled_b.sendall(ping_b[2:])
+        got = read_frame(stalled_b, Decoder(1 << 30), 5)
+        assert got is not None, "connection closed instead of answering the completed ping"
+        assert got["id"] == 7 and got["ok"] is True and got["result"]["pid"] == d.proc.pid, got
+        # and the event of the once-stalled publish is delivered like any other
+        sub.wait_count(len(published) + 1, timeout=5)
+        assert sub.positions(key)[-1] == published[-1] + 1
+        wait_checkpoint(c, key, published[-1] + 1, timeout=5)
+    finally:
+        stalled_a.close()
+        stalled_b.close()
+    assert d.proc.poll() is None
+
+
+# ---- 2. an attached consumer that stops reading -----------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_consumer_that_stops_reading_is_cut_off_and_its_events_go_to_another(
+        make_daemon: Any, consumers: Any) -> None:
+    out_cap = 65536
+    d = make_daemon("--output-buffer-bytes", out_cap, "--max-frame-bytes", out_cap,
+                    "--max-event-bytes", 60000)
+    c = d.client(timeout=20)
+    spec = sub_spec("stuck-and-fine", pool_size=2, start_from="origin", strategy="round_robin",
+                    max_in_flight=100000, batch_size=50, ack_timeout=60)
+    key = start_pool(d, c, spec)["key"]
+
+    # A: attaches on a raw socket with a small receive buffer, then never reads
+    stuck = raw_connect(d.socket, timeout=10, rcvbuf=4096)
+    try:
+        stuck.sendall(encode({"id": 1, "op": "attach", "args": {"key": key}}))
+        dec = Decoder(1 << 30)
+        resp = read_frame(stuck, dec, 10)
+        assert resp is not None and resp.get("ok") is True, resp
+        stuck_worker = resp["result"]["worker"]
+        # B: reads and acks everything
+        fine = consumers(d, key, name="fine")
+        assert fine.worker != stuck_worker, "the two consumers landed on one worker"
+        wait_status(c, key, lambda st: sorted(w["consumers"] for w in st["workers"]) == [1, 1],
+                    10, "one consumer on each worker")
+
+        n, size = 3000, 2000
+        payload = "p" * size
+        positions: List[int] = []
+        per = 25                      # 25 x 2 KB: a publish frame stays below max_frame_bytes
+        for i in range(0, n, per):
+            positions += c.publish([{"stream": "s-%d" % (j % 7), "type": "big",
+                                     "data": {"i": j, "pad": payload}}
+                                    for j in range(i, i + per)])["positions"]
+        head = positions[-1]
+
+        # A is cut off by its worker: its connection count drops to 0 ...
+        wait_status(c, key, lambda st: [w["consumers"] for w in st["workers"]
+                                        if w["index"] == stuck_worker] == [0],
+                    20, "the stuck consumer to be disconnected")
+        assert hung_up(stuck, 5), "the stuck consumer's connection is still open"
+        # B reads everything it is sent: it must not be cut off (DESIGN §4 cuts off "a
+        # consumer that stops reading", i.e. the peer that does not take its bytes)
+        time.sleep(0.5)
+        assert not fine.closed_by_peer, (
+            "the consumer that reads and acks everything was disconnected too:\n%s"
+            % "\n".join(ln for ln in log_text(d).splitlines()
+                        if "consumer connection closed" in ln))
+        # ... and every event reaches B, A's unfinished ones again
+        st = wait_checkpoint(c, key, head, timeout=30)
+        assert st["in_flight"] == 0
+        got = set(fine.positions())
+        missing = sorted(set(positions) - got)
+        assert not missing, "%d events never reached the reading consumer (first %r)" \
+            % (len(missing), missing[:10])
+        again = [e for e in fine.events if e["attempt"] >= 2]
+        assert again, "none of the stuck consumer's events came back with attempt >= 2"
+        assert "output buffer over %d bytes" % out_cap in log_text(d), \
+            "no log line tells why the consumer was disconnected"
+
+        # A finally reads: whatever was in its socket, then EOF (or a reset)
+        eof, nbytes = drain_to_eof(stuck, 10)
+        assert eof, "the stuck consumer's connection is still open after %d bytes" % nbytes
+        assert nbytes <= 4 * out_cap + (1 << 20), "the daemon wrote %d bytes to a stuck consumer" \
+            % nbytes
+    finally:
+        stuck.close()
+    # the daemon, the pool and B are fine
+    assert c.ping()["pid"] == d.proc.pid
+    more = c.publish([{"stream": "after", "type": "t"}])["positions"]
+    fine.wait(lambda: more[0] in fine.positions(), 10, "an event published after the cut-off")
+    st = c.status(key)
+    assert st["state"] == "running" and st["restarts"] == 0
+
+
+# ---- 3. a control client that never reads its responses ------------------------------------------
+
+OUT_CAP = 65536
+
+
+def _daemon_with_20_subscriptions(make_daemon: Any) -> Tuple[Daemon, Client, int]:
+    """A daemon with output_buffer_bytes = max_frame_bytes = 64 KiB and 20 (stopped)
+    subscriptions; also the size of one `list` response."""
+    d = make_daemon("--output-buffer-bytes", OUT_CAP, "--max-frame-bytes", OUT_CAP,
+                    "--max-event-bytes", 60000)
+    c = d.client(timeout=20)
+    keys = []
+    for i in range(20):
+        keys.append(c.start({"name": "listed-%02d" % i, "type": "event_type",
+                             "selector": "type-%02d" % i})["key"])
+    for k in keys:    # stopped pools are listed all the same, without 20 idle workers
+        c.stop(k, drain_timeout=0)
+    one_list = len(encode({"id": 1, "ok": True, "result": c.list()}))
+    return d, c, one_list
+
+
+@pytest.mark.timeout(60)
+def test_a_control_client_that_never_reads_is_cut_off(make_daemon: Any) -> None:
+    out_cap = OUT_CAP
+    d, c, one_list = _daemon_with_20_subscriptions(make_daemon)
+    assert one_list * 5000 > 20 * out_cap, one_list
+
+    bystander = Client(d.socket, timeout=5)
+    greedy = raw_connect(d.socket, timeout=10, rcvbuf=4096)
+    try:
+        assert bystander.ping()["pid"] == d.proc.pid
+        data = b"".join(encode({"id": i, "op": "list"}) for i in range(1, 5001))
+        sent = 0
+        try:
+            greedy.settimeout(10)
+            while sent < len(data):
+                sent += greedy.send(data[sent:sent + 65536])
+        except (BrokenPipeError, ConnectionResetError):
+            pass                      # cut off while still sending: fine
+        except socket.timeout:
+            raise AssertionError("the daemon neither read nor closed a pipelining client "
+                                 "(%d of %d bytes sent)" % (sent, len(data))) from None
+        # the daemon closes it while it still has not read a byte
+        assert hung_up(greedy, 10), "the connection that never reads is still open"
+        eof, nbytes = drain_to_eof(greedy, 15)
+        assert eof, "EOF never came after the hang-up (%d bytes read)" % nbytes
+        assert nbytes < 5000 * one_list, "every response was sent: nothing was bounded"
+        # everyone else is unaffected
+        assert bystander.ping()["pid"] == d.proc.pid
+        assert len(bystander.list()["subscriptions"]) == 20
+        with Client(d.socket, timeout=5) as fresh:
+            assert fresh.ping()["pid"] == d.proc.pid
+            assert fresh.publish([{"stream": "s", "type": "t"}])["positions"] == [1]
+    finally:
+        greedy.close()
+        bystander.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_pipelining_client_that_reads_is_not_cut_off(make_daemon: Any) -> None:
+    # The cap is on output the peer does not take. A client that pipelines requests and
+    # reads the responses as they come (Client.pipeline reads while it sends) is not that
+    # peer, even when its responses add up to many times output_buffer_bytes.
+    d, c, one_list = _daemon_with_20_subscriptions(make_daemon)
+    n = 40
+    assert n * one_list > 4 * OUT_CAP, one_list
+    with Client(d.socket, timeout=15) as reader:
+        try:
+            results = reader.pipeline([("list", None)] * n)
+        except Unreachable as e:
+            raise AssertionError(
+                "a client that reads was cut off after %d of %d responses (each %d bytes, "
+                "output_buffer_bytes %d): %s" % (len(e.results), n, one_list, OUT_CAP, e)) from None
+        assert len(results) == n
+        assert all(isinstance(r, dict) and len(r["subscriptions"]) == 20 for r in results)
+        assert reader.ping()["pid"] == d.proc.pid
+    assert c.ping()["pid"] == d.proc.pid
+
+
+# ---- 4. a full disk, a read-only event log ----------------------------------------------------
+
+FSIZE_LIMIT = 2 * 1024 * 1024
+
+_LIMITED_EXEC = """
+import os, resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+os.execv(sys.executable, [sys.executable] + sys.argv[2:])
+"""
+
+
+def _start_with_fsize_limit(make_daemon: Any, limit: int) -> Daemon:
+    """A daemon whose process has RLIMIT_FSIZE = limit (the wrapper execs it: same pid)."""
+    d = make_daemon(start=False)
+    base = d.argv
+
+    def argv() -> List[str]:
+        return [sys.executable, "-c", _LIMITED_EXEC, str(limit)] + base()[1:]
+    d.argv = argv  # type: ignore[method-assign]
+    d.start()
+    with open("/proc/%d/limits" % d.proc.pid) as f:
+        line = next(ln for ln in f if ln.startswith("Max file size"))
+    assert str(limit) in line, line
+    return d
+
+
+def _restart_on(make_daemon: Any, old: Daemon) -> Daemon:
+    d2 = make_daemon(start=False)
+    d2.data_dir = old.data_dir
+    return d2.start()
+
+
+def _collect_all(d: Daemon, c: Client, name: str, want: int, timeout: float = 20
+                 ) -> Dict[int, Dict[str, Any]]:
+    """Every event from the origin on, by a fresh subscription and an attached consumer."""
+    key = start_pool(d, c, sub_spec(name, start_from="origin", batch_size=500))["key"]
+    got: Dict[int, Dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    with Client(d.socket, timeout=10).attach(key) as cons:
+        while len(got) < want and time.monotonic() < deadline:
+            try:
+                frame = cons.recv(max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            assert frame is not None, "the daemon closed the consumer"
+            evs = frame.get("events") or []
+            for e in evs:
+                got[e["position"]] = e
+            cons.ack([e["position"] for e in evs])
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_a_full_disk_fails_publishes_with_an_error_and_loses_no_acked_event(
+        make_daemon: Any, subscribers: Any) -> None:
+    d = _start_with_fsize_limit(make_daemon, FSIZE_LIMIT)
+    c = d.client(timeout=20)
+    sub = subscribers()
+    live = start_pool(d, c, sub_spec("live", subscriber=sub.uri, start_from="origin"))["key"]
+    sub.wait_hellos(1)
+
+    acked: List[int] = []
+    ids: Dict[int, str] = {}
+    failure: Optional[EmitterError] = None
+    pad = "f" * 8000
+    for i in range(400):            # 400 x 10 x 8 KB = 32 MB >> the 2 MiB limit
+        evs = [{"stream": "fill-%d" % (i % 5), "type": "fill", "id": "fill-%d-%d" % (i, j),
+                "data": {"i": i, "j": j, "pad": pad}} for j in range(10)]
+        try:
+            res = c.publish(evs)
+        except EmitterError as e:
+            failure = e
+            break
+        except Unreachable as e:
+            raise AssertionError("the daemon dropped the connection instead of answering a "
+                                 "publish on a full disk: %s" % e) from None
+        acked += res["positions"]
+        for e, p in zip(evs, res["positions"]):
+            ids[p] = e["id"]
+    assert failure is not None, "every publish succeeded: the file size limit was not hit"
+    assert failure.code in ("unavailable", "internal"), failure
+    assert failure.request_id not in (0, None), "a connection-level error: %r" % failure
+    assert acked, "not a single publish succeeded before the disk was full"
+    # the daemon is alive and still answers, on the same connection and on new ones
+    pong = c.ping()
+    assert pong["pid"] == d.proc.pid
+    assert pong["head"] == acked[-1], "the failed publish appended events (atomicity)"
+    with Client(d.socket, timeout=5) as other:
+        assert other.ping()["pid"] == d.proc.pid
+    # a further publish is answered too (error or ok), never with a dropped connection
+    try:
+        res = c.publish([{"stream": "again", "type": "t", "id": "again-1", "data": pad}])
+        acked += res["positions"]
+        ids[res["positions"][0]] = "again-1"
+    except EmitterError as e:
+        assert e.code in ("unavailable", "internal"), e
+    except Unreachable as e:
+        raise AssertionError("connection dropped after a full disk: %s" % e) from None
+    # every acknowledged event is delivered
+    sub.wait(lambda: set(acked) <= set(sub.positions(live)), 20,
+             "every acknowledged position at the subscriber")
+    assert d.proc.poll() is None
+
+    # a restart without the limit has every acknowledged event and takes new ones
+    assert d.stop(15) == 0, "the daemon did not exit 0 on SIGTERM after a full disk"
+    d2 = _restart_on(make_daemon, d)
+    c2 = d2.client(timeout=20)
+    c2.stop(live, delete=True, drain_timeout=0)     # its subscriber goes away at teardown
+    head = c2.ping()["head"]
+    assert head >= acked[-1], "head %d after the restart, %d was acknowledged" % (head, acked[-1])
+    got = _collect_all(d2, c2, "after-restart", head)
+    missing = [p for p in acked if p not in got]
+    assert not missing, "acknowledged events lost: %r" % missing[:10]
+    assert all(got[p]["id"] == ids[p] for p in acked)
+    new = c2.publish([{"stream": "after", "type": "t", "data": "ok"}])["positions"]
+    assert new[0] > head
+
+
+def _chattr_works(path: str) -> Optional[str]:
+    """None when `chattr +i` works on files at `path` (root, a supporting file system)."""
+    if os.geteuid() != 0:
+        return "chattr +i needs root (CAP_LINUX_IMMUTABLE)"
+    if not shutil.which("chattr"):
+        return "chattr is not installed"
+    probe = os.path.join(path, "chattr-probe")
+    with open(probe, "w") as f:
+        f.write("x")
+    try:
+        r = subprocess.run(["chattr", "+i", probe], capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            return "chattr +i is not supported here: %s" % r.stderr.strip()
+        subprocess.run(["chattr", "-i", probe], capture_output=True, timeout=10)
+        return None
+    finally:
+        os.unlink(probe)
+
+
+@pytest.mark.timeout(60)
+def test_an_immutable_event_log_fails_publishes_with_an_error_then_recovers(
+        make_daemon: Any) -> None:
+    # chmod does not stop root: make the database files immutable instead
+    d = make_daemon()
+    why = _chattr_works(d.root)
+    if why:
+        pytest.skip(why)
+    c = d.client(timeout=20)
+    acked = c.publish([{"stream": "ro", "type": "t", "data": i} for i in range(5)])["positions"]
+    # the database and its WAL; not the -shm index: SQLite maps it into memory, and a
+    # write fault on an immutable mapping is SIGBUS in any process (not an I/O error)
+    files = [os.path.join(d.data_dir, n) for n in ("emitterd.db", "emitterd.db-wal")]
+    assert all(os.path.exists(f) for f in files), os.listdir(d.data_dir)
+    locked: List[str] = []
+    try:
+        for f in files:
+            r = subprocess.run(["chattr", "+i", f], capture_output=True, text=True, timeout=10)
+            assert r.returncode == 0, r.stderr
+            locked.append(f)
+        try:
+            c.publish([{"stream": "ro", "type": "t", "data": "x" * 5000} for _ in range(50)])
+            pytest.fail("a publish was acknowledged while the event log is immutable")
+        except EmitterError as e:
+            assert e.code in ("unavailable", "internal"), e
+            assert e.request_id not in (0, None), e
+        except Unreachable as e:
+            raise AssertionError("connection dropped instead of an error answer: %s" % e) from None
+        assert c.ping()["pid"] == d.proc.pid
+        assert c.ping()["head"] == acked[-1]
+    finally:
+        for f in locked:
+            subprocess.run(["chattr", "-i", f], capture_output=True, timeout=10)
+    # writable again: publishes work, on the same daemon
+    more = wait_until(lambda: c.publish([{"stream": "ro", "type": "t", "data": "back"}]),
+                      10, "a publish to succeed once the log is writable")["positions"]
+    assert more[0] > acked[-1]
+    got = _collect_all(d, c, "ro-check", more[0])
+    assert all(p in got for p in acked + more), sorted(got)
+
+
+# ---- 5. deep and huge values -------------------------------------------------------------------
+
+def _publish_frame_with_raw_data(rid: int, data_msgpack: bytes) -> bytes:
+    marker = "\x00DATA-PLACEHOLDER\x00"
+    body = msgpack.packb({"id": rid, "op": "publish", "args": {"events": [
+        {"stream": "deep", "type": "t", "data": marker}]}}, use_bin_type=True)
+    packed_marker = msgpack.packb(marker, use_bin_type=True)
+    assert body.count(packed_marker) == 1
+    body = body.replace(packed_marker, data_msgpack)
+    return HEADER.pack(len(body)) + body
+
+
+def _nested_lists(depth: int) -> bytes:
+    return b"\x91" * depth + b"\xc0"     # [[[...[nil]...]]] as msgpack
+
+
+def _depth(v: Any) -> int:
+    """Depth of [[...[nil]...]] without recursion (== on it would hit the recursion limit)."""
+    n = 0
+    while isinstance(v, list):
+        assert len(v) == 1, v
+        v = v[0]
+        n += 1
+    assert v is None
+    return n
+
+
+@pytest.mark.timeout(40)
+def test_deeply_nested_and_huge_values_get_proper_answers(daemon: Daemon) -> None:
+    d = daemon
+    c = d.client(timeout=20)
+    head = 0
+
+    # 10,000 nested lists: an error answer (the request's invalid, or bad_frame and a close)
+    s = raw_connect(d.socket)
+    try:
+        s.sendall(_publish_frame_with_raw_data(5, _nested_lists(10000)))
+        got = read_frame(s, Decoder(1 << 30), 10)
+        assert got is not None, "connection closed without an answer"
+        assert got["ok"] is False, "10,000 nested lists were accepted: %r" % (str(got)[:300],)
+        if got["id"] == 5:
+            assert got["error"]["code"] == "invalid", got
+            assert got["error"]["details"]["field"].startswith("events.0"), got
+            s.sendall(encode({"id": 6, "op": "ping"}))        # the connection stays usable
+            pong = read_frame(s, Decoder(1 << 30), 5)
+            assert pong is not None and pong["id"] == 6 and pong["ok"] is True, pong
+        else:
+            assert got["id"] == 0 and got["error"]["code"] == "bad_frame", got
+            assert read_frame(s, Decoder(1 << 30), 5) is None, "not closed after bad_frame"
+    finally:
+        s.close()
+    assert c.ping()["head"] == head
+
+    # moderately deep data is stored and delivered intact
+    nested: Any = None
+    for _ in range(100):
+        nested = [nested]
+    res = c.publish([{"stream": "deep", "type": "t", "data": nested}])
+    head = res["positions"][0]
+    # 1000 nested lists (still decodable by msgpack): accepted, or refused as invalid
+    s = raw_connect(d.socket)
+    try:
+        s.sendall(_publish_frame_with_raw_data(8, _nested_lists(1000)))
+        got = read_frame(s, Decoder(1 << 30), 10)
+        assert got is not None and got["id"] == 8, got
+        if got["ok"]:
+            assert got["result"]["positions"] == [head + 1], got
+            deep_pos: Optional[int] = head + 1
+            head += 1
+        else:
+            assert got["error"]["code"] == "invalid", got
+            assert got["error"]["details"]["field"] in ("events.0", "events.0.data"), got
+            deep_pos = None
+    finally:
+        s.close()
+
+    # a 900 KB string fits max_event_bytes (default 1 MiB)
+    big = "b" * 900_000
+    res = c.publish([{"stream": "huge", "type": "t", "data": big}])
+    assert res["positions"] == [head + 1]
+    head += 1
+    # a 1.1 MB string does not: invalid at events.0, nothing appended
+    with pytest.raises(Invalid) as ei:
+        c.publish([{"stream": "huge", "type": "t", "data": "h" * 1_100_000}])
+    assert ei.value.details == {"field": "events.0"}, ei.value.details
+    with pytest.raises(Invalid) as ei:
+        c.publish([{"stream": "huge", "type": "t"},
+                   {"stream": "huge", "type": "t", "metadata": {"m": b"\x00" * 1_100_000}}])
+    assert ei.value.details == {"field": "events.1"}, ei.value.details
+    assert c.ping()["head"] == head
+
+    got = _collect_all(d, c, "deep-and-huge", head)
+    assert sorted(got) == list(range(1, head + 1))
+    assert got[1]["data"] == nested
+    assert got[head]["data"] == big
+    if deep_pos is not None:           # an accepted event must be deliverable as it was sent
+        assert _depth(got[deep_pos]["data"]) == 1000
+    assert d.proc.poll() is None
