@@ -43,6 +43,7 @@ class WorkerHandle:
         self.kill_timer = None
         self.drain_deadline = 0.0
         self.replacement = False      # respawned after an unplanned death
+        self.ready_at = 0.0           # CLOCK_MONOTONIC when it said ready (for metrics/bench)
 
     @property
     def routable_consumers(self) -> int:
@@ -201,6 +202,7 @@ class Pool:
         elif op == "ready":
             if h.state == "starting":
                 h.state = "ready"
+                h.ready_at = monotonic()
                 took = time.perf_counter() - h.spawned_at
                 self.ctx.metrics_respawn(took)
                 log.debug("worker ready", pool=self.name, index=h.index, pid=h.pid,

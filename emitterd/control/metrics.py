@@ -42,6 +42,10 @@ class _Collector:
         wl = ["key", "index"]
         rss = GaugeMetricFamily("emitterd_worker_rss_bytes", "Worker resident memory", labels=wl)
         cpu = GaugeMetricFamily("emitterd_worker_cpu_percent", "Worker CPU use", labels=wl)
+        ready = GaugeMetricFamily("emitterd_worker_ready_time_seconds",
+                                  "CLOCK_MONOTONIC time at which the worker said ready "
+                                  "(system-wide clock: lets a benchmark time a respawn exactly)",
+                                  labels=wl)
         for pool in list(ctx.registry.pools.values()):
             st = pool.status()
             lv = [pool.key, pool.spec["name"]]
@@ -53,10 +57,14 @@ class _Collector:
             for w in st["workers"]:
                 rss.add_metric([pool.key, str(w["index"])], w["rss"])
                 cpu.add_metric([pool.key, str(w["index"])], w["cpu_percent"])
+            for h in pool.slots.values():
+                if h.ready_at:
+                    ready.add_metric([pool.key, str(h.index)], h.ready_at)
         yield from fam.values()
         yield state
         yield rss
         yield cpu
+        yield ready
 
 
 def render(ctx: Any) -> str:

@@ -118,7 +118,7 @@ class EventLog:
 
 
 def open_log(data_dir: str, synchronous: str = "full", tail_events: int = 65536,
-             tail_bytes: int = 64 << 20) -> EventLog:
+             tail_bytes: int = 16 << 20) -> EventLog:
     from emitterd.eventlog.sqlite import SqliteLog
     return SqliteLog(data_dir, synchronous=synchronous, tail_events=tail_events,
                      tail_bytes=tail_bytes)
