@@ -7,9 +7,11 @@ from typing import Any, Callable, Optional
 
 from emitterd import framing
 from emitterd.framing import FrameError
+from emitterd.loop import monotonic
 
 READ_CHUNK = 256 * 1024
 MAX_FDS = 16
+STALL_SECONDS = 2.0   # over its output cap with no write progress this long: the peer stopped reading
 
 
 class Channel:
@@ -37,6 +39,7 @@ class Channel:
         self._out_base = 0                 # bytes already sent before _out[0]
         self._fd_marks: deque = deque()    # (absolute offset, [fds]) to send with that byte
         self._after_flush: list = []
+        self._progress_at = 0.0            # last time bytes left the output buffer
         self.closed = False
         self.reading = True
         self._close_when_flushed = False
@@ -99,13 +102,26 @@ class Channel:
             return
         if fds:
             self._fd_marks.append((self._out_base + len(self._out), list(fds)))
+        if not self._out:
+            self._progress_at = monotonic()
         self._out += data
         if self.max_out and len(self._out) > self.max_out:
-            self.flush()      # a peer that reads takes it now; only one that does not is cut off
-            if not self.closed and len(self._out) > self.max_out:
-                self.close("output buffer over %d bytes (peer not reading)" % self.max_out)
+            self.flush()      # a reading peer takes it now; stalled() decides about the others
             return
         self.loop.mark_dirty(self)
+
+    def stalled(self, now: float) -> bool:
+        """Over the output cap and nothing written for STALL_SECONDS: cut it off (the caller
+        checks this periodically, so a peer that is merely slow for a moment survives)."""
+        return (bool(self.max_out) and not self.closed and len(self._out) > self.max_out
+                and now - self._progress_at > STALL_SECONDS)
+
+    def close_if_stalled(self, now: float) -> bool:
+        if self.stalled(now):
+            self.close("output buffer over %d bytes and no progress for %.0fs (peer not reading)"
+                       % (self.max_out, STALL_SECONDS))
+            return True
+        return False
 
     @property
     def pending_out(self) -> int:
@@ -156,6 +172,8 @@ class Channel:
                 return
             del out[:n]
             self._out_base += n
+            if n:
+                self._progress_at = monotonic()
         if not out:
             callbacks, self._after_flush = self._after_flush, []
             for cb in callbacks:

@@ -1,4 +1,5 @@
 """The parent process: one thread, one selector loop; this module only wires the parts."""
+import gc
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ from emitterd.eventlog import open_log
 from emitterd.loop import Loop, monotonic
 from emitterd.registry import Registry
 from emitterd.spare import Spare
+from emitterd.checkpointer import Checkpointer
 
 log = logs.get("daemon")
 SAMPLE_INTERVAL = 1.0
@@ -53,6 +55,7 @@ class Daemon:
         self._stop_waiting = 0
         self.exit_code = 0
         self.exporter: Any = None
+        self.checkpointer: Any = None
 
     def start(self) -> None:
         ctx = self.ctx
@@ -63,6 +66,7 @@ class Daemon:
         ctx.notifier = sd.Notifier()
         inherited = sd.listen_fds()
         ctx.log = open_log(cfg.data_dir, cfg.synchronous)
+        self.checkpointer = Checkpointer(ctx, ctx.log.path)
         ctx.committer = Committer(ctx)
         ctx.registry = Registry(ctx)
         ctx.spare = Spare(ctx)
@@ -76,6 +80,7 @@ class Daemon:
         loop.every(SAMPLE_INTERVAL, lambda: monitor.sample(ctx))
         loop.every(lambda: min(0.5, ctx.cfg.heartbeat_interval), lambda: ctx.registry.tick(monotonic()))
         loop.every(STATUS_INTERVAL, self._status)
+        loop.every(0.5, lambda: ctx.server.cut_off_stalled(monotonic()))
         wd = ctx.notifier.watchdog_interval()
         if wd:
             loop.every(wd, ctx.notifier.watchdog)
@@ -83,7 +88,14 @@ class Daemon:
             from emitterd.control.metrics import render
             from emitterd.exporter import Exporter
             self.exporter = Exporter(loop, cfg.metrics_listen, lambda: render(ctx))
+        self.checkpointer.start()
+        ctx.log.external_checkpoints()
         ctx.registry.load()
+        # Fewer, cheaper collections: start-up objects never need scanning again, and the hot
+        # path allocates many short-lived acyclic objects (a full pass over a large heap is a
+        # latency spike of tens of ms).
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         ctx.notifier.ready(self._summary())
         log.info("emitterd ready", pid=os.getpid(), socket=cfg.socket, data_dir=cfg.data_dir,
                  store_id=cfg.store_id, head=ctx.log.head)
@@ -189,6 +201,8 @@ class Daemon:
 
     def close(self) -> None:
         ctx = self.ctx
+        if self.checkpointer is not None:
+            self.checkpointer.close()
         for pid in list(ctx.children):
             procs.kill(pid, signal.SIGKILL)
         if ctx.server is not None:

@@ -68,6 +68,18 @@ def _child(title: str, sock: socket.socket, child_main: Callable[[socket.socket]
         os._exit(code)
 
 
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this child when its parent dies (for children that may
+    block where they cannot notice EOF on their pipe, e.g. inside SQLite's lock retries)."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() == 1:
+        os._exit(0)          # the parent died before the prctl took effect
+
+
 def kill(pid: int, sig: int) -> bool:
     """Send a signal; False when the process is already gone."""
     try:

@@ -31,6 +31,8 @@ import pytest
 from emitterd.client import Client
 
 _ENV_DROP_PREFIXES = ("EMITTERD_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_")
+# children of the daemon that serve it rather than a pool
+SERVICE_TITLES = ("emitterd: checkpointer", "emitterd: spare worker")
 
 
 def clean_env(root: str, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -163,6 +165,18 @@ class Daemon:
         for k in kids:
             self._tracked.setdefault(k.pid, k)
         return kids
+
+    def pool_workers(self) -> List[psutil.Process]:
+        """The daemon's children that are pool workers (not its checkpointer or spare worker)."""
+        out = []
+        for k in self.collect_children():
+            try:
+                title = " ".join(k.cmdline()).strip()
+            except psutil.Error:
+                continue
+            if not title.startswith(SERVICE_TITLES):
+                out.append(k)
+        return out
 
     def _alive_tracked(self) -> List[psutil.Process]:
         alive = []

@@ -137,7 +137,7 @@ def test_repeated_backoffs_end_in_failed_and_start_revives(make_daemon: Any) -> 
     assert st["state"] == "failed", (seen, st)
     assert st["workers"] == []
     assert st["restarts"] == 4
-    failed_pids = [p.pid for p in d.collect_children()]
+    failed_pids = [p.pid for p in d.pool_workers()]
     assert failed_pids == [], "a failed pool keeps no workers: %r" % failed_pids
     # it stays failed (no timer brings it back): longer than the largest backoff
     time.sleep(0.6)
@@ -205,7 +205,7 @@ def test_stop_stop_again_delete_and_start_again(daemon: Daemon) -> None:
     assert st["key"] == key and st["state"] == "stopped" and st["workers"] == []
     for pid in pids:
         wait_for(lambda pid=pid: not alive(pid), 5, what="worker %d to exit" % pid)
-    assert daemon.collect_children() == []
+    assert daemon.pool_workers() == []
     assert st["restarts"] == 0, "a stop is not a restart"
     # stopping a stopped pool is ok; by key or by triple
     assert c.stop(key)["state"] == "stopped"
@@ -221,7 +221,7 @@ def test_stop_stop_again_delete_and_start_again(daemon: Daemon) -> None:
     assert up["state"] == "stopped" and up["workers"] == []
     assert up["subscription"]["options"]["batch_size"] == 7
     time.sleep(0.1)
-    assert daemon.collect_children() == []
+    assert daemon.pool_workers() == []
     # start again: new workers, the given settings
     again = c.start(spec)
     assert again["state"] == "running" and again["key"] == key
@@ -256,7 +256,7 @@ def test_worker_titles_and_parent(daemon: Daemon) -> None:
             assert psutil.Process(w["pid"]).ppid() == daemon.proc.pid
     names = [c.status(p["key"])["name"] for p in pools]
     assert len(set(names)) == 2
-    kids = {p.pid for p in psutil.Process(daemon.proc.pid).children()}
+    kids = {p.pid for p in daemon.pool_workers()}
     listed = {w["pid"] for p in pools for w in c.status(p["key"])["workers"]}
     assert kids == listed
 

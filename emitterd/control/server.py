@@ -201,6 +201,11 @@ class ControlServer:
             pass
         sock.close()
 
+    def cut_off_stalled(self, now: float) -> None:
+        """Close clients that stopped reading their responses (over output_buffer_bytes)."""
+        for c in list(self.conns):
+            c.channel.close_if_stalled(now)
+
     def detach(self, conn: ControlConn) -> socket.socket:
         self.conns.discard(conn)
         return conn.channel.detach()

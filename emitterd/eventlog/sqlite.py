@@ -108,6 +108,7 @@ class SqliteLog(EventLog):
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=%s" % ("FULL" if synchronous == "full" else "NORMAL"))
+        self._db.execute("PRAGMA busy_timeout=2000")
         cols = [r[1] for r in self._db.execute("PRAGMA table_info(events)")]
         if "client_id" in cols:
             self._db.executescript(MIGRATE_FROM_V1)
@@ -312,6 +313,10 @@ class SqliteLog(EventLog):
 
     def parked_count(self, key: str) -> int:
         return self._db.execute("SELECT COUNT(*) FROM parked WHERE key = ?", (key,)).fetchone()[0]
+
+    def external_checkpoints(self) -> None:
+        """Another connection (the checkpointer process) runs the WAL checkpoints from now on."""
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
 
     def meta(self, name: str) -> Optional[bytes]:
         row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()

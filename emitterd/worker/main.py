@@ -104,6 +104,8 @@ class Worker:
 
     def _expire(self) -> None:
         now = monotonic()
+        for c in list(self.consumers):
+            c.channel.close_if_stalled(now)
         for c in self.consumers:
             expired = c.expire(now)
             if expired:
