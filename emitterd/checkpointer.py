@@ -19,17 +19,21 @@ INTERVAL = 0.5
 
 def _main(sock: socket.socket, path: str) -> None:
     procs.die_with_parent()
-    # a short busy timeout: never sit on a lock long enough to outlive a dead parent
-    db = sqlite3.connect(path, isolation_level=None, timeout=0.2)
-    db.execute("PRAGMA synchronous=FULL")   # a checkpoint fsyncs what it copies
+    db = None
     while True:
         ready, _, _ = select.select([sock], [], [], INTERVAL)
         if ready and not sock.recv(4096):
             return                           # the parent is gone
         try:
+            if db is None:
+                # a short busy timeout: never sit on a lock long enough to outlive a dead parent
+                db = sqlite3.connect(path, isolation_level=None, timeout=0.2)
+                db.execute("PRAGMA synchronous=FULL")   # a checkpoint fsyncs what it copies
             db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as e:
-            log.warning("checkpoint failed, will retry", error=str(e))
+            # transient: e.g. "locking protocol" while a restarted daemon recovers the WAL
+            # index; the next round tries again
+            log.debug("checkpoint skipped", error=str(e))
 
 
 class Checkpointer:
