@@ -123,10 +123,6 @@ class Channel:
             return True
         return False
 
-    @property
-    def pending_out(self) -> int:
-        return len(self._out)
-
     def after_flush(self, callback: Callable[[], Any]) -> None:
         """Run callback once everything queued so far has been written."""
         if not self._out:

@@ -50,7 +50,7 @@ class Daemon:
     """Signal handling and shutdown around the loop."""
 
     def __init__(self, cfg: Any) -> None:
-        self.ctx = ctx = Context(cfg)
+        self.ctx = Context(cfg)
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop_waiting = 0
         self.exit_code = 0

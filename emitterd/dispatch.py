@@ -63,8 +63,9 @@ class Dispatcher:
         self.parked = 0
         self.worker_delivered: dict = {}   # index -> acked events
         self._rr = 0
-        self._prefix = b"".join(_packer.pack(x) for x in ("op", "events", "key", key, "events"))
-        self._prefix = b"\x83" + self._prefix
+        # {"op": "events", "key": key, "events": [...]}: everything up to the array header
+        self._prefix = b"\x83" + b"".join(_packer.pack(x) for x in ("op", "events", "key", key,
+                                                                    "events"))
 
     # ---- state ---------------------------------------------------------------
     @property
@@ -92,9 +93,6 @@ class Dispatcher:
         self.per_worker.clear()
         self.owner.clear()
         self.cursor = position + 1
-
-    def idle(self) -> bool:
-        return not self.entries and self.cursor > self.log.head
 
     # ---- sending ---------------------------------------------------------------
     def pump(self, slots: list, attach_mode: bool) -> bool:

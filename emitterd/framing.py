@@ -29,11 +29,6 @@ def encode(obj: Any) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def frame_bytes(body: bytes) -> bytes:
-    """Wrap an already-encoded msgpack payload in a frame header."""
-    return HEADER.pack(len(body)) + body
-
-
 def decode_payload(payload: bytes) -> dict:
     """Decode one frame payload; FrameError(bad_frame) unless it is exactly one map."""
     if not payload:
@@ -68,10 +63,6 @@ class Decoder:
 
     def feed(self, data: bytes) -> None:
         self._buf += data
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf) - self._pos
 
     def take_rest(self) -> bytes:
         """Return and forget the unparsed bytes (used when a connection changes hands)."""

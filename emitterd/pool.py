@@ -1,5 +1,4 @@
 """One subscription's pool: desired vs actual workers, spawn/retire/reap, restart intensity."""
-import os
 import signal
 import time
 from collections import deque
@@ -78,7 +77,6 @@ class Pool:
         self.spec = spec
         self.created_at = created_at
         self.state = "stopped"
-        self.saved_checkpoint = checkpoint
         self.dispatcher: Optional[Dispatcher] = None
         self.slots: dict = {}          # index -> WorkerHandle (starting or ready)
         self.retiring: list = []       # draining WorkerHandles
@@ -453,11 +451,3 @@ class Pool:
 
 def _noop() -> None:
     pass
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False

@@ -18,7 +18,7 @@ ENVELOPE_BYTES = 160      # keys, position, version, timestamp, map header: an u
 EVENT_FIELD_SET = frozenset(EVENT_FIELDS)
 
 
-def _bad_text(v: Any, name: str, field: str, limit: int) -> Any:
+def _bad_text(name: str, field: str, limit: int) -> Any:
     return invalid(field, "%s must be a string of 1 to %d characters" % (name, limit))
 
 
@@ -33,13 +33,13 @@ def validate_event(e: Any, field: str, max_bytes: int) -> NewEvent:
     get = e.get
     stream = get("stream")
     if type(stream) is not str or not 0 < len(stream) <= 256:
-        raise _bad_text(stream, "stream", field + ".stream", 256)
+        raise _bad_text("stream", field + ".stream", 256)
     type_ = get("type")
     if type(type_) is not str or not 0 < len(type_) <= 256:
-        raise _bad_text(type_, "type", field + ".type", 256)
+        raise _bad_text("type", field + ".type", 256)
     eid = get("id")
     if eid is not None and (type(eid) is not str or not 0 < len(eid) <= 128):
-        raise _bad_text(eid, "id", field + ".id", 128)
+        raise _bad_text("id", field + ".id", 128)
     metadata = get("metadata")
     if metadata is None:
         metadata = {}

@@ -1,6 +1,6 @@
 """One consumer connection inside a worker: events out, ack/nack in, in-flight and timeouts."""
 from collections import deque
-from typing import Any, Callable
+from typing import Any
 
 from emitterd import framing
 from emitterd.channel import Channel
@@ -92,7 +92,3 @@ class ConsumerConn:
 
 def hello(key: str, name: str, index: int) -> bytes:
     return framing.encode({"op": "hello", "key": key, "name": name, "worker": index})
-
-
-def noop(*_: Any) -> Callable:
-    return lambda *a: None
