@@ -102,6 +102,10 @@ class Committer:
     def submit(self, batch: PublishBatch, req: Any) -> None:
         self.pending.append((batch, req))
 
+    def waiting_for(self, conn: Any) -> bool:
+        """Whether a publish of this connection waits for this turn's commit."""
+        return any(req.conn is conn for _, req in self.pending)
+
     def commit(self) -> None:
         if not self.pending:
             return

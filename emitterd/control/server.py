@@ -75,9 +75,9 @@ class ControlConn:
         if handler is None:
             self._answer(_error(rid, UNKNOWN_OP, "unknown op %r" % (op[:100],)))
             return
-        ctx = self.server.ctx
-        if op != "publish" and ctx.committer.pending:
-            ctx.committer.commit()   # later requests see earlier publishes (read your writes)
+        committer = self.server.ctx.committer
+        if op != "publish" and committer.waiting_for(self):
+            committer.commit()   # this client's later requests see its earlier publishes
         slot = [None, False]
         self.slots.append(slot)
         req = Request(rid, op, args, self, slot)
