@@ -45,13 +45,12 @@ class Checkpointer:
         self.pid = 0
         self.sock: Any = None
         self.closing = False
-        self.pool = self                     # the reaper calls handle.pool.on_exit(...)
 
     def start(self) -> None:
         self.pid, self.sock = procs.spawn("emitterd: checkpointer", lambda s: _main(s, self.path))
-        self.ctx.children[self.pid] = self
+        self.ctx.children[self.pid] = self.on_exit
 
-    def on_exit(self, handle: Any, status: int) -> None:
+    def on_exit(self, status: int) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None

@@ -32,7 +32,7 @@ class Context:
         self.server: Any = None
         self.committer: Any = None
         self.notifier: Any = None
-        self.children: dict = {}       # pid -> WorkerHandle (or the spare's handle)
+        self.children: dict = {}       # pid -> callable(wait status), run when it is reaped
         self.spare: Any = None
         self.started = monotonic()
         self.shutting_down = False
@@ -102,7 +102,7 @@ class Daemon:
 
     def _pump(self) -> None:
         if self.ctx.registry.pump_all():
-            self.ctx.loop.mark_dirty(_Nudge)     # work left: do not sleep in the next select
+            self.ctx.loop.again()
 
     def _summary(self) -> str:
         pools = self.ctx.registry.pools.values()
@@ -140,9 +140,9 @@ class Daemon:
 
     def _reap(self) -> None:
         for pid, status in procs.reap():
-            h = self.ctx.children.pop(pid, None)
-            if h is not None:
-                h.pool.on_exit(h, status)
+            on_exit = self.ctx.children.pop(pid, None)
+            if on_exit is not None:
+                on_exit(status)
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file; apply what can change live, log the rest."""
@@ -212,16 +212,6 @@ class Daemon:
         if ctx.log is not None:
             ctx.log.close()
         signal.set_wakeup_fd(-1)
-
-
-class _NudgeType:
-    """A no-op 'dirty' object: marking it makes the loop poll instead of sleeping."""
-
-    def flush(self) -> None:
-        pass
-
-
-_Nudge = _NudgeType()
 
 
 def _ignore(signum: int, frame: Optional[Any]) -> None:

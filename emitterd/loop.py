@@ -37,6 +37,7 @@ class Loop:
         self._seq = itertools.count()
         self._turn_end: list = []
         self._dirty: dict = {}
+        self._again = False
         self.running = True
 
     # fds
@@ -81,6 +82,10 @@ class Loop:
     def at_turn_end(self, callback: Callable[[], Any]) -> None:
         self._turn_end.append(callback)
 
+    def again(self) -> None:
+        """Work is left over: the next turn polls instead of sleeping."""
+        self._again = True
+
     def mark_dirty(self, obj: Any) -> None:
         """obj.flush() runs at the end of this turn (once, however often it was marked)."""
         self._dirty[id(obj)] = obj
@@ -90,8 +95,9 @@ class Loop:
         if self._timers:
             wait = max(0.0, self._timers[0][0] - monotonic())
             timeout = wait if timeout is None else min(timeout, wait)
-        if self._dirty:
+        if self._dirty or self._again:
             timeout = 0
+            self._again = False
         # Every callback is guarded: a bug handling one message must not stop the loop
         # (control requests are guarded again, per request, to answer `internal`).
         for key, mask in self.selector.select(timeout):

@@ -175,7 +175,7 @@ class Pool:
             h.channel.send({"op": "activate", "spec": spec})
         h.replacement = replacement
         self.slots[index] = h
-        self.ctx.children[pid] = h
+        self.ctx.children[pid] = lambda status: self.on_exit(h, status)
         log.debug("worker spawned", pool=self.name, index=index, pid=pid,
                   fork_ms=round((time.perf_counter() - t0) * 1000, 2))
 

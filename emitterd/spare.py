@@ -10,18 +10,6 @@ log = logs.get("spare")
 REPLENISH_DELAY = 0.0    # a new spare is asked for once the last one's replacement is ready
 
 
-class _SpareHandle:
-    """What the reaper finds for the spare's pid: its death only means forking another."""
-
-    def __init__(self, spare: "Spare", pid: int) -> None:
-        self.pool = self
-        self.spare = spare
-        self.pid = pid
-
-    def on_exit(self, handle: Any, status: int) -> None:
-        self.spare.lost(self.pid, status)
-
-
 class Spare:
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
@@ -40,7 +28,8 @@ class Spare:
         if self.sock is not None or self.ctx.shutting_down:
             return
         self.pid, self.sock = procs.spawn("emitterd: spare worker", worker_main.standby)
-        self.ctx.children[self.pid] = _SpareHandle(self, self.pid)
+        pid = self.pid
+        self.ctx.children[pid] = lambda status: self.lost(pid, status)
 
     def take(self) -> Optional[tuple]:
         """(pid, parent socket) of the spare, now the caller's; None when there is none."""

@@ -71,6 +71,7 @@ class EventLog:
     """Durable, ordered event storage plus the daemon's small state tables."""
 
     head: int
+    path: str          # where the log lives (the checkpointer opens it too)
 
     def append(self, batches: list) -> list:
         """Append publish batches in ONE transaction; set each batch.result; return new records."""
@@ -108,6 +109,10 @@ class EventLog:
         raise NotImplementedError
 
     def parked_count(self, key: str) -> int:
+        raise NotImplementedError
+
+    def external_checkpoints(self) -> None:
+        """From now on another process (the checkpointer) checkpoints the log."""
         raise NotImplementedError
 
     def meta(self, name: str) -> Optional[bytes]:
