@@ -11,7 +11,7 @@ from typing import Any, Dict, List
 import pytest
 
 from daemon_fixture import Daemon
-from emitterd.client import Conflict, Invalid
+from emitterd.client import Conflict, Invalid, NotFound
 from subscriber_helper import (ACK, EVENT_KEYS, HOLD, consumers, events, start_pool,  # noqa: F401
                                sub_spec, subscribers, wait_checkpoint, wait_status, wait_until)
 
@@ -705,3 +705,23 @@ def test_an_ephemeral_subscription_goes_away_with_its_last_consumer(daemon: Daem
     b.close()
     wait_until(lambda: key not in [p["key"] for p in c.list()["subscriptions"]], 5,
                "the ephemeral subscription to disappear from list")
+
+
+@pytest.mark.timeout(150)
+def test_an_ephemeral_subscription_nobody_attaches_to_is_deleted_after_60s(daemon: Daemon) -> None:
+    """PROTOCOL §3: an ephemeral subscription is deleted 60 s after `start` if no consumer
+    ever attached; before that it is listed and running."""
+    c = daemon.client()
+    t0 = time.monotonic()
+    key = c.start({"name": "lonely", "type": "stream", "selector": "$all",
+                   "options": {"ephemeral": True}})["key"]
+
+    def listed() -> bool:
+        return key in [s["key"] for s in c.list()["subscriptions"]]
+    time.sleep(max(0.0, 50 - (time.monotonic() - t0)))
+    assert listed() and c.status(key)["state"] == "running", "deleted before 60 s"
+    wait_until(lambda: not listed(), 30, "the unattached ephemeral subscription to go")
+    gone_after = time.monotonic() - t0
+    assert 58 <= gone_after <= 75, gone_after
+    with pytest.raises(NotFound):
+        c.status(key)
