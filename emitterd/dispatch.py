@@ -17,7 +17,8 @@ _packer = msgpack.Packer(use_bin_type=True)
 
 
 class Entry:
-    """An unfinished matching event: queued, in flight on a worker, or waiting to retry."""
+    """An unfinished matching event off the fast path: queued, held, retried, replayed, or
+    in flight after any of those (first attempts in flight live in Dispatcher.flying)."""
     __slots__ = ("rec", "attempt", "retries", "wid", "replay", "sent")
 
     def __init__(self, rec: Any, replay: bool = False) -> None:
@@ -32,6 +33,9 @@ class Entry:
 def stream_slot(stream: str, n: int) -> int:
     """Stable hash of a stream id onto n workers (the same in every run)."""
     return zlib.crc32(stream.encode("utf-8", "surrogatepass")) % n
+
+
+SLOT_CACHE_MAX = 100_000
 
 
 class Dispatcher:
@@ -53,10 +57,19 @@ class Dispatcher:
         self.on_unpark = on_unpark
         self.cursor = checkpoint + 1
         self.entries: dict = {}
+        # The fast path: first attempts handed to a worker that has a consumer, position ->
+        # (wid, record). No per-event object; inserted in ascending position order, so the
+        # first key is the lowest. Anything unusual (nack, requeue...) moves it to `entries`.
+        self.flying: dict = {}
         self.ready: list = []          # heap of positions to (re)send, lowest first
         self.retry_heap: list = []     # (due, position)
         self.per_worker: dict = {}     # wid -> events in flight on it
-        self.owner: dict = {}          # stream -> [wid, count] (pinned order across resizes)
+        # pinned order across resizes: streams whose in-flight events sit on a worker that is
+        # not their slot any more (-> that wid); recomputed only while routing changes settle
+        self._routing: Optional[tuple] = None
+        self._misplaced: dict = {}
+        self._slots: dict = {}          # stream -> slot, for _slot_n workers
+        self._slot_n = 0
         self.draining = False
         self.delivered = 0
         self.retried = 0
@@ -70,7 +83,7 @@ class Dispatcher:
     # ---- state ---------------------------------------------------------------
     @property
     def in_flight(self) -> int:
-        return len(self.entries)
+        return len(self.entries) + len(self.flying)
 
     @property
     def cursor_checkpoint(self) -> int:
@@ -79,6 +92,9 @@ class Dispatcher:
         for p, e in self.entries.items():
             if p < low and not e.replay:
                 low = p
+        for p in self.flying:
+            low = min(low, p)
+            break                    # the first key is the lowest
         return low - 1
 
     @property
@@ -88,13 +104,46 @@ class Dispatcher:
     def set_checkpoint(self, position: int) -> None:
         """Move the cursor: events after `position` are delivered (again), none up to it."""
         self.entries.clear()
+        self.flying.clear()
         self.ready.clear()
         self.retry_heap.clear()
         self.per_worker.clear()
-        self.owner.clear()
+        self._routing = None
+        self._misplaced = {}
         self.cursor = position + 1
 
     # ---- sending ---------------------------------------------------------------
+    def _slot_table(self, n: int) -> dict:
+        if self._slot_n != n or len(self._slots) > SLOT_CACHE_MAX:
+            self._slots = {}
+            self._slot_n = n
+        return self._slots
+
+    def _misplaced_streams(self, targets: list) -> dict:
+        """Pinned: streams with events in flight on a worker that is not their slot's now
+        (their next events must wait); cheap unless the routing changed recently."""
+        routing = tuple(w.wid if w is not None else None for w in targets)
+        if routing == self._routing and not self._misplaced:
+            return self._misplaced
+        self._routing = routing
+        n = len(targets)
+        slots = self._slot_table(n)
+        out: dict = {}
+
+        def check(stream: str, wid: int) -> None:
+            s = slots.get(stream)
+            if s is None:
+                s = slots[stream] = stream_slot(stream, n)
+            if routing[s] != wid:
+                out[stream] = wid
+        for wid, rec in self.flying.values():
+            check(rec.stream, wid)
+        for e in self.entries.values():
+            if e.wid is not None:
+                check(e.rec.stream, e.wid)
+        self._misplaced = out
+        return out
+
     def pump(self, slots: list, attach_mode: bool) -> bool:
         """Hand out what the workers have room for; True when work was left for next turn."""
         if self.draining:
@@ -125,19 +174,24 @@ class Dispatcher:
         batches: dict = {}
         blocked: set = set()
         entries = self.entries
-        owner = self.owner
         n_targets = len(targets)
+        slot_of = self._slot_table(n_targets)
+        misplaced = self._misplaced_streams(targets) if pinned else {}
 
         def choose(stream: str) -> Any:
             if pinned:
                 if stream in blocked:
                     return None
-                w = targets[stream_slot(stream, n_targets)]
+                s = slot_of.get(stream)
+                if s is None:
+                    s = slot_of[stream] = stream_slot(stream, n_targets)
+                w = targets[s]
                 if w is None or room[w.wid] <= 0:
                     return None
-                o = owner.get(stream)
-                if o is not None and o[0] != w.wid:
-                    return None      # its earlier events are still in flight on another worker
+                if misplaced:
+                    m = misplaced.get(stream)
+                    if m is not None and m != w.wid:
+                        return None   # its earlier events are still in flight on another worker
                 return w
             if strategy == "round_robin":
                 n = len(routable)
@@ -150,29 +204,27 @@ class Dispatcher:
             open_ = [w for w in routable if room[w.wid] > 0]
             return random.choice(open_) if open_ else None
 
+        def add(w: Any, pos: int, data: bytes, fast: int) -> None:
+            """Put one encoded event in w's frame of this turn (sent when full)."""
+            b = batches.get(w.wid)
+            if b is not None and (len(b[1]) >= batch_size or b[2] + len(data) > frame_budget):
+                self._send(w, b)
+                b = None
+            if b is None:
+                b = batches[w.wid] = [w, [], 0, [], 0]
+            b[1].append(pos)
+            b[2] += len(data)
+            b[3].append(data)
+            b[4] += fast
+
         def assign(pos: int, e: Entry, w: Any) -> None:
             nonlocal free
             e.wid = w.wid
             room[w.wid] -= 1
             free -= 1
             per_worker[w.wid] = per_worker.get(w.wid, 0) + 1
-            if pinned:
-                o = owner.get(e.rec.stream)
-                if o is None:
-                    owner[e.rec.stream] = [w.wid, 1]
-                else:
-                    o[1] += 1
             e.sent = w.consumers > 0
-            data = e.rec.encoded(e.attempt)
-            b = batches.get(w.wid)
-            if b is not None and (len(b[1]) >= batch_size or b[2] + len(data) > frame_budget):
-                self._send(w, b)
-                b = None
-            if b is None:
-                b = batches[w.wid] = [w, [], 0, []]
-            b[1].append(pos)
-            b[2] += len(data)
-            b[3].append(data)
+            add(w, pos, e.rec.encoded(e.attempt), 0)
 
         # 1. redeliveries and held events first, lowest position first
         held = []
@@ -192,34 +244,45 @@ class Dispatcher:
         for pos in held:
             heapq.heappush(ready, pos)
         more = False
-        # 2. new events from the log
+        # 2. new events from the log: first attempts, on the fast path when the worker has
+        # a consumer (the common case): no Entry, counters settled once per turn
         hold_limit = max_if * max(1, len(routable)) * 2
         scanned = 0
         matcher = self.matcher
+        flying = self.flying
         stop = False
         while free > 0 and not stop:
             recs = self.log.read(self.cursor, SCAN_CHUNK)
             if not recs:
                 break
             for rec in recs:
-                scanned += 1
                 if not matcher(rec):
-                    self.cursor = rec.position + 1
                     continue
                 w = choose(rec.stream) if free > 0 else None
+                pos = rec.position
                 if w is None:
                     if pinned and free > 0 and len(ready) < hold_limit:
-                        pos = rec.position
                         entries[pos] = Entry(rec)
                         heapq.heappush(ready, pos)
                         blocked.add(rec.stream)
                         self.cursor = pos + 1
                         continue
+                    self.cursor = pos
                     stop = True
                     break
-                e = entries[rec.position] = Entry(rec)
-                self.cursor = rec.position + 1
-                assign(rec.position, e, w)
+                if w.consumers > 0:
+                    wid = w.wid
+                    flying[pos] = (wid, rec)
+                    room[wid] -= 1
+                    free -= 1
+                    add(w, pos, rec.encoded(1), 1)     # per_worker counts it in _send
+                else:
+                    e = entries[pos] = Entry(rec)
+                    assign(pos, e, w)
+                self.cursor = pos + 1
+            else:
+                self.cursor = recs[-1].position + 1
+            scanned += len(recs)
             if scanned >= SCAN_LIMIT and not stop:
                 more = self.cursor <= self.log.head
                 break
@@ -228,12 +291,15 @@ class Dispatcher:
         return more
 
     def _send(self, w: Any, b: list) -> None:
+        if b[4]:
+            self.per_worker[w.wid] = self.per_worker.get(w.wid, 0) + b[4]
         parts = b[3]
         body = self._prefix + _packer.pack_array_header(len(parts)) + b"".join(parts)
         w.send_batch(b[1], _LEN.pack(len(body)) + body, w.consumers == 0)
         b[1] = []
         b[2] = 0
         b[3] = []
+        b[4] = 0
 
     # ---- verdicts --------------------------------------------------------------
     def _release(self, e: Entry) -> None:
@@ -246,31 +312,53 @@ class Dispatcher:
             self.per_worker[wid] = n
         else:
             self.per_worker.pop(wid, None)
-        o = self.owner.get(e.rec.stream)
-        if o is not None and o[0] == wid:
-            o[1] -= 1
-            if o[1] <= 0:
-                del self.owner[e.rec.stream]
 
     def _own(self, wid: int, positions: list) -> list:
+        """(position, Entry) for those of `positions` in flight on worker wid; fast-path
+        events among them become Entries (they leave the fast path for good)."""
         out = []
         entries = self.entries
+        flying = self.flying
         for p in positions:
             e = entries.get(p)
-            if e is not None and e.wid == wid:
+            if e is None:
+                f = flying.get(p)
+                if f is None or f[0] != wid:
+                    continue
+                del flying[p]
+                e = entries[p] = Entry(f[1])
+                e.wid = wid
+            if e.wid == wid:
                 out.append((p, e))
         return out
 
     def on_ack(self, wid: int, index: int, positions: list) -> None:
-        done = self._own(wid, positions)
+        flying = self.flying
+        fast = 0
+        rest = []
+        for p in positions:
+            f = flying.get(p)
+            if f is not None and f[0] == wid:
+                del flying[p]
+                fast += 1
+            else:
+                rest.append(p)
+        if fast:
+            n = self.per_worker.get(wid, 0) - fast
+            if n > 0:
+                self.per_worker[wid] = n
+            else:
+                self.per_worker.pop(wid, None)
+        done = self._own(wid, rest) if rest else ()
         unpark = []
         for p, e in done:
             self._release(e)
             del self.entries[p]
             if e.replay:
                 unpark.append(p)
-        self.delivered += len(done)
-        self.worker_delivered[index] = self.worker_delivered.get(index, 0) + len(done)
+        n = fast + len(done)
+        self.delivered += n
+        self.worker_delivered[index] = self.worker_delivered.get(index, 0) + n
         if unpark:
             self.on_unpark(unpark)
 
@@ -345,6 +433,7 @@ class Dispatcher:
     def worker_lost(self, wid: int) -> int:
         """A worker exited: everything it held is delivered again."""
         lost = [p for p, e in self.entries.items() if e.wid == wid]
+        lost += [p for p, f in self.flying.items() if f[0] == wid]
         self.requeue(wid, lost)
         self.per_worker.pop(wid, None)
         return len(lost)
@@ -352,7 +441,7 @@ class Dispatcher:
     def replay(self, records: list) -> int:
         n = 0
         for rec in records:
-            if rec.position in self.entries:
+            if rec.position in self.entries or rec.position in self.flying:
                 continue
             self.entries[rec.position] = Entry(rec, replay=True)
             heapq.heappush(self.ready, rec.position)
