@@ -1,0 +1,183 @@
+"""The dispatcher over a real SQLite log, with recording worker handles: the fast path
+(first attempts without per-event objects) and the moments events leave it."""
+import collections
+from typing import Any, Dict, List
+
+import msgpack
+import pytest
+
+from emitterd import settings
+from emitterd.control.events import validate_publish
+from emitterd.dispatch import Dispatcher, stream_slot
+from emitterd.eventlog import open_log
+
+CFG = settings.load(env={})
+
+
+SENT: List[dict] = []        # every event handed to any handle, in order
+
+
+class Handle:
+    """What the dispatcher needs of a worker handle; records every frame it is given."""
+    _wid = 0
+
+    def __init__(self, index: int, consumers: int = 1) -> None:
+        Handle._wid += 1
+        self.wid = Handle._wid
+        self.index = index
+        self.consumers = consumers
+        self.routable_consumers = consumers
+        self.frames: List[List[int]] = []
+        self.events: List[dict] = []
+
+    def send_batch(self, positions: list, frame: bytes, unsent: bool) -> None:
+        msg = msgpack.unpackb(frame[4:], raw=False)
+        assert [e["position"] for e in msg["events"]] == positions
+        self.frames.append(list(positions))
+        self.events.extend(msg["events"])
+        SENT.extend(msg["events"])
+
+    def take(self) -> List[int]:
+        out = [p for f in self.frames for p in f]
+        self.frames.clear()
+        return out
+
+
+def options(**kw: Any) -> dict:
+    o = {"strategy": "pinned", "batch_size": 8, "max_in_flight": 64, "max_retries": 3,
+         "retry_backoff": (0.0, 0.0)}
+    o.update(kw)
+    return o
+
+
+def make(tmp_path: Any, n_events: int, streams: int, **kw: Any) -> Any:
+    log = open_log(str(tmp_path))
+    evs = [{"stream": "s-%d" % (i % streams), "type": "t", "data": i} for i in range(n_events)]
+    log.append([validate_publish({"events": evs}, CFG)])
+    parked: list = []
+    d = Dispatcher("k", lambda rec: True, log, options(**kw), 0, 1 << 20, lambda when: None,
+                   parked.extend, lambda ps: None)
+    return log, d, parked
+
+
+@pytest.mark.timeout(20)
+def test_first_attempts_take_the_fast_path_and_acks_move_the_checkpoint(tmp_path: Any) -> None:
+    log, d, _ = make(tmp_path, 40, 12)
+    a, b = Handle(0), Handle(1)
+    d.pump([a, b], False)
+    assert d.entries == {} and len(d.flying) == 40 and d.in_flight == 40
+    assert d.held_by_workers() == 40
+    assert d.worker_in_flight(a.wid) + d.worker_in_flight(b.wid) == 40
+    pa, pb = a.take(), b.take()
+    assert pa and pb and sorted(pa + pb) == list(range(1, 41))
+    assert all(e["attempt"] == 1 for e in a.events + b.events)
+    (h1, p1), (h2, p2) = sorted([(a, pa), (b, pb)], key=lambda x: x[1][0])   # h1 holds 1
+    d.on_ack(h2.wid, h2.index, p2)
+    assert d.checkpoint == 0 and d.in_flight == len(p1)
+    d.on_ack(h1.wid, h1.index, p1[:1])
+    assert d.checkpoint == min(p1[1], p2[0]) - 1
+    d.on_ack(h1.wid, h1.index, p1[1:])
+    assert d.checkpoint == 40 and d.in_flight == 0 and d.held_by_workers() == 0
+    assert d.delivered == 40 and d.worker_delivered == {0: len(pa), 1: len(pb)}
+
+
+@pytest.mark.timeout(20)
+def test_an_ack_from_the_wrong_worker_changes_nothing(tmp_path: Any) -> None:
+    log, d, _ = make(tmp_path, 8, 1)
+    a, b = Handle(0), Handle(1)
+    d.pump([a, None], False)
+    ps = a.take()
+    d.on_ack(b.wid, 1, ps)
+    assert d.in_flight == 8 and d.delivered == 0 and d.checkpoint == 0
+    d.on_ack(a.wid, 0, ps)
+    assert d.in_flight == 0 and d.checkpoint == 8
+
+
+@pytest.mark.timeout(20)
+def test_nack_retry_moves_fast_events_to_entries_with_attempt_2(tmp_path: Any) -> None:
+    log, d, _ = make(tmp_path, 8, 1)
+    a = Handle(0)
+    d.pump([a], False)
+    ps = a.take()
+    d.on_nack(a.wid, ps[:3], "retry", "boom")
+    assert sorted(d.entries) == ps[:3] and len(d.flying) == 5
+    assert d.held_by_workers() == 5 and d.checkpoint == 0
+    d.pump([a], False)                       # backoff 0: due at once
+    again = a.events[-3:]
+    assert a.take() == ps[:3] and [e["attempt"] for e in again] == [2, 2, 2]
+    d.on_ack(a.wid, 0, ps)
+    assert d.in_flight == 0 and d.checkpoint == 8 and d.retried == 3
+
+
+@pytest.mark.timeout(20)
+def test_worker_lost_redelivers_fast_events_with_the_next_attempt(tmp_path: Any) -> None:
+    log, d, _ = make(tmp_path, 10, 2)
+    a, b = Handle(0), Handle(1)
+    d.pump([a, b], False)
+    lost_ps = a.take()
+    b.take()
+    assert d.worker_lost(a.wid) == len(lost_ps)
+    c = Handle(0)
+    d.pump([c, b], False)
+    assert c.take() == lost_ps
+    assert {e["attempt"] for e in c.events} == {2}
+    assert d.worker_in_flight(a.wid) == 0
+
+
+@pytest.mark.timeout(20)
+def test_park_and_skip_take_fast_events_out(tmp_path: Any) -> None:
+    log, d, parked = make(tmp_path, 6, 1)
+    a = Handle(0)
+    d.pump([a], False)
+    ps = a.take()
+    d.on_nack(a.wid, ps[:2], "park", "bad")
+    d.on_nack(a.wid, ps[2:4], "skip", None)
+    assert parked == [(ps[0], "bad"), (ps[1], "bad")]
+    assert d.in_flight == 2 and d.checkpoint == ps[3]
+    d.on_ack(a.wid, 0, ps[4:])
+    assert d.checkpoint == 6 and d.parked == 2
+
+
+@pytest.mark.timeout(20)
+def test_pinned_order_holds_across_a_resize_with_events_in_flight(tmp_path: Any) -> None:
+    log, d, _ = make(tmp_path, 60, 12, max_in_flight=1000)
+    start = len(SENT)
+    a, b = Handle(0), Handle(1)
+    d.pump([a, b], False)
+    first: Dict[int, List[int]] = {a.wid: a.take(), b.wid: b.take()}
+    # grow to 3 workers while all 60 are in flight, then publish 60 more
+    evs = [{"stream": "s-%d" % (i % 12), "type": "t", "data": i} for i in range(60)]
+    log.append([validate_publish({"events": evs}, CFG)])
+    c = Handle(2)
+    d.pump([a, b, c], False)
+    by_stream_old = {"s-%d" % k: (a.wid if stream_slot("s-%d" % k, 2) == 0 else b.wid)
+                     for k in range(12)}
+    moved = {s for s, w in by_stream_old.items()
+             if [a.wid, b.wid, c.wid][stream_slot(s, 3)] != w}
+    assert moved, "no stream changed worker: the test needs one"
+    got = collections.defaultdict(list)
+    for h in (a, b, c):
+        for e in h.events[len(first.get(h.wid, [])):]:
+            got[e["stream"]].append((h.wid, e["position"]))
+    for s in moved:
+        assert got[s] == [], "stream %s got events on another worker before its earlier " \
+                             "ones were acked: %r" % (s, got[s])
+    # streams that kept their worker were not held back
+    kept = set(by_stream_old) - moved
+    assert any(got[s] for s in kept)
+    # ack the first round: the moved streams now go to their new worker, in order
+    d.on_ack(a.wid, 0, first[a.wid])
+    d.on_ack(b.wid, 1, first[b.wid])
+    for h in (a, b, c):
+        h.take()
+    d.pump([a, b, c], False)
+    order = collections.defaultdict(list)
+    for e in SENT[start:]:
+        order[e["stream"]].append(e["position"])
+    for s, ps in order.items():
+        assert ps == sorted(ps), "stream %s out of order: %r" % (s, ps)
+    for s in moved:
+        new_wid = [a.wid, b.wid, c.wid][stream_slot(s, 3)]
+        h = {a.wid: a, b.wid: b, c.wid: c}[new_wid]
+        assert any(e["stream"] == s and e["position"] > 60 for e in h.events)
+    assert d.in_flight == 60 and d.cursor == 121
