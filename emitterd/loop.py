@@ -119,6 +119,10 @@ class Loop:
                 hook()
             except Exception:
                 log.exception("unhandled error at the end of a loop turn")
+        self.flush_dirty()
+
+    def flush_dirty(self) -> None:
+        """Flush everything marked dirty so far (a hook may call it to send early)."""
         while self._dirty:
             dirty, self._dirty = self._dirty, {}
             for obj in dirty.values():

@@ -123,3 +123,6 @@ class Committer:
                 req.fail(b.result)
             else:
                 req.reply(b.result)
+        # the answers leave before this turn's dispatch work, so publishers prepare their
+        # next batch while we route this one
+        self.ctx.loop.flush_dirty()
