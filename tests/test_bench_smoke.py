@@ -46,6 +46,9 @@ def test_bench_quick_json() -> None:
         assert isinstance(v["median"], (int, float)) and math.isfinite(v["median"]), k
         assert v["median"] > 0, (k, v)
         assert v["runs"] and all(x > 0 for x in v["runs"]), (k, v)
+    for n in (1, 2, 4):
+        for role in ("parent", "workers", "subscribers", "producer"):
+            assert "emitterd_cpu_us_%s_pool%d" % (role, n) in res, (role, n)
     assert not any(k.startswith(("redis_", "ratio_emitterd_redis")) for k in res)
     assert doc["raw"]["respawn"]["kills"] >= 1
     # the bench removes its temporary directory
