@@ -569,9 +569,10 @@ class Ev:
 def stored_record(stream: str, type_: str, tags: list, data: Any, corrupt: bool = False) -> Any:
     """A real EventRecord (data decoded lazily from its body), or None if not encodable."""
     items = [("position", 1), ("id", "x"), ("stream", stream), ("version", 0), ("type", type_),
-             ("data", data), ("metadata", {}), ("tags", tags), ("timestamp", 0)]
-    try:
-        body = b"".join(msgpack.packb(k) + msgpack.packb(v, use_bin_type=True) for k, v in items)
+             ("data", data), ("metadata", {}), ("tags", tags), ("timestamp", 0), ("attempt", 1)]
+    try:       # the stored layout: the whole delivered map, "attempt" 1 last
+        body = b"\x8a" + b"".join(msgpack.packb(k) + msgpack.packb(v, use_bin_type=True)
+                                   for k, v in items)
     except Exception:  # noqa: BLE001
         return None
     if corrupt:

@@ -118,3 +118,202 @@ def test_a_version_1_file_is_migrated(tmp_path):
     b = batch([ev("a"), ev("a", id="id-1"), ev("b")])
     log.append([b])
     assert b.result == {"positions": [4, 1, 5], "versions": [2, 0, 1]}
+
+
+# ---- stored layout, chunks, the v2 -> v3 migration ----------------------------------------
+
+def _v2_body(pos, event_id, stream, version, type_, data, metadata, tags, ts):
+    """A body as version 2 wrote it: the 9 entries without map header and attempt, this order."""
+    pack = msgpack.Packer(use_bin_type=True).pack
+    return b"".join(pack(k) + pack(v) for k, v in (
+        ("position", pos), ("id", event_id), ("stream", stream), ("version", version),
+        ("type", type_), ("data", data), ("metadata", metadata), ("tags", tags),
+        ("timestamp", ts)))
+
+
+def _write_v2_file(path, events, salt=0x123456789ABCDEF):
+    """A version 2 file holding `events` (dicts of stream, type, data, metadata, tags, id or
+    None), positions from 1, written as version 2 did: ids of its own for events without one."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(open(os.path.join(HERE, "data_v2_schema.sql")).read())
+    db.execute("INSERT INTO meta (name, value) VALUES ('id_salt', ?)", (salt.to_bytes(8, "big"),))
+    versions = {}
+    expected = []
+    for pos, e in enumerate(events, 1):
+        version = versions[e["stream"]] = versions.get(e["stream"], -1) + 1
+        event_id = e["id"] or generated_id(salt, pos)
+        full = {"position": pos, "id": event_id, "stream": e["stream"], "version": version,
+                "type": e["type"], "data": e["data"], "metadata": e["metadata"],
+                "tags": e["tags"], "timestamp": 1_700_000_000_000_000 + pos}
+        body = _v2_body(pos, event_id, e["stream"], version, e["type"], e["data"], e["metadata"],
+                        e["tags"], full["timestamp"])
+        db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
+                   (pos, e["stream"], version, e["type"],
+                    msgpack.packb(e["tags"]) if e["tags"] else None, body))
+        if e["id"]:
+            db.execute("INSERT INTO event_ids VALUES (?, ?, ?)", (e["id"], pos, version))
+        expected.append(full)
+    db.executemany("INSERT INTO streams VALUES (?, ?)", versions.items())
+    db.close()
+    return expected
+
+
+@pytest.mark.timeout(30)
+def test_a_version_2_file_is_migrated_to_chunks(tmp_path):
+    n = 1500          # more than one chunk of CHUNK_EVENTS
+    events = [{"stream": "s-%d" % (i % 7), "type": "T%d" % (i % 3),
+               "data": {"i": i, "x": "é" * (i % 5)}, "metadata": {"m": i} if i % 4 == 0 else {},
+               "tags": ["t", str(i)] if i % 2 else [],
+               "id": "client-%d" % i if i % 10 == 0 else None} for i in range(n)]
+    expected = _write_v2_file(str(tmp_path / "emitterd.db"), events)
+    log = open_log(str(tmp_path), tail_events=1024, tail_bytes=64 * 1024)
+    assert log.head == n
+    db = sqlite3.connect(str(tmp_path / "emitterd.db"))
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "events" not in tables and "chunks" in tables
+    rows = db.execute("SELECT first, last FROM chunks ORDER BY first").fetchall()
+    assert rows[0][0] == 1 and rows[-1][1] == n and len(rows) == 2
+    assert all(b[0] == a[1] + 1 for a, b in zip(rows, rows[1:]))
+    db.close()
+
+    got = log.read(1, n)
+    assert [r.position for r in got] == list(range(1, n + 1))
+    for r, full in zip(got, expected):
+        assert r.decode() == full
+        assert (r.stream, r.type, r.tags) == (full["stream"], full["type"], full["tags"])
+        assert msgpack.unpackb(r.encoded(1), raw=False) == dict(full, attempt=1)
+        assert msgpack.unpackb(r.encoded(5), raw=False) == dict(full, attempt=5)
+    some = log.get([n, 3, 1025, 1024, 0, n + 1])
+    assert sorted(some) == [3, 1024, 1025, n] and some[1025].decode() == expected[1024]
+
+    # idempotent republish of an old client id and of an old generated id; new events go on
+    b = batch([ev("s-0", id="client-10"), ev("s-0", id=expected[4]["id"]), ev("s-0"),
+               ev("new", id="client-new")])
+    log.append([b])
+    last_s0 = max(e["version"] for e in expected if e["stream"] == "s-0")
+    assert b.result == {"positions": [11, 5, n + 1, n + 2],
+                        "versions": [expected[10]["version"], expected[4]["version"],
+                                     last_s0 + 1, 0]}
+    assert log.read(n + 1, 5)[0].decode()["version"] == last_s0 + 1
+    log.close()
+
+    log = open_log(str(tmp_path))      # migrated once: opens as version 3
+    assert log.head == n + 2
+    assert log.read(n + 2, 1)[0].decode()["id"] == "client-new"
+    again = batch([ev("new", id="client-new"), ev("s-0", id=expected[4]["id"])])
+    log.append([again])
+    assert again.result == {"positions": [n + 2, 5], "versions": [0, expected[4]["version"]]}
+
+
+@pytest.mark.timeout(20)
+def test_stored_body_is_the_delivered_map_with_attempt_1_last(tmp_path):
+    log = open_log(str(tmp_path))
+    b = batch([ev("a", data={"k": [1, 2]}, tags=["x"]), ev("a", id="mine", metadata={"m": 1})])
+    r1, r2 = log.append([b])
+    for r in (r1, r2):
+        assert r.body[0] == 0x8a and r.body.endswith(msgpack.packb("attempt") + b"\x01")
+        assert r.encoded(1) is r.body
+        full = msgpack.unpackb(r.body, raw=False)
+        assert list(full)[-1] == "attempt" and len(full) == 10
+        assert r.decode() == {k: v for k, v in full.items() if k != "attempt"}
+        for attempt in (2, 127, 128, 255, 70_000, 1 << 40):
+            assert msgpack.unpackb(r.encoded(attempt), raw=False) == dict(full, attempt=attempt)
+    assert r2.decode()["id"] == "mine" and r2.decode()["metadata"] == {"m": 1}
+    assert r1.decode()["metadata"] == {} and r1.data == {"k": [1, 2]}
+
+
+@pytest.mark.timeout(20)
+def test_new_files_use_16k_pages(tmp_path):
+    open_log(str(tmp_path)).close()
+    db = sqlite3.connect(str(tmp_path / "emitterd.db"))
+    assert db.execute("PRAGMA page_size").fetchone()[0] == 16384
+
+
+@pytest.mark.timeout(30)
+def test_a_transaction_is_split_into_bounded_chunks_and_read_back_cold(tmp_path):
+    from emitterd.eventlog.sqlite import CHUNK_BYTES, CHUNK_EVENTS
+    log = open_log(str(tmp_path), tail_events=1024, tail_bytes=1024)
+    small = [batch([ev("s-%d" % (i % 3)) for i in range(1000)]) for _ in range(3)]
+    big = batch([ev("big", data="b" * 300_000) for _ in range(10)])
+    log.append(small + [big])          # one transaction: 3010 events
+    assert log.head == 3010
+    db = sqlite3.connect(str(tmp_path / "emitterd.db"))
+    rows = db.execute("SELECT first, last, length(bodies) FROM chunks ORDER BY first").fetchall()
+    assert rows[0][0] == 1 and rows[-1][1] == 3010
+    assert all(b[0] == a[1] + 1 for a, b in zip(rows, rows[1:]))
+    assert all(last - first + 1 <= CHUNK_EVENTS and (size <= CHUNK_BYTES or first == last)
+               for first, last, size in rows)
+    assert [last - first + 1 for first, last, _ in rows][:2] == [1024, 1024]
+    assert len(rows) >= 6          # the 300 KB events fill a chunk by size, not by count
+    assert log._tail_start > 3000            # what follows reads the chunks
+
+    got = log.read(1000, 2011)               # across chunk boundaries, from mid-chunk
+    assert [r.position for r in got] == list(range(1000, 3011))
+    assert got[0].stream == "s-0" and got[-1].data == "b" * 300_000
+    positions = [1, 1024, 1025, 2048, 2049, 3001, 3005, 3010]
+    some = log.get(reversed(positions))
+    assert sorted(some) == positions
+    assert all(some[p].decode()["position"] == p for p in positions)
+    generated = some[2049].decode()["id"]
+    again = batch([ev("x", id=generated)])
+    log.append([again])
+    assert again.result == {"positions": [2049], "versions": [some[2049].decode()["version"]]}
+
+
+@pytest.mark.timeout(20)
+def test_fast_validation_agrees_with_validate_event():
+    from emitterd.control.events import validate_event
+    events = [
+        ev("s"), ev("s", data=None), ev("s", data={"a": [1, 2.5, b"\x00"]}), ev("s", id="x" * 128),
+        ev("s", id=None), ev("s", metadata=None), ev("s", metadata={"k": "v"}), ev("s", tags=None),
+        ev("s", tags=[]), ev("s", tags=["a", "ü"]), ev("ß" * 256, type="τ" * 256, id="ид"),
+        {"data": 1, "tags": ["t"], "type": "T", "id": "i", "metadata": {}, "stream": "s"},
+    ]
+    fast = batch(events).events
+    for i, (e, got) in enumerate(zip(events, fast)):
+        slow = validate_event(e, "events.%d" % i, CFG.max_event_bytes)
+        assert got[:3] + got[4:] == slow[:3] + slow[4:]      # all but the head's key order
+        n = 6 if got.id is not None else 5
+        assert msgpack.unpackb(bytes([0x80 | n]) + got.head, raw=False) == msgpack.unpackb(
+            bytes([0x80 | n]) + slow.head, raw=False)
+    for bad, field in (({"stream": "s", "type": "T", "colour": 1}, "events.0.colour"),
+                       (ev("s", tags=["a", 1]), "events.0.tags.1"), (ev(""), "events.0.stream"),
+                       (ev("s", metadata=[]), "events.0.metadata"), ([], "events.0"),
+                       (ev("s", id=""), "events.0.id"), (ev("s", data={1, 2}), "events.0.data")):
+        with pytest.raises(ProtocolError) as err:
+            batch([bad])
+        assert err.value.code == "invalid" and err.value.details == {"field": field}
+
+
+@pytest.mark.timeout(20)
+def test_max_event_bytes_bounds_the_delivered_event(tmp_path):
+    class Cfg:
+        max_publish_events = 10
+        max_event_bytes = 1000
+    log = open_log(str(tmp_path))
+    for client_id in (None, "i" * 20):
+        largest = 0
+        for n in range(700, 1000):
+            e = ev("s", data="d" * n, id=client_id and "%s%03d" % (client_id, n))
+            try:
+                b = validate_publish({"events": [e]}, Cfg)
+            except ProtocolError as err:
+                assert err.details == {"field": "events.0"}
+                break
+            rec, = log.append([b])
+            assert len(rec.encoded(1)) <= len(rec.encoded(1 << 40)) <= 1000
+            largest = len(rec.encoded(1))
+        assert 1000 - 40 < largest    # refused near the limit, not far below it
+
+
+@pytest.mark.timeout(20)
+def test_generated_ids_in_stored_events(tmp_path):
+    log = open_log(str(tmp_path))
+    log.append([batch([ev("s")] * 5000)])
+    log.head = (1 << 48) - 2           # as if that many events preceded
+    log._tail, log._tail_start = [], log.head + 1
+    log.append([batch([ev("s")] * 3)])
+    salt = log._salt
+    for p in (1, 4095, 4096, 4097, 5000, (1 << 48) - 1, 1 << 48, (1 << 48) + 1):
+        rec, = log.get([p]).values()
+        assert rec.decode()["id"] == generated_id(salt, p) and rec.decode()["position"] == p

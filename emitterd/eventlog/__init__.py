@@ -4,16 +4,17 @@ Today's backend is SQLite (eventlog/sqlite.py). A shared backend (DESIGN §7) wo
 implement the same class.
 """
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 import msgpack
 
-# A delivered event is a 10-entry map; the stored body holds the first 9 entries
-# (everything but "attempt") already encoded, so delivery never re-encodes it.
+# A stored body is the whole delivered Event map (10 entries) with "attempt": 1 as its last
+# entry, so a first delivery forwards the stored bytes as they are and a retry swaps only the
+# last byte (the fixint 1) for the attempt number.
 EVENT_MAP_HEADER = b"\x8a"
-STORED_MAP_HEADER = b"\x89"
 ATTEMPT_KEY = msgpack.packb("attempt")
-_ATTEMPTS = [ATTEMPT_KEY + msgpack.packb(i) for i in range(128)]   # positive fixints
+FIRST_ATTEMPT = ATTEMPT_KEY + b"\x01"
+_ATTEMPT_VALUES = [msgpack.packb(i) for i in range(128)]    # positive fixints
 
 
 class EventRecord:
@@ -37,24 +38,32 @@ class EventRecord:
         return self._data
 
     def decode(self) -> dict:
-        return msgpack.unpackb(STORED_MAP_HEADER + self.body, raw=False, strict_map_key=False)
+        """The event map without "attempt" (that belongs to a delivery, not to the event)."""
+        event = msgpack.unpackb(self.body, raw=False, strict_map_key=False)
+        event.pop("attempt", None)
+        return event
 
     def encoded(self, attempt: int) -> bytes:
         """The delivered Event map, encoded, with this attempt number."""
-        tail = _ATTEMPTS[attempt] if attempt < 128 else ATTEMPT_KEY + msgpack.packb(attempt)
-        return EVENT_MAP_HEADER + self.body + tail
+        if attempt == 1:
+            return self.body
+        return self.body[:-1] + (_ATTEMPT_VALUES[attempt] if 0 <= attempt < 128
+                                 else msgpack.packb(attempt))
 
 
 _UNSET = object()
 
 
-@dataclass
-class NewEvent:
-    """A validated event of a publish request, before it has a position."""
+class NewEvent(NamedTuple):
+    """A validated event of a publish request, before it has a position.
+
+    A tuple (the publish path builds it with tuple.__new__, cheaper than any __init__).
+    """
     stream: str
     type: str
-    id: Optional[str]
-    payload: bytes          # encoded "data", "metadata", "tags" entries (keys and values)
+    id: Optional[str]   # the client's id; None: the log generates one
+    head: bytes         # the "stream", "type", "data", "metadata", "tags" entries and a client
+                        # id's, encoded as a run of key/value pairs (no map header), any order
     tags: list
 
 

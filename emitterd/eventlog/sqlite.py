@@ -1,31 +1,30 @@
 """SQLite backend of the event log: one file in the data dir, WAL, single writer."""
+import functools
 import os
 import secrets
 import sqlite3
 import time
 import uuid
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import msgpack
 
 from emitterd import logs
 from emitterd.errors import CONFLICT, UNAVAILABLE, ProtocolError
-from emitterd.eventlog import EventLog, EventRecord
+from emitterd.eventlog import EVENT_MAP_HEADER, FIRST_ATTEMPT, EventLog, EventRecord
 from emitterd.paths import ensure_private_dir
 
-# The events table has no secondary index: every event pays only for its own row.
-# Stream heads live in `streams` (one upsert per stream per transaction) and client ids in
-# `event_ids` (written only for events that carry one), so publishers without ids pay nothing
-# for idempotency.
+# Events are stored by the chunk: the consecutive events one transaction appends, their bodies
+# concatenated in one row, so an event costs a share of a row instead of a row of its own (SQLite's
+# cost is mostly per row). Stream heads live in `streams` (one upsert per stream per transaction)
+# and client ids in `event_ids` (written only for events that carry one), so publishers without
+# ids pay nothing for idempotency. A chunk holds positions first..last, every one of them.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
-    position  INTEGER PRIMARY KEY,
-    stream    TEXT NOT NULL,
-    version   INTEGER NOT NULL,
-    type      TEXT NOT NULL,
-    tags      BLOB,
-    body      BLOB NOT NULL
+CREATE TABLE IF NOT EXISTS chunks (
+    first   INTEGER PRIMARY KEY,
+    last    INTEGER NOT NULL,
+    bodies  BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS streams (
     stream  TEXT PRIMARY KEY,
@@ -66,11 +65,50 @@ COMMIT;
 
 log = logs.get("eventlog")
 _pack = msgpack.Packer(use_bin_type=True).pack
-K_POSITION, K_ID, K_STREAM, K_VERSION, K_TYPE, K_TIMESTAMP = (
-    _pack(k) for k in ("position", "id", "stream", "version", "type", "timestamp"))
 
+# Bounds of one chunk row: few enough events that a cold read of one position decodes little,
+# large enough that the per-row cost vanishes.
+CHUNK_EVENTS = 1024
+CHUNK_BYTES = 1 << 20
+# Larger pages hold a chunk in fewer overflow pages; SQLite applies it to new files only.
+PAGE_SIZE = 16384
+_INSERT_CHUNK = "INSERT INTO chunks (first, last, bodies) VALUES (?, ?, ?)"
+_CHUNK_AT = "SELECT first, last, bodies FROM chunks WHERE first <= ? ORDER BY first DESC LIMIT 1"
+_UPSERT_MAX = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _upsert_streams(n: int) -> str:
+    return ("INSERT INTO streams (stream, version) VALUES %s ON CONFLICT (stream) "
+            "DO UPDATE SET version = excluded.version" % ", ".join(["(?, ?)"] * n))
+
+
+K_POSITION, K_ID, K_VERSION, K_TIMESTAMP = (_pack(k) for k in ("position", "id", "version",
+                                                                 "timestamp"))
+_LOW_HEX = [b"%03x" % i for i in range(4096)]
 _POS_MASK = (1 << 62) - 1
 _STREAM_CACHE_MAX = 200_000
+
+
+def _chunked(first: int, bodies: list) -> list:
+    """Chunk rows (first, last, bodies) for consecutive bodies from position `first` on."""
+    rows = []
+    i = 0
+    n = len(bodies)
+    while i < n:
+        j = i + 1           # a body over CHUNK_BYTES gets a chunk of its own
+        size = len(bodies[i])
+        while j < n and j - i < CHUNK_EVENTS and size + len(bodies[j]) <= CHUNK_BYTES:
+            size += len(bodies[j])
+            j += 1
+        rows.append((first + i, first + j - 1, b"".join(bodies[i:j])))
+        i = j
+    return rows
+
+
+def _damaged(position: int, chunk: Optional[tuple]) -> sqlite3.DatabaseError:
+    where = "no chunk holds it" if chunk is None else "not in its chunk %d..%d" % chunk
+    return sqlite3.DatabaseError("the event log is damaged: position %d is %s" % (position, where))
 
 
 def generated_id(salt: int, position: int) -> str:
@@ -106,6 +144,8 @@ class SqliteLog(EventLog):
         ensure_private_dir(data_dir)
         self.path = os.path.join(data_dir, "emitterd.db")
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # before anything writes the file (WAL mode does): a page size is fixed at creation
+        self._db.execute("PRAGMA page_size=%d" % PAGE_SIZE)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=%s" % ("FULL" if synchronous == "full" else "NORMAL"))
         self._db.execute("PRAGMA busy_timeout=2000")
@@ -113,15 +153,17 @@ class SqliteLog(EventLog):
         if "client_id" in cols:
             self._db.executescript(MIGRATE_FROM_V1)
         self._db.executescript(SCHEMA)
+        if cols:
+            self._migrate_v2()
         os.chmod(self.path, 0o600)
         salt = self.meta("id_salt")
         if salt is None:
             salt = secrets.randbits(60).to_bytes(8, "big")
             self._db.execute("INSERT INTO meta (name, value) VALUES ('id_salt', ?)", (salt,))
         self._salt = int.from_bytes(salt, "big")
-        self._id_prefix = _id_prefix(self._salt)
-        row = self._db.execute("SELECT MAX(position) FROM events").fetchone()
-        self.head = row[0] or 0
+        # chunks are in position order: the last one ends at the head (MAX(last) would scan)
+        row = self._db.execute("SELECT last FROM chunks ORDER BY first DESC LIMIT 1").fetchone()
+        self.head = row[0] if row else 0
         self._stream_versions: dict = {}
         self._tail: list = []
         self._tail_start = self.head + 1
@@ -129,6 +171,44 @@ class SqliteLog(EventLog):
         self._tail_max = max(1024, tail_events)
         self._tail_bytes_max = tail_bytes
         self._tail_bytes = 0
+
+    def _migrate_v2(self) -> None:
+        """Version 2 stored one row per event, its body without map header and attempt: move
+        them into chunks, in one transaction (a crash leaves version 2, migrated again)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            n = 0
+            parts: list = []
+            first = prev = size = 0
+            cur = db.execute("SELECT position, body FROM events ORDER BY position")
+            while True:
+                rows = cur.fetchmany(4096)
+                if not rows:
+                    break
+                out = []
+                for pos, body in rows:
+                    body = EVENT_MAP_HEADER + body + FIRST_ATTEMPT
+                    if parts and (pos != prev + 1 or len(parts) >= CHUNK_EVENTS
+                                  or size + len(body) > CHUNK_BYTES):
+                        out.append((first, prev, b"".join(parts)))
+                        parts = []
+                    if not parts:
+                        first, size = pos, 0
+                    parts.append(body)
+                    size += len(body)
+                    prev = pos
+                n += len(rows)
+                db.executemany(_INSERT_CHUNK, out)
+            if parts:
+                db.execute(_INSERT_CHUNK, (first, prev, b"".join(parts)))
+            db.execute("DROP TABLE events")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        log.info("event log moved to one row per chunk of events", events=n)
 
     # ---- events --------------------------------------------------------------
     def _stream_version(self, stream: str, overlay: dict) -> int:
@@ -148,21 +228,33 @@ class SqliteLog(EventLog):
     def _lookup_id(self, event_id: str) -> Optional[tuple]:
         pos = generated_position(self._salt, event_id)
         if pos is not None and pos <= self.head:
-            row = self._db.execute("SELECT position, version FROM events WHERE position = ?",
-                                   (pos,)).fetchone()
-        else:
-            row = self._db.execute("SELECT position, version FROM event_ids WHERE id = ?",
-                                   (event_id,)).fetchone()
+            if pos >= self._tail_start:
+                version = self._tail[pos - self._tail_start].decode()["version"]
+            else:
+                version = None
+                for event, _ in self._cold_events([pos]):
+                    version = event["version"]
+            return None if version is None else (pos, version)
+        row = self._db.execute("SELECT position, version FROM event_ids WHERE id = ?",
+                               (event_id,)).fetchone()
         return tuple(row) if row else None
 
     def append(self, batches: list) -> list:
-        ts = _pack(int(time.time() * 1_000_000))
+        ts = int(time.time() * 1_000_000)
         pos = self.head
         overlay: dict = {}
         ids: dict = {}     # client id -> (position, version), new in this transaction
-        rows = []
-        records = []
-        prefix = self._id_prefix
+        bodies: list = []
+        records: list = []
+        add_body = bodies.append
+        add_record = records.append
+        pack = _pack
+        join = b"".join
+        closing = K_TIMESTAMP + _pack(ts) + FIRST_ATTEMPT
+        salt = self._salt
+        low_hex = _LOW_HEX
+        high = -1
+        id_entry = b""
         for b in batches:
             if b.expected_version is not None:
                 stream = b.events[0].stream
@@ -172,44 +264,55 @@ class SqliteLog(EventLog):
                                              % (stream, current, b.expected_version),
                                              {"stream": stream, "current_version": current})
                     continue
-            positions = []
-            versions = []
-            for e in b.events:
-                eid = e.id
+            positions: list = []
+            versions: list = []
+            add_position = positions.append
+            add_version = versions.append
+            for stream, type_, eid, head, tags in b.events:
                 if eid is not None:
                     hit = ids.get(eid) or self._lookup_id(eid)
                     if hit is not None:
-                        positions.append(hit[0])
-                        versions.append(hit[1])
+                        add_position(hit[0])
+                        add_version(hit[1])
                         continue
                 pos += 1
-                stream = e.stream
                 version = overlay.get(stream)
                 version = (self._stream_version(stream, overlay) if version is None else version) + 1
                 overlay[stream] = version
-                if eid is not None:
-                    ids[eid] = (pos, version)
-                    gen = eid
+                # the entries that depend on the position, joined with the head: two small
+                # pack() calls and constant keys beat packing one array of them (measured);
+                # the timestamp is the transaction's and "attempt" 1 comes last, where
+                # encoded() finds it; a client id is in the head already
+                if eid is None:
+                    if pos >> 12 != high:
+                        high = pos >> 12       # the generated id's entry, but its last 3 digits
+                        id_entry = K_ID + pack(generated_id(salt, pos))[:-3]
+                    body = join((EVENT_MAP_HEADER, head, K_POSITION, pack(pos), id_entry,
+                                 low_hex[pos & 0xFFF], K_VERSION, pack(version), closing))
                 else:
-                    gen = prefix + "%04x-%012x" % (0x8000 | (pos >> 48), pos & 0xFFFFFFFFFFFF)
-                body = b"".join((K_POSITION, _pack(pos), K_ID, _pack(gen), K_STREAM, _pack(stream),
-                                 K_VERSION, _pack(version), K_TYPE, _pack(e.type), e.payload,
-                                 K_TIMESTAMP, ts))
-                tags = e.tags
-                rows.append((pos, stream, version, e.type, _pack(tags) if tags else None, body))
-                records.append(EventRecord(pos, stream, e.type, tags, body))
-                positions.append(pos)
-                versions.append(version)
+                    ids[eid] = (pos, version)
+                    body = join((EVENT_MAP_HEADER, head, K_POSITION, pack(pos), K_VERSION,
+                                 pack(version), closing))
+                add_body(body)
+                add_record(EventRecord(pos, stream, type_, tags, body))
+                add_position(pos)
+                add_version(version)
             b.result = {"positions": positions, "versions": versions}
-        if not rows:
+        if not records:
             return []
+        first = self.head + 1
+        size = sum(map(len, bodies))
+        if len(bodies) <= CHUNK_EVENTS and size <= CHUNK_BYTES:
+            chunks = [(first, pos, b"".join(bodies))]
+        else:
+            chunks = _chunked(first, bodies)
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("INSERT INTO events (position, stream, version, type, tags, body) "
-                                 "VALUES (?, ?, ?, ?, ?, ?)", rows)
-            self._db.executemany("INSERT INTO streams (stream, version) VALUES (?, ?) ON CONFLICT "
-                                 "(stream) DO UPDATE SET version = excluded.version",
-                                 overlay.items())
+            if len(chunks) == 1:
+                self._db.execute(_INSERT_CHUNK, chunks[0])
+            else:
+                self._db.executemany(_INSERT_CHUNK, chunks)
+            self._save_stream_versions(overlay)
             if ids:
                 self._db.executemany("INSERT INTO event_ids (id, position, version) VALUES (?, ?, ?)",
                                      [(i, p, v) for i, (p, v) in ids.items()])
@@ -218,7 +321,8 @@ class SqliteLog(EventLog):
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             log.error("publish failed: the event log could not store the events", error=str(e),
-                      events=len(rows))
+                      events=len(records))
+            self._restart_wal()
             err = ProtocolError(UNAVAILABLE, "the event log could not store the events: %s" % e)
             for b in batches:
                 if isinstance(b.result, dict):
@@ -227,7 +331,7 @@ class SqliteLog(EventLog):
         self.head = pos
         self._stream_versions.update(overlay)
         self._tail.extend(records)
-        self._tail_bytes += sum(len(r.body) for r in records)
+        self._tail_bytes += size
         if len(self._tail) > self._tail_max * 2 or self._tail_bytes > self._tail_bytes_max:
             drop = max(0, len(self._tail) - self._tail_max)
             kept_bytes = self._tail_bytes - sum(len(r.body) for r in self._tail[:drop])
@@ -239,17 +343,100 @@ class SqliteLog(EventLog):
             self._tail_bytes = kept_bytes
         return records
 
+    def _restart_wal(self) -> None:
+        """After a failed commit (a full disk, a file size limit): copy the WAL into the database
+        now, so that the next write starts the WAL over from its beginning. A chunk is large (and
+        its pages too): the room left behind the last commit may not take even a one-page write,
+        such as the subscription saved when a pool stops."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as e:
+            log.warning("checkpoint after a failed commit failed too", error=str(e))
+
+    def _save_stream_versions(self, overlay: dict) -> None:
+        """Upsert every stream's new version: many rows per statement (half the cost of one
+        statement per row), in groups of a power of two so that few statements are prepared."""
+        flat = [x for item in overlay.items() for x in item]
+        i = 0
+        while i < len(flat):
+            n = min(_UPSERT_MAX, 1 << ((len(flat) - i) // 2).bit_length() - 1)
+            self._db.execute(_upsert_streams(n), flat[i:i + 2 * n])
+            i += 2 * n
+
+    def _chunk_at(self, position: int) -> Optional[tuple]:
+        """(first, last, unpacker, bodies) of the chunk holding `position`, or None; the
+        unpacker stands at that position."""
+        row = self._db.execute(_CHUNK_AT, (position,)).fetchone()
+        if row is None or row[1] < position:
+            return None
+        first, last, bodies = row
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False,
+                                    max_buffer_size=max(len(bodies), 1 << 20))
+        unpacker.feed(bodies)
+        for _ in range(position - first):
+            unpacker.skip()
+        return first, last, unpacker, bodies
+
+    def _cold_events(self, positions: Iterable[int]) -> Iterator[tuple]:
+        """(event map, body) at each of the given positions (ascending) that is stored, from
+        its chunk; the other events of the chunk are skipped, not decoded."""
+        last = 0
+        at = 0
+        for p in positions:
+            if p > last or p < at:
+                chunk = self._chunk_at(p)
+                if chunk is None:
+                    continue
+                first, last, unpacker, bodies = chunk
+            elif p > at:
+                for _ in range(p - at):
+                    unpacker.skip()
+            start = unpacker.tell()
+            event = unpacker.unpack()
+            if event.get("position") != p:
+                raise _damaged(p, (first, last))
+            at = p + 1
+            yield event, bodies[start:unpacker.tell()]
+
+    def _cold_records(self, start: int, end: int) -> list:
+        """EventRecords of positions start..end (all stored), from their chunks."""
+        out = []
+        add = out.append
+        p = start
+        while p <= end:
+            chunk = self._chunk_at(p)
+            if chunk is None:
+                raise _damaged(p, None)
+            first, last, unpacker, bodies = chunk
+            stop = min(last, end)
+            offset = unpacker.tell()
+            for event in unpacker:
+                if event.get("position") != p:
+                    break
+                end_offset = unpacker.tell()
+                add(EventRecord(p, event["stream"], event["type"], event["tags"],
+                                bodies[offset:end_offset]))
+                offset = end_offset
+                p += 1
+                if p > stop:
+                    break
+            if p <= stop:
+                raise _damaged(p, (first, last))
+        return out
+
     def read(self, start: int, limit: int) -> list:
+        start = max(start, 1)
         if start > self.head or limit <= 0:
             return []
+        end = min(self.head, start + limit - 1)
         if start >= self._tail_start:
             i = start - self._tail_start
             return self._tail[i:i + limit]
-        rows = self._db.execute("SELECT position, stream, type, tags, body FROM events "
-                                "WHERE position >= ? ORDER BY position LIMIT ?",
-                                (start, limit)).fetchall()
-        return [EventRecord(p, s, t, msgpack.unpackb(tg) if tg else [], body)
-                for p, s, t, tg, body in rows]
+        cold_end = min(end, self._tail_start - 1)
+        out = self._cold_records(start, cold_end)
+        if cold_end < end:
+            out.extend(self._tail[:end - cold_end])
+        return out
 
     def get(self, positions: Iterable[int]) -> dict:
         out = {}
@@ -257,14 +444,11 @@ class SqliteLog(EventLog):
         for p in positions:
             if self._tail_start <= p <= self.head:
                 out[p] = self._tail[p - self._tail_start]
-            else:
+            elif 1 <= p <= self.head:
                 wanted.append(p)
-        for i in range(0, len(wanted), 500):
-            chunk = wanted[i:i + 500]
-            q = "SELECT position, stream, type, tags, body FROM events WHERE position IN (%s)" % (
-                ",".join("?" * len(chunk)))
-            for p, s, t, tg, body in self._db.execute(q, chunk):
-                out[p] = EventRecord(p, s, t, msgpack.unpackb(tg) if tg else [], body)
+        for event, body in self._cold_events(sorted(set(wanted))):
+            p = event["position"]
+            out[p] = EventRecord(p, event["stream"], event["type"], event["tags"], body)
         return out
 
     # ---- subscriptions and checkpoints ---------------------------------------
