@@ -44,10 +44,15 @@ def test_bench_quick_json() -> None:
     for k, v in res.items():
         assert {"median", "runs", "unit"} <= set(v), k
         assert isinstance(v["median"], (int, float)) and math.isfinite(v["median"]), k
+        assert v["runs"], (k, v)
+        if k.startswith("emitterd_cpu_us_checkpointer_"):
+            # it wakes every 0.5 s: a --quick run may well end before it does anything
+            assert v["median"] >= 0 and all(x >= 0 for x in v["runs"]), (k, v)
+            continue
         assert v["median"] > 0, (k, v)
-        assert v["runs"] and all(x > 0 for x in v["runs"]), (k, v)
+        assert all(x > 0 for x in v["runs"]), (k, v)
     for n in (1, 2, 4):
-        for role in ("parent", "workers", "subscribers", "producer"):
+        for role in ("parent", "workers", "checkpointer", "subscribers", "producer"):
             assert "emitterd_cpu_us_%s_pool%d" % (role, n) in res, (role, n)
     assert not any(k.startswith(("redis_", "ratio_emitterd_redis")) for k in res)
     assert doc["raw"]["respawn"]["kills"] >= 1
