@@ -92,6 +92,31 @@ def test_tail_is_bounded_and_reads_fall_back_to_sqlite(tmp_path):
 
 
 @pytest.mark.timeout(20)
+def test_tail_is_trimmed_a_little_at_a_time(tmp_path):
+    # freeing tens of thousands of records in one go stalls the loop: every trim stays small
+    log = open_log(str(tmp_path), tail_events=4096, tail_bytes=1 << 30)
+    drops = []
+    for i in range(100):
+        start = log._tail_start
+        log.append([batch([ev("s-%d" % j) for j in range(100)])])
+        drops.append(log._tail_start - start)
+        assert len(log._tail) <= 4096 + 4096 // 64
+        assert log._tail_start + len(log._tail) - 1 == log.head
+    assert sum(drops) == 100 * 100 - len(log._tail) and max(drops) <= 4096 // 64 + 100
+    # the same by bytes
+    log2 = open_log(str(tmp_path / "b"), tail_events=1 << 20, tail_bytes=256 * 1024)
+    drops = []
+    for i in range(100):
+        start = log2._tail_start
+        log2.append([batch([ev("s-%d" % j, data="x" * 200) for j in range(100)])])
+        drops.append(log2._tail_start - start)
+        assert log2._tail_bytes <= 256 * 1024
+        assert log2._tail_bytes == sum(len(r.body) for r in log2._tail)
+    assert log2._tail_start > 1 and max(drops) < 200
+    assert [r.position for r in log2.read(1, 10000)] == list(range(1, 10001))
+
+
+@pytest.mark.timeout(20)
 def test_generated_ids_round_trip():
     salt = 0xABCDEF0123456 & ((1 << 60) - 1)
     for pos in (1, 255, 1 << 40, (1 << 62) - 1):

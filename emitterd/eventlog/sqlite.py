@@ -88,6 +88,7 @@ K_POSITION, K_ID, K_VERSION, K_TIMESTAMP = (_pack(k) for k in ("position", "id",
 _LOW_HEX = [b"%03x" % i for i in range(4096)]
 _POS_MASK = (1 << 62) - 1
 _STREAM_CACHE_MAX = 200_000
+TAIL_SLACK_DIV = 64         # the tail is trimmed once 1/64 over a bound, back to the bound
 
 
 def _chunked(first: int, bodies: list) -> list:
@@ -169,6 +170,7 @@ class SqliteLog(EventLog):
         self._tail_start = self.head + 1
         # recent events stay in memory so live pools never query SQLite; bounded twice
         self._tail_max = max(1024, tail_events)
+        self._tail_slack = self._tail_max // TAIL_SLACK_DIV
         self._tail_bytes_max = tail_bytes
         self._tail_bytes = 0
 
@@ -332,16 +334,24 @@ class SqliteLog(EventLog):
         self._stream_versions.update(overlay)
         self._tail.extend(records)
         self._tail_bytes += size
-        if len(self._tail) > self._tail_max * 2 or self._tail_bytes > self._tail_bytes_max:
-            drop = max(0, len(self._tail) - self._tail_max)
-            kept_bytes = self._tail_bytes - sum(len(r.body) for r in self._tail[:drop])
-            while kept_bytes > self._tail_bytes_max // 2 and drop < len(self._tail):
-                kept_bytes -= len(self._tail[drop].body)
-                drop += 1
-            del self._tail[:drop]
-            self._tail_start += drop
-            self._tail_bytes = kept_bytes
+        if (len(self._tail) > self._tail_max + self._tail_slack
+                or self._tail_bytes > self._tail_bytes_max):
+            self._trim_tail()
         return records
+
+    def _trim_tail(self) -> None:
+        """Drop the oldest tail records, a little at a time: freeing tens of thousands of
+        records at once stalls the loop for 10+ ms (a latency spike for every publisher)."""
+        tail = self._tail
+        drop = max(0, len(tail) - self._tail_max)
+        kept_bytes = self._tail_bytes - sum(len(r.body) for r in tail[:drop])
+        floor = self._tail_bytes_max - self._tail_bytes_max // TAIL_SLACK_DIV
+        while kept_bytes > floor and drop < len(tail):
+            kept_bytes -= len(tail[drop].body)
+            drop += 1
+        del tail[:drop]
+        self._tail_start += drop
+        self._tail_bytes = kept_bytes
 
     def _restart_wal(self) -> None:
         """After a failed commit (a full disk, a file size limit): copy the WAL into the database
