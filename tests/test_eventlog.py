@@ -84,7 +84,7 @@ def test_tail_is_bounded_and_reads_fall_back_to_sqlite(tmp_path):
     log = open_log(str(tmp_path), tail_events=1024, tail_bytes=64 * 1024)
     for i in range(20):
         log.append([batch([ev("s-%d" % j, data="x" * 200) for j in range(256)])])
-    assert log._tail_bytes <= 64 * 1024 and len(log._tail) <= 2 * 1024
+    assert log._tail_bytes <= 64 * 1024 and log._tail_len() <= 1024
     assert log._tail_start > 1
     got = log.read(1, 5000)
     assert [r.position for r in got] == list(range(1, 5001))
@@ -93,16 +93,20 @@ def test_tail_is_bounded_and_reads_fall_back_to_sqlite(tmp_path):
 
 @pytest.mark.timeout(20)
 def test_tail_is_trimmed_a_little_at_a_time(tmp_path):
-    # freeing tens of thousands of records in one go stalls the loop: every trim stays small
+    # freeing tens of thousands of records in one go stalls the loop: once the tail is
+    # full, each append drops about as many records as it adds, never a pile at once
     log = open_log(str(tmp_path), tail_events=4096, tail_bytes=1 << 30)
     drops = []
     for i in range(100):
         start = log._tail_start
         log.append([batch([ev("s-%d" % j) for j in range(100)])])
         drops.append(log._tail_start - start)
-        assert len(log._tail) <= 4096 + 4096 // 64
-        assert log._tail_start + len(log._tail) - 1 == log.head
-    assert sum(drops) == 100 * 100 - len(log._tail) and max(drops) <= 4096 // 64 + 100
+        assert log._tail_len() == min(4096, log.head)
+        assert log._tail_start + log._tail_len() - 1 == log.head
+        assert [r.position for r in log.read(log.head - 5, 10)] == list(range(log.head - 5,
+                                                                            log.head + 1))
+    assert sum(drops) == 100 * 100 - 4096 and max(drops) == 100
+    assert len(log._tail) < 2 * 4096          # the dropped slots are compacted away
     # the same by bytes
     log2 = open_log(str(tmp_path / "b"), tail_events=1 << 20, tail_bytes=256 * 1024)
     drops = []
@@ -110,10 +114,17 @@ def test_tail_is_trimmed_a_little_at_a_time(tmp_path):
         start = log2._tail_start
         log2.append([batch([ev("s-%d" % j, data="x" * 200) for j in range(100)])])
         drops.append(log2._tail_start - start)
+        live = log2._tail[log2._tail_off:]
         assert log2._tail_bytes <= 256 * 1024
-        assert log2._tail_bytes == sum(len(r.body) for r in log2._tail)
-    assert log2._tail_start > 1 and max(drops) < 200
+        if log2._tail_start > 1:      # trimming: down to the bound, not far below it
+            assert log2._tail_bytes > 256 * 1024 - 400
+        assert log2._tail_bytes == sum(len(r.body) for r in live)
+        assert [r.position for r in live] == list(range(log2._tail_start, log2.head + 1))
+    assert log2._tail_start > 1 and max(drops) <= 101
     assert [r.position for r in log2.read(1, 10000)] == list(range(1, 10001))
+    got = log2.get([1, 5000, log2._tail_start, log2.head])
+    assert sorted(got) == [1, 5000, log2._tail_start, log2.head]
+    assert all(r.position == p for p, r in got.items())
 
 
 @pytest.mark.timeout(20)
@@ -336,7 +347,7 @@ def test_generated_ids_in_stored_events(tmp_path):
     log = open_log(str(tmp_path))
     log.append([batch([ev("s")] * 5000)])
     log.head = (1 << 48) - 2           # as if that many events preceded
-    log._tail, log._tail_start = [], log.head + 1
+    log._tail, log._tail_off, log._tail_start = [], 0, log.head + 1
     log.append([batch([ev("s")] * 3)])
     salt = log._salt
     for p in (1, 4095, 4096, 4097, 5000, (1 << 48) - 1, 1 << 48, (1 << 48) + 1):
