@@ -20,6 +20,7 @@ EXPECTED = [
     "ratio_emitterd_limit_pool1", "ratio_emitterd_limit_pool2", "ratio_emitterd_limit_pool4",
     "emitterd_publish_eps_pool1", "emitterd_drain_eps_pool1", "emitterd_drain_eps_pool4",
     "latency_p50_ms", "latency_p99_ms", "latency_max_ms", "latency_rate_eps",
+    "disk_fdatasync_p50_ms", "disk_fdatasync_p99_ms",
     "respawn_median_ms", "respawn_p99_ms",
     "ping_median_us", "ping_p99_us", "status_median_us", "status_p99_us",
     "pool_start_ms",
