@@ -14,6 +14,8 @@ _pack = msgpack.Packer(use_bin_type=True).pack
 _new_event = tuple.__new__
 EVENT_FIELDS = ("stream", "type", "data", "metadata", "tags", "id")
 EVENT_FIELD_SET = frozenset(EVENT_FIELDS)
+MAX_NAME_CHARS = 256      # stream and type
+MAX_ID_CHARS = 128
 _M = (1 << 64) - 1
 # What a delivered event holds beyond its head, at most: the map header and the position,
 # version, timestamp and attempt entries at their largest; and for an event without a client id
@@ -40,14 +42,14 @@ def validate_event(e: Any, field: str, max_bytes: int) -> NewEvent:
                       % (clip(str(k)), ", ".join(EVENT_FIELDS)))
     get = e.get
     stream = get("stream")
-    if type(stream) is not str or not 0 < len(stream) <= 256:
-        raise _bad_text("stream", field + ".stream", 256)
+    if type(stream) is not str or not 0 < len(stream) <= MAX_NAME_CHARS:
+        raise _bad_text("stream", field + ".stream", MAX_NAME_CHARS)
     type_ = get("type")
-    if type(type_) is not str or not 0 < len(type_) <= 256:
-        raise _bad_text("type", field + ".type", 256)
+    if type(type_) is not str or not 0 < len(type_) <= MAX_NAME_CHARS:
+        raise _bad_text("type", field + ".type", MAX_NAME_CHARS)
     eid = get("id")
-    if eid is not None and (type(eid) is not str or not 0 < len(eid) <= 128):
-        raise _bad_text("id", field + ".id", 128)
+    if eid is not None and (type(eid) is not str or not 0 < len(eid) <= MAX_ID_CHARS):
+        raise _bad_text("id", field + ".id", MAX_ID_CHARS)
     metadata = get("metadata")
     if metadata is None:
         metadata = {}
@@ -112,11 +114,11 @@ def validate_publish(args: dict, cfg: Any) -> PublishBatch:
             has_data = "data" in e
             # counting the keys seen rules out, at once, unknown keys and a nil id, metadata
             # or tags (they would need the defaults in the head)
-            if (type(stream) is str and 0 < len(stream) <= 256 and type(type_) is str
-                    and 0 < len(type_) <= 256
+            if (type(stream) is str and 0 < len(stream) <= MAX_NAME_CHARS and type(type_) is str
+                    and 0 < len(type_) <= MAX_NAME_CHARS
                     and len(e) == 2 + has_data + (eid is not None) + (metadata is not None)
                     + (tags is not None)
-                    and (eid is None or type(eid) is str and 0 < len(eid) <= 128)
+                    and (eid is None or type(eid) is str and 0 < len(eid) <= MAX_ID_CHARS)
                     and (metadata is None or type(metadata) is dict)
                     and (tags is None or type(tags) is list)):
                 for t in tags or ():

@@ -107,6 +107,11 @@ def _chunked(first: int, bodies: list) -> list:
     return rows
 
 
+def _record(event: dict, body: bytes) -> EventRecord:
+    """The EventRecord of an event decoded from its chunk."""
+    return EventRecord(event["position"], event["stream"], event["type"], event["tags"], body)
+
+
 def _damaged(position: int, chunk: Optional[tuple]) -> sqlite3.DatabaseError:
     where = "no chunk holds it" if chunk is None else "not in its chunk %d..%d" % chunk
     return sqlite3.DatabaseError("the event log is damaged: position %d is %s" % (position, where))
@@ -183,29 +188,22 @@ class SqliteLog(EventLog):
         db.execute("BEGIN IMMEDIATE")
         try:
             n = 0
-            parts: list = []
-            first = prev = size = 0
             cur = db.execute("SELECT position, body FROM events ORDER BY position")
             while True:
-                rows = cur.fetchmany(4096)
+                rows = cur.fetchmany(4 * CHUNK_EVENTS)
                 if not rows:
                     break
-                out = []
-                for pos, body in rows:
-                    body = EVENT_MAP_HEADER + body + FIRST_ATTEMPT
-                    if parts and (pos != prev + 1 or len(parts) >= CHUNK_EVENTS
-                                  or size + len(body) > CHUNK_BYTES):
-                        out.append((first, prev, b"".join(parts)))
-                        parts = []
-                    if not parts:
-                        first, size = pos, 0
-                    parts.append(body)
-                    size += len(body)
-                    prev = pos
                 n += len(rows)
-                db.executemany(_INSERT_CHUNK, out)
-            if parts:
-                db.execute(_INSERT_CHUNK, (first, prev, b"".join(parts)))
+                # runs of consecutive positions, each chunked as append() would
+                i = 0
+                while i < len(rows):
+                    j = i + 1
+                    while j < len(rows) and rows[j][0] == rows[j - 1][0] + 1:
+                        j += 1
+                    db.executemany(_INSERT_CHUNK, _chunked(
+                        rows[i][0], [EVENT_MAP_HEADER + body + FIRST_ATTEMPT
+                                     for _, body in rows[i:j]]))
+                    i = j
             db.execute("DROP TABLE events")
             db.execute("COMMIT")
         except BaseException:
@@ -336,8 +334,7 @@ class SqliteLog(EventLog):
         self._stream_versions.update(overlay)
         self._tail.extend(records)
         self._tail_bytes += size
-        if (len(self._tail) - self._tail_off > self._tail_max
-                or self._tail_bytes > self._tail_bytes_max):
+        if self._tail_len() > self._tail_max or self._tail_bytes > self._tail_bytes_max:
             self._trim_tail()
         return records
 
@@ -439,8 +436,7 @@ class SqliteLog(EventLog):
                 if event.get("position") != p:
                     break
                 end_offset = unpacker.tell()
-                add(EventRecord(p, event["stream"], event["type"], event["tags"],
-                                bodies[offset:end_offset]))
+                add(_record(event, bodies[offset:end_offset]))
                 offset = end_offset
                 p += 1
                 if p > stop:
@@ -473,8 +469,7 @@ class SqliteLog(EventLog):
             elif 1 <= p <= self.head:
                 wanted.append(p)
         for event, body in self._cold_events(sorted(set(wanted))):
-            p = event["position"]
-            out[p] = EventRecord(p, event["stream"], event["type"], event["tags"], body)
+            out[event["position"]] = _record(event, body)
         return out
 
     # ---- subscriptions and checkpoints ---------------------------------------
