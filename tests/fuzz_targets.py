@@ -1066,8 +1066,10 @@ class Ctx:
         self.nonce = 0
 
     def fresh(self, prefix: str) -> str:
+        # a fixed width: a case's sizes (and so hypothesis's draws over its bytes) must not
+        # change when the counter gains a digit, or hypothesis reports a flaky strategy
         self.nonce += 1
-        return "%s-%d-%d" % (prefix, os.getpid(), self.nonce)
+        return "%s-%d-%08d" % (prefix, os.getpid(), self.nonce)
 
 
 def base_request(op: str, ctx: Ctx, keyed: str = "sub") -> Tuple[dict, List[Field]]:
@@ -1368,6 +1370,10 @@ class SocketFuzzer:
                 self._run_raw(case)
         except FuzzFailure as e:
             self.finding(str(e), case)
+        except Exception:  # noqa: BLE001
+            # reported as a finding with its traceback: raised, hypothesis would replay the
+            # case with fresh names and report only that the replay drew differently
+            self.finding("the case raised: %s" % traceback.format_exc(), case)
         # the daemon still answers ping on another connection
         try:
             self.probe.ping()
