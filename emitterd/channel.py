@@ -24,11 +24,12 @@ class Channel:
     def __init__(self, loop: Any, sock: socket.socket, max_frame: int,
                  on_frame: Callable[[dict], Any], on_close: Callable[[str], Any],
                  on_frame_error: Optional[Callable[[FrameError], Any]] = None,
-                 max_out: int = 0, recv_fds: bool = False) -> None:
+                 max_out: int = 0, recv_fds: bool = False,
+                 decode: Optional[Callable[[bytes], Any]] = None) -> None:
         self.loop = loop
         self.sock = sock
         sock.setblocking(False)
-        self.decoder = framing.Decoder(max_frame)
+        self.decoder = framing.Decoder(max_frame, decode)
         self.on_frame = on_frame
         self.on_close = on_close
         self.on_frame_error = on_frame_error

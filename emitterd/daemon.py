@@ -9,6 +9,7 @@ from emitterd import logs, monitor, procs, subscription
 from emitterd import systemd as sd
 from emitterd.control.events import Committer
 from emitterd.control.ops import OPS
+from emitterd.control.publish_decode import RequestDecoder
 from emitterd.control.server import ControlServer
 from emitterd.eventlog import open_log
 from emitterd.loop import Loop, monotonic
@@ -70,7 +71,7 @@ class Daemon:
         ctx.committer = Committer(ctx)
         ctx.registry = Registry(ctx)
         ctx.spare = Spare(ctx)
-        ctx.server = ControlServer(ctx, OPS)
+        ctx.server = ControlServer(ctx, OPS, decode=RequestDecoder(ctx))
         self._install_signals()
         ctx.server.listen(inherited[0] if inherited else None)
         loop = ctx.loop

@@ -1,6 +1,6 @@
 """Frames: uint32 big-endian length + one msgpack map (PROTOCOL §1)."""
 import struct
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import msgpack
 
@@ -53,10 +53,12 @@ class Decoder:
     decoder is poisoned: the connection must be closed.
     """
 
-    __slots__ = ("max_frame", "_buf", "_pos", "error")
+    __slots__ = ("max_frame", "decode", "_buf", "_pos", "error")
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME,
+                 decode: Optional[Callable[[bytes], Any]] = None) -> None:
         self.max_frame = max_frame
+        self.decode = decode or decode_payload     # payload -> map; raises FrameError
         self._buf = bytearray()
         self._pos = 0
         self.error: Optional[FrameError] = None
@@ -101,7 +103,7 @@ class Decoder:
         if payload is None:
             return None
         try:
-            return decode_payload(payload)
+            return self.decode(payload)
         except FrameError as e:
             self.error = e
             raise

@@ -5,13 +5,14 @@ import socket
 import stat
 import struct
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from emitterd import framing, logs
 from emitterd.channel import Channel
 from emitterd.paths import ensure_private_dir
 from emitterd.errors import (INTERNAL, INVALID, PERMISSION_DENIED, UNAVAILABLE, UNKNOWN_OP,
                              ProtocolError)
+from emitterd.eventlog import PublishBatch
 
 log = logs.get("control")
 DEFERRED = object()      # a handler's "I will answer later through req.reply/req.fail"
@@ -52,7 +53,7 @@ class ControlConn:
         self.slots: deque = deque()    # [response or None, close_after]
         self.channel = Channel(server.ctx.loop, sock, cfg.max_frame_bytes, self._on_frame,
                                self._on_close, self._on_frame_error,
-                               max_out=cfg.output_buffer_bytes)
+                               max_out=cfg.output_buffer_bytes, decode=server.decode)
         self.after_reply = None        # callable run once this connection's slots are all sent
 
     # ---- requests ----------------------------------------------------------------
@@ -66,9 +67,10 @@ class ControlConn:
             self._answer(_error(rid, INVALID, "a request needs a string op", {"field": "op"}))
             return
         args = msg.get("args")
+        # a PublishBatch: a publish that the server's decode validated as it parsed it
         if args is None:
             args = {}
-        elif not isinstance(args, dict):
+        elif not isinstance(args, dict) and not (op == "publish" and type(args) is PublishBatch):
             self._answer(_error(rid, INVALID, "args must be a map or nil", {"field": "args"}))
             return
         handler = self.server.ops.get(op)
@@ -137,9 +139,11 @@ class ControlConn:
 
 
 class ControlServer:
-    def __init__(self, ctx: Any, ops: dict) -> None:
+    def __init__(self, ctx: Any, ops: dict,
+                 decode: Optional[Callable[[bytes], Any]] = None) -> None:
         self.ctx = ctx
         self.ops = ops
+        self.decode = decode      # request payload -> map (default framing.decode_payload)
         self.conns: set = set()
         self.sock: Optional[socket.socket] = None
         self.path: Optional[str] = None
