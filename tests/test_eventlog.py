@@ -353,3 +353,52 @@ def test_generated_ids_in_stored_events(tmp_path):
     for p in (1, 4095, 4096, 4097, 5000, (1 << 48) - 1, 1 << 48, (1 << 48) + 1):
         rec, = log.get([p]).values()
         assert rec.decode()["id"] == generated_id(salt, p) and rec.decode()["position"] == p
+
+
+def _synchronous(log) -> int:
+    return log._db.execute("PRAGMA synchronous").fetchone()[0]
+
+
+@pytest.mark.timeout(20)
+def test_a_deferred_sync_commits_unsynced_then_syncs_the_wal(tmp_path):
+    """append(defer_sync=True) commits without SQLite's fsync (just that commit: the connection
+    is back at FULL for every other write); sync() fdatasyncs the WAL; close() syncs too."""
+    log = open_log(str(tmp_path))
+    assert _synchronous(log) == 2                        # FULL
+    recs = log.append([batch([ev("a"), ev("b")])], defer_sync=True)
+    assert [r.position for r in recs] == [1, 2]
+    assert log._unsynced and _synchronous(log) == 2
+    wal = os.path.join(str(tmp_path), "emitterd.db-wal")
+    assert os.fstat(log._wal_fd).st_ino == os.stat(wal).st_ino
+    log.sync()
+    assert not log._unsynced
+    log.sync()                                           # nothing pending: a no-op
+    log.append([batch([ev("c")])])                       # not deferred: synced by SQLite
+    assert not log._unsynced
+    log.append([batch([ev("d")])], defer_sync=True)
+    log.close()                                          # syncs what is pending
+    log = open_log(str(tmp_path))
+    assert [r.stream for r in log.read(1, 10)] == ["a", "b", "c", "d"]
+    log.close()
+
+
+@pytest.mark.timeout(20)
+def test_synchronous_normal_never_defers(tmp_path):
+    log = open_log(str(tmp_path), "normal")
+    log.append([batch([ev("a")])], defer_sync=True)
+    assert not log._unsynced and _synchronous(log) == 1  # NORMAL, as configured
+    log.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_failed_deferred_commit_restores_full(tmp_path):
+    """A commit that fails (here: the database is read-only) leaves FULL in place."""
+    log = open_log(str(tmp_path))
+    log.append([batch([ev("a")])])
+    log._db.execute("PRAGMA query_only=1")
+    b = batch([ev("b")])
+    assert log.append([b], defer_sync=True) == []
+    assert isinstance(b.result, ProtocolError) and b.result.code == "unavailable"
+    assert _synchronous(log) == 2 and not log._unsynced
+    log._db.execute("PRAGMA query_only=0")
+    log.close()

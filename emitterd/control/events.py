@@ -1,4 +1,6 @@
 """publish: validation, and the group commit that appends every publish of a turn at once."""
+import logging
+import os
 from typing import Any, Optional
 
 import msgpack
@@ -10,6 +12,7 @@ from emitterd.errors import ProtocolError, clip, invalid
 from emitterd.eventlog import NewEvent, PublishBatch
 
 log = logs.get("publish")
+EXIT_SYNC_FAILED = 74      # EX_IOERR
 _pack = msgpack.Packer(use_bin_type=True).pack
 _new_event = tuple.__new__
 EVENT_FIELDS = ("stream", "type", "data", "metadata", "tags", "id")
@@ -179,19 +182,37 @@ class Committer:
         if not self.pending:
             return
         pending, self.pending = self.pending, []
+        ctx = self.ctx
         try:
-            records = self.ctx.log.append([b for b, _ in pending])
+            records = ctx.log.append([b for b, _ in pending], defer_sync=True)
         except Exception as e:
             log.exception("append failed")
             for _, req in pending:
                 req.fail(ProtocolError("internal", "append failed: %s" % type(e).__name__))
             return
+        if records:
+            # While the disk writes the commit, route its events into the workers' output
+            # buffers. Nothing leaves the process before sync() below: those buffers are
+            # written out only by the loop's flush, after it.
+            try:
+                if ctx.registry.pump_all():
+                    ctx.loop.again()
+            except Exception:
+                log.exception("dispatch failed")
+        try:
+            ctx.log.sync()
+        except OSError as e:
+            # What reached the disk is unknown, and events may sit in worker buffers: exit
+            # before anything is answered or delivered; the restart recovers from the disk.
+            log.critical("the event log could not be synced to disk: exiting", error=str(e))
+            logging.shutdown()        # flush the log line out before the hard exit
+            os._exit(EXIT_SYNC_FAILED)
         self.published += len(records)
         for b, req in pending:
             if isinstance(b.result, ProtocolError):
                 req.fail(b.result)
             else:
                 req.reply(b.result)
-        # the answers leave before this turn's dispatch work, so publishers prepare their
-        # next batch while we route this one
-        self.ctx.loop.flush_dirty()
+        # the answers leave with the events just routed (the turn's other dispatch work comes
+        # after), so publishers prepare their next batch while we go on
+        ctx.loop.flush_dirty()

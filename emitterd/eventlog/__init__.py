@@ -82,8 +82,13 @@ class EventLog:
     head: int
     path: str          # where the log lives (the checkpointer opens it too)
 
-    def append(self, batches: list) -> list:
-        """Append publish batches in ONE transaction; set each batch.result; return new records."""
+    def append(self, batches: list, defer_sync: bool = False) -> list:
+        """Append publish batches in ONE transaction; set each batch.result; return new records.
+        defer_sync: the commit may not be on disk until sync() returns."""
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Make every append so far durable; raises OSError when that fails."""
         raise NotImplementedError
 
     def read(self, start: int, limit: int) -> list:

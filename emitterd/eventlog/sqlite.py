@@ -1,11 +1,12 @@
 """SQLite backend of the event log: one file in the data dir, WAL, single writer."""
+import ctypes
 import functools
 import os
 import secrets
 import sqlite3
 import time
 import uuid
-from typing import Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import msgpack
 
@@ -65,6 +66,21 @@ COMMIT;
 
 log = logs.get("eventlog")
 _pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def _find_sync_file_range() -> Optional[Callable[[int], Any]]:
+    """Linux's sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE): start writing a file's dirty
+    pages back without waiting. Not in the os module; None where libc lacks it."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return lambda fd: fn(fd, 0, 0, 2)
+
+
+_start_writeback = _find_sync_file_range()
 
 # Bounds of one chunk row: few enough events that a cold read of one position decodes little,
 # large enough that the per-row cost vanishes.
@@ -149,6 +165,10 @@ class SqliteLog(EventLog):
                  tail_bytes: int = 64 << 20) -> None:
         ensure_private_dir(data_dir)
         self.path = os.path.join(data_dir, "emitterd.db")
+        self._full = synchronous == "full"
+        self._unsynced = False        # an append(defer_sync=True) not yet followed by sync()
+        self._wal_fd = -1
+        self._wal_ino = -1
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         # before anything writes the file (WAL mode does): a page size is fixed at creation
         self._db.execute("PRAGMA page_size=%d" % PAGE_SIZE)
@@ -241,7 +261,10 @@ class SqliteLog(EventLog):
                                (event_id,)).fetchone()
         return tuple(row) if row else None
 
-    def append(self, batches: list) -> list:
+    def append(self, batches: list, defer_sync: bool = False) -> list:
+        """See EventLog.append. With defer_sync (and synchronous=full) the commit is written
+        but not yet on disk: the caller must call sync() before anyone sees the new events
+        or is answered, and may do other work meanwhile (the disk is already writing)."""
         ts = int(time.time() * 1_000_000)
         pos = self.head
         overlay: dict = {}
@@ -308,7 +331,11 @@ class SqliteLog(EventLog):
             chunks = [(first, pos, b"".join(bodies))]
         else:
             chunks = _chunked(first, bodies)
+        # deferred: this one commit skips SQLite's fsync of the WAL; sync() does it
+        deferred = defer_sync and self._full
         try:
+            if deferred:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("BEGIN IMMEDIATE")
             if len(chunks) == 1:
                 self._db.execute(_INSERT_CHUNK, chunks[0])
@@ -319,9 +346,16 @@ class SqliteLog(EventLog):
                 self._db.executemany("INSERT INTO event_ids (id, position, version) VALUES (?, ?, ?)",
                                      [(i, p, v) for i, (p, v) in ids.items()])
             self._db.execute("COMMIT")
+            if deferred:
+                self._unsynced = True
+                self._db.execute("PRAGMA synchronous=FULL")
+                if _start_writeback is not None:
+                    _start_writeback(self._wal())
         except sqlite3.Error as e:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
+            if deferred:
+                self._db.execute("PRAGMA synchronous=FULL")
             log.error("publish failed: the event log could not store the events", error=str(e),
                       events=len(records))
             self._restart_wal()
@@ -337,6 +371,26 @@ class SqliteLog(EventLog):
         if self._tail_len() > self._tail_max or self._tail_bytes > self._tail_bytes_max:
             self._trim_tail()
         return records
+
+    def sync(self) -> None:
+        """Make every append so far durable (fdatasync of the WAL, if one was deferred).
+        Raises OSError: then it is unknown what reached the disk, and the caller must not
+        answer or deliver those events (the daemon exits)."""
+        if self._unsynced:
+            os.fdatasync(self._wal())
+            self._unsynced = False
+
+    def _wal(self) -> int:
+        """An fd of the WAL file SQLite writes (its name is fixed: the database's + "-wal");
+        reopened should SQLite ever have replaced the file."""
+        wal = self.path + "-wal"
+        ino = os.stat(wal).st_ino
+        if ino != self._wal_ino:
+            if self._wal_fd >= 0:
+                os.close(self._wal_fd)
+            self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+            self._wal_ino = os.fstat(self._wal_fd).st_ino
+        return self._wal_fd
 
     def _trim_tail(self) -> None:
         """Drop the oldest tail records down to the bounds, each append about as many as it
@@ -528,4 +582,8 @@ class SqliteLog(EventLog):
         return row[0] if row else None
 
     def close(self) -> None:
+        self.sync()
+        if self._wal_fd >= 0:
+            os.close(self._wal_fd)
+            self._wal_fd = -1
         self._db.close()
