@@ -55,6 +55,12 @@ class WorkerHandle:
         msg = {"op": "deliver", "positions": positions, "frame": frame}
         if unsent:
             msg["unsent"] = True
+        ctx = self.pool.ctx
+        last = max(positions)
+        if last > ctx.log.durable:
+            # committed, not yet on disk: the worker holds the batch until told "durable"
+            msg["held"] = last
+            ctx.committer.held.add(self)
         self.channel.send(msg)
 
     def status(self) -> dict:

@@ -1,7 +1,11 @@
-"""Nothing leaves the daemon before it is on disk: with strace on the parent, for every
-publish, the fdatasync of the WAL comes after the request was read and before the events
-go to a worker and before the publisher is answered (the parent commits without SQLite's own
-fsync, routes while the disk writes, and syncs the WAL itself: control/events.py Committer).
+"""Nothing reaches a subscriber, and no publisher is answered, before the events are on disk.
+
+The parent commits a publish without SQLite's own fsync, sends the new events to the workers
+marked "held" while the disk writes, fdatasyncs the WAL itself and only then answers and tells
+the workers "durable" (control/events.py Committer, worker/main.py). With strace on the parent
+and its worker, for every publish: the parent's fdatasync starts after it read the request, and
+the worker's send of those events to the subscriber, the parent's "durable" notice and the
+answer all start after that fdatasync returned.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
-from typing import Any, List
+from typing import Any, Dict, List
 
 import pytest
 
@@ -19,13 +23,19 @@ from daemon_fixture import Daemon
 from subscriber_helper import start_pool, sub_spec, subscribers, wait_checkpoint  # noqa: F401
 
 STRACE = shutil.which("strace")
-_LINE = re.compile(r"^(?:\[pid\s+\d+\]\s+)?(\w+)\((\d+)?")
+# "<pid> <t> name(args...) = ret <dur>", "<pid> <t> name(args <unfinished ...>",
+# "<pid> <t> <... name resumed>...) = ret <dur>"
+_CALL = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+(\w+)\((.*)$")
+_RESUMED = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+<\.\.\. (\w+) resumed>(.*)$")
+_DURATION = re.compile(r"<(\d+\.\d+)>\s*$")
 
 
-def _attach_strace(pid: int, out: str) -> subprocess.Popen:
-    proc = subprocess.Popen([STRACE, "-p", str(pid), "-qq", "-s", "65535", "-o", out,
-                             "-e", "trace=fdatasync,fsync,sendto,sendmsg,recvfrom,write"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _attach_strace(pids: List[int], out: str) -> subprocess.Popen:
+    argv = [STRACE, "-qq", "-ttt", "-T", "-s", "65535", "-o", out,
+            "-e", "trace=fdatasync,fsync,sendto,sendmsg,recvfrom,write"]
+    for pid in pids:
+        argv += ["-p", str(pid)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # strace has attached once its output file exists and it is still running
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -41,15 +51,45 @@ def _attach_strace(pid: int, out: str) -> subprocess.Popen:
     pytest.fail("strace did not attach within 10 s")
 
 
+def _calls(path: str) -> List[Dict[str, Any]]:
+    """Every traced call: pid, name, fd, start, end (None if it never returned), text."""
+    calls: List[Dict[str, Any]] = []
+    open_calls: Dict[tuple, Dict[str, Any]] = {}
+    for line in open(path, errors="replace").read().splitlines():
+        m = _CALL.match(line)
+        if m:
+            pid, t, name, rest = int(m.group(1)), float(m.group(2)), m.group(3), m.group(4)
+            fd = re.match(r"(\d+)", rest)
+            call = {"pid": pid, "name": name, "fd": int(fd.group(1)) if fd else -1,
+                    "start": t, "end": None, "text": rest}
+            calls.append(call)
+            if rest.endswith("<unfinished ...>"):
+                open_calls[(pid, name)] = call
+            else:
+                d = _DURATION.search(rest)
+                call["end"] = t + float(d.group(1)) if d else t
+            continue
+        m = _RESUMED.match(line)
+        if m:
+            call = open_calls.pop((int(m.group(1)), m.group(3)), None)
+            d = _DURATION.search(m.group(4))
+            if call is not None:
+                call["end"] = call["start"] + float(d.group(1)) if d else float(m.group(2))
+                call["text"] += m.group(4)       # what a read returned is printed at the end
+    return calls
+
+
 @pytest.mark.skipif(STRACE is None, reason="strace is not installed")
 @pytest.mark.timeout(90)
-def test_events_leave_only_after_the_fdatasync(daemon: Daemon, subscribers: Any,
-                                               short_tmp: str) -> None:
+def test_nothing_leaves_before_the_fdatasync(daemon: Daemon, subscribers: Any,
+                                             short_tmp: str) -> None:
     sub = subscribers()
     c = daemon.client()
     st = start_pool(daemon, c, sub_spec("durable-order", subscriber=sub.uri))
+    parent = daemon.proc.pid
+    worker = st["workers"][0]["pid"]
     out = os.path.join(short_tmp, "strace.txt")
-    tracer = _attach_strace(daemon.proc.pid, out)
+    tracer = _attach_strace([parent, worker], out)
     try:
         last = 0
         for i in range(5):
@@ -64,27 +104,31 @@ def test_events_leave_only_after_the_fdatasync(daemon: Daemon, subscribers: Any,
         except subprocess.TimeoutExpired:
             tracer.kill()
             tracer.wait()
-    lines: List[str] = open(out, errors="replace").read().splitlines()
-    calls = []
-    for text in lines:
-        m = _LINE.match(text)
-        if m:
-            calls.append((m.group(1), int(m.group(2) or -1), text))
+    calls = _calls(out)
+    sends = ("sendto", "sendmsg", "write")
     for i in range(5):
         marker = "zzmark%02d" % i
-        got = [k for k, (name, _fd, text) in enumerate(calls)
-               if name == "recvfrom" and marker in text]
-        assert got, "the publish of %s was not seen in the trace:\n%s" % (marker, "\n".join(lines[:40]))
-        read_at = got[0]
-        client_fd = calls[read_at][1]
-        syncs = [k for k in range(read_at, len(calls)) if calls[k][0] in ("fdatasync", "fsync")]
-        assert syncs, "no fdatasync after the publish of %s" % marker
-        sync_at = syncs[0]
-        sent = [k for k in range(read_at, len(calls))
-                if calls[k][0] in ("sendto", "sendmsg") and marker in calls[k][2]]
-        assert sent, "the events of %s were not seen going to the worker" % marker
-        assert sent[0] > sync_at, "events of %s sent before the fdatasync:\n%s" % (
-            marker, "\n".join(c[2][:200] for c in calls[read_at:sent[0] + 1]))
-        answers = [k for k in range(read_at + 1, len(calls))
-                   if calls[k][0] in ("sendto", "sendmsg", "write") and calls[k][1] == client_fd]
-        assert answers and answers[0] > sync_at, "%s answered before the fdatasync" % marker
+        read = [k for k, x in enumerate(calls)
+                if x["pid"] == parent and x["name"] == "recvfrom" and marker in x["text"]]
+        assert read, "the publish of %s is not in the trace" % marker
+        after = calls[read[0]:]
+        client_fd = calls[read[0]]["fd"]
+        sync = next((x for x in after if x["pid"] == parent
+                     and x["name"] in ("fdatasync", "fsync")), None)
+        assert sync is not None and sync["end"] is not None, "no fdatasync after %s" % marker
+        to_worker = [x for x in after if x["pid"] == parent and x["name"] in sends
+                     and marker in x["text"]]
+        assert to_worker and "\\244held" in to_worker[0]["text"], (
+            "the events of %s did not go to the worker marked held" % marker)
+        to_subscriber = [x for x in after if x["pid"] == worker and x["name"] in sends
+                         and marker in x["text"]]
+        assert to_subscriber, "the worker did not send %s to the subscriber" % marker
+        assert to_subscriber[0]["start"] >= sync["end"], (
+            "%s reached the subscriber %.6f s before the fdatasync returned"
+            % (marker, sync["end"] - to_subscriber[0]["start"]))
+        notice = [x for x in after if x["pid"] == parent and x["name"] in sends
+                  and "\\247durable" in x["text"]]
+        assert notice and notice[0]["start"] >= sync["end"], "durable notice before the sync"
+        answer = [x for x in after if x["pid"] == parent and x["name"] in sends
+                  and x["fd"] == client_fd]
+        assert answer and answer[0]["start"] >= sync["end"], "%s answered before the sync" % marker

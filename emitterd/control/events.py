@@ -5,7 +5,7 @@ from typing import Any, Optional
 
 import msgpack
 
-from emitterd import logs
+from emitterd import framing, logs
 from emitterd.control.common import not_shutting_down, only_keys
 from emitterd.control.server import DEFERRED
 from emitterd.errors import ProtocolError, clip, invalid
@@ -170,6 +170,7 @@ class Committer:
         self.ctx = ctx
         self.pending: list = []
         self.published = 0
+        self.held: set = set()     # worker handles sent batches not yet on disk (pool.py)
 
     def submit(self, batch: PublishBatch, req: Any) -> None:
         self.pending.append((batch, req))
@@ -187,32 +188,47 @@ class Committer:
             records = ctx.log.append([b for b, _ in pending], defer_sync=True)
         except Exception as e:
             log.exception("append failed")
+            self._make_durable()
             for _, req in pending:
                 req.fail(ProtocolError("internal", "append failed: %s" % type(e).__name__))
             return
         if records:
-            # While the disk writes the commit, route its events into the workers' output
-            # buffers. Nothing leaves the process before sync() below: those buffers are
-            # written out only by the loop's flush, after it.
+            # While the disk writes the commit, route its events to the workers, marked held:
+            # a worker keeps them until _make_durable() says they are on disk.
             try:
                 if ctx.registry.pump_all():
                     ctx.loop.again()
             except Exception:
                 log.exception("dispatch failed")
-        try:
-            ctx.log.sync()
-        except OSError as e:
-            # What reached the disk is unknown, and events may sit in worker buffers: exit
-            # before anything is answered or delivered; the restart recovers from the disk.
-            log.critical("the event log could not be synced to disk: exiting", error=str(e))
-            logging.shutdown()        # flush the log line out before the hard exit
-            os._exit(EXIT_SYNC_FAILED)
+        self._make_durable()
         self.published += len(records)
         for b, req in pending:
             if isinstance(b.result, ProtocolError):
                 req.fail(b.result)
             else:
                 req.reply(b.result)
-        # the answers leave with the events just routed (the turn's other dispatch work comes
-        # after), so publishers prepare their next batch while we go on
+        # the answers leave now, before the turn's other dispatch work, so publishers
+        # prepare their next batch while we go on
         ctx.loop.flush_dirty()
+
+    def _make_durable(self) -> None:
+        """Send the held batches, fdatasync the log, then tell their workers to deliver.
+        The workers hold what they got until then, so nothing reaches a subscriber, and
+        no publisher is answered (the caller answers after this), before it is on disk."""
+        ctx = self.ctx
+        if self.held:
+            ctx.loop.flush_dirty()      # the worker pipes fill while the disk writes
+        try:
+            ctx.log.sync()
+        except OSError as e:
+            # What reached the disk is unknown: exit before anything is answered or released
+            # (workers drop what they hold when we are gone); the restart recovers from disk.
+            log.critical("the event log could not be synced to disk: exiting", error=str(e))
+            logging.shutdown()        # flush the log line out before the hard exit
+            os._exit(EXIT_SYNC_FAILED)
+        if self.held:
+            notice = framing.encode({"op": "durable", "position": ctx.log.durable})
+            for h in self.held:
+                if h.channel is not None:
+                    h.channel.send_raw(notice)
+            self.held.clear()

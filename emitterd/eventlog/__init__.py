@@ -80,6 +80,7 @@ class EventLog:
     """Durable, ordered event storage plus the daemon's small state tables."""
 
     head: int
+    durable: int       # the last position known to be on disk (<= head)
     path: str          # where the log lives (the checkpointer opens it too)
 
     def append(self, batches: list, defer_sync: bool = False) -> list:

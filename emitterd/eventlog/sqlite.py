@@ -190,6 +190,7 @@ class SqliteLog(EventLog):
         # chunks are in position order: the last one ends at the head (MAX(last) would scan)
         row = self._db.execute("SELECT last FROM chunks ORDER BY first DESC LIMIT 1").fetchone()
         self.head = row[0] if row else 0
+        self.durable = self.head      # events up to here are on disk (sync() moves it)
         self._stream_versions: dict = {}
         # _tail[_tail_off:] are the records from _tail_start on; the slots before _tail_off
         # are already dropped (None), compacted away now and then
@@ -365,6 +366,10 @@ class SqliteLog(EventLog):
                     b.result = err
             return []
         self.head = pos
+        if not deferred:
+            # SQLite synced this commit, and with it the WAL written before it
+            self._unsynced = False
+            self.durable = pos
         self._stream_versions.update(overlay)
         self._tail.extend(records)
         self._tail_bytes += size
@@ -379,6 +384,7 @@ class SqliteLog(EventLog):
         if self._unsynced:
             os.fdatasync(self._wal())
             self._unsynced = False
+        self.durable = self.head
 
     def _wal(self) -> int:
         """An fd of the WAL file SQLite writes (its name is fixed: the database's + "-wal");

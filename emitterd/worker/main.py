@@ -26,6 +26,7 @@ class Worker:
                               recv_fds=True)
         self.consumers: list = []
         self.waiting: deque = deque()     # (positions, frame) with no consumer to take it yet
+        self.held: deque = deque()        # (last, positions, frame, unsent) until on disk
         self.sink: Optional[UnixSink] = None
         self._rr = 0
 
@@ -44,7 +45,19 @@ class Worker:
     def _on_parent(self, msg: dict) -> None:
         op = msg.get("op")
         if op == "deliver":
-            self._deliver(msg["positions"], msg["frame"], msg.get("unsent", False))
+            held = msg.get("held")
+            if held is not None:
+                # sent while the parent's commit was still being written to disk: it goes
+                # nowhere before the parent says "durable" (if the parent dies first, neither)
+                self.held.append((held, msg["positions"], msg["frame"], msg.get("unsent", False)))
+            else:
+                self._deliver(msg["positions"], msg["frame"], msg.get("unsent", False))
+        elif op == "durable":
+            position = msg["position"]
+            held = self.held
+            while held and held[0][0] <= position:
+                _, positions, frame, unsent = held.popleft()
+                self._deliver(positions, frame, unsent)
         elif op == "consumer":
             fd = self.parent.fds.popleft()
             attached.adopt(self, fd, msg.get("pending") or b"")
@@ -72,7 +85,7 @@ class Worker:
     def _heartbeat(self) -> None:
         self.report({"op": "hb", "consumers": len(self.consumers),
                      "in_flight": sum(len(c.inflight) for c in self.consumers) + sum(
-                         len(p) for p, _ in self.waiting)})
+                         len(p) for p, _ in self.waiting) + sum(len(h[1]) for h in self.held)})
 
     # ---- delivery --------------------------------------------------------------
     def _pick(self) -> Any:
