@@ -350,8 +350,7 @@ class SqliteLog(EventLog):
             if deferred:
                 self._unsynced = True
                 self._db.execute("PRAGMA synchronous=FULL")
-                if _start_writeback is not None:
-                    _start_writeback(self._wal())
+                self._start_writeback()
         except sqlite3.Error as e:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
@@ -385,6 +384,15 @@ class SqliteLog(EventLog):
             os.fdatasync(self._wal())
             self._unsynced = False
         self.durable = self.head
+
+    def _start_writeback(self) -> None:
+        """Let the disk start on the commit now; only a head start for sync(), so a failure
+        here is sync()'s to report."""
+        if _start_writeback is not None:
+            try:
+                _start_writeback(self._wal())
+            except OSError:
+                pass
 
     def _wal(self) -> int:
         """An fd of the WAL file SQLite writes (its name is fixed: the database's + "-wal");
