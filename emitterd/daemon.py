@@ -3,6 +3,7 @@ import gc
 import os
 import signal
 import socket
+import time
 from typing import Any, Optional
 
 from emitterd import logs, monitor, procs, subscription
@@ -206,6 +207,13 @@ class Daemon:
             self.checkpointer.close()
         for pid in list(ctx.children):
             procs.kill(pid, signal.SIGKILL)
+        # reap them before we go, so none lingers as a zombie handed to init
+        waiting = set(ctx.children)
+        deadline = monotonic() + 2.0
+        while waiting and monotonic() < deadline:
+            waiting.difference_update(pid for pid, _ in procs.reap())
+            if waiting:
+                time.sleep(0.005)
         if ctx.server is not None:
             ctx.server.close()
         if self.exporter is not None:

@@ -481,3 +481,24 @@ def test_attached_consumers_count_toward_max_connections(make_daemon: Any) -> No
         c.close()
         for s in extra:
             s.close()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_leaves_no_child_behind_not_even_a_zombie(make_daemon: Any) -> None:
+    """Every child (workers, checkpointer, spare) is gone and reaped by the daemon itself when
+    it exits: none is handed to init as a zombie."""
+    d = make_daemon()
+    c = d.client()
+    key = c.start(sub("reaped", pool_size=2))["key"]
+    ready_status(d, c, key, 2)
+    c.publish([{"stream": "orders", "type": "t"} for _ in range(10)])
+    children = psutil.Process(d.proc.pid).children()
+    assert len(children) >= 3          # two workers and the checkpointer
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(20) == 0
+    for p in children:
+        try:
+            status = p.status()
+        except psutil.NoSuchProcess:
+            continue
+        pytest.fail("child %d (%s) outlived the daemon: %s" % (p.pid, p.name(), status))
