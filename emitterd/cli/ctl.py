@@ -504,7 +504,12 @@ class _Terminated(Exception):
     pass
 
 
+_terminated: list = []      # set by the SIGTERM handler
+TAIL_POLL = 0.5
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _terminated.append(signum)
     raise _Terminated()
 
 
@@ -561,11 +566,16 @@ def tail(ctx: click.Context, key: Optional[str], sub_type: Optional[str], select
         if not st.as_json:
             click.echo("tailing %s (worker %s); Ctrl-C to stop" % (consumer.key, consumer.worker),
                        err=True)
-        for batch in consumer.batches():
-            lines = [render.compact(e) if st.as_json else render.event_line(e) for e in batch]
-            sys.stdout.write("\n".join(lines) + "\n")
-            sys.stdout.flush()
-            consumer.ack([e["position"] for e in batch if isinstance(e.get("position"), int)])
+        # the SIGTERM handler raises _Terminated; should that land where it is swallowed (in
+        # a __del__, say) the flag it sets still ends the loop within TAIL_POLL seconds
+        while not _terminated and not consumer.closed:
+            for batch in consumer.batches(timeout=TAIL_POLL):
+                lines = [render.compact(e) if st.as_json else render.event_line(e) for e in batch]
+                sys.stdout.write("\n".join(lines) + "\n")
+                sys.stdout.flush()
+                consumer.ack([e["position"] for e in batch if isinstance(e.get("position"), int)])
+                if _terminated:
+                    break
         if consumer.closed_by_peer:
             click.echo("error: the daemon closed the connection", err=True)
             ctx.exit(EXIT_UNREACHABLE)
