@@ -298,14 +298,25 @@ def test_a_transaction_is_split_into_bounded_chunks_and_read_back_cold(tmp_path)
 
 @pytest.mark.timeout(20)
 def test_fast_validation_agrees_with_validate_event():
+    """The control socket's decoder (publish_decode) makes the same events as validate_event;
+    a nil metadata or tags (= the default) is left to the generic path."""
+    from types import SimpleNamespace
     from emitterd.control.events import validate_event
+    from emitterd.control.publish_decode import RequestDecoder
     events = [
         ev("s"), ev("s", data=None), ev("s", data={"a": [1, 2.5, b"\x00"]}), ev("s", id="x" * 128),
-        ev("s", id=None), ev("s", metadata=None), ev("s", metadata={"k": "v"}), ev("s", tags=None),
+        ev("s", id=None), ev("s", metadata={"k": "v"}),
         ev("s", tags=[]), ev("s", tags=["a", "ü"]), ev("ß" * 256, type="τ" * 256, id="ид"),
         {"data": 1, "tags": ["t"], "type": "T", "id": "i", "metadata": {}, "stream": "s"},
     ]
-    fast = batch(events).events
+    decoder = RequestDecoder(SimpleNamespace(cfg=CFG))
+    frame = msgpack.packb({"id": 1, "op": "publish", "args": {"events": events}})
+    fast = decoder.publish(frame)["args"].events
+    assert len(fast) == len(events)
+    for nil in (ev("s", metadata=None), ev("s", tags=None)):
+        assert decoder.publish(msgpack.packb({"id": 1, "op": "publish",
+                                              "args": {"events": [nil]}})) is None
+        assert batch([nil]).events[0].tags == []
     for i, (e, got) in enumerate(zip(events, fast)):
         slow = validate_event(e, "events.%d" % i, CFG.max_event_bytes)
         assert got[:3] + got[4:] == slow[:3] + slow[4:]      # all but the head's key order
@@ -401,4 +412,18 @@ def test_a_failed_deferred_commit_restores_full(tmp_path):
     assert isinstance(b.result, ProtocolError) and b.result.code == "unavailable"
     assert _synchronous(log) == 2 and not log._unsynced
     log._db.execute("PRAGMA query_only=0")
+    log.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_missing_chunk_is_reported_as_damage_on_a_cold_read(tmp_path):
+    log = open_log(str(tmp_path), tail_events=1024)
+    for i in range(3):
+        log.append([batch([ev("s", data=i) for _ in range(1500)])])
+    first = log._db.execute("SELECT first FROM chunks ORDER BY first LIMIT 1 OFFSET 1").fetchone()[0]
+    log._db.execute("DELETE FROM chunks WHERE first = ?", (first,))
+    assert [r.position for r in log.read(1, 100)] == list(range(1, 101))     # before the gap
+    with pytest.raises(sqlite3.DatabaseError) as err:
+        log.read(1, 3000)
+    assert "damaged: position %d" % first in str(err.value)
     log.close()

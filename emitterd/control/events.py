@@ -25,10 +25,6 @@ _M = (1 << 64) - 1
 # (the head holds a client id) the "id" entry of the generated 36-character UUID.
 ENVELOPE_BYTES = len(_pack(("position", _M, "version", _M, "timestamp", _M, "attempt", _M)))
 GENERATED_ID_BYTES = len(_pack(("id", "x" * 36))) - 1
-# the entries an event left out, encoded with their defaults (data nil, metadata {}, tags [])
-_NO_DATA = _pack(("data", None))[1:]
-_NO_METADATA = _pack(("metadata", {}))[1:]
-_NO_TAGS = _pack(("tags", []))[1:]
 
 
 def _bad_text(name: str, field: str, limit: int) -> Any:
@@ -100,50 +96,9 @@ def validate_publish(args: dict, cfg: Any) -> PublishBatch:
     events = args.get("events")
     if not isinstance(events, list) or not 1 <= len(events) <= cfg.max_publish_events:
         raise invalid("events", "events must be a list of 1 to %d events" % cfg.max_publish_events)
-    max_bytes = cfg.max_event_bytes
-    roomy = max_bytes - ENVELOPE_BYTES - GENERATED_ID_BYTES     # a head this long fits anyway
-    new = []
-    add = new.append
-    # validate_event inlined for the usual event; whatever this loop is unsure of goes to
-    # validate_event, which decides (and names the bad field) as for any event
-    for i, e in enumerate(events):
-        if type(e) is dict:
-            get = e.get
-            stream = get("stream")
-            type_ = get("type")
-            eid = get("id")
-            metadata = get("metadata")
-            tags = get("tags")
-            has_data = "data" in e
-            # counting the keys seen rules out, at once, unknown keys and a nil id, metadata
-            # or tags (they would need the defaults in the head)
-            if (type(stream) is str and 0 < len(stream) <= MAX_NAME_CHARS and type(type_) is str
-                    and 0 < len(type_) <= MAX_NAME_CHARS
-                    and len(e) == 2 + has_data + (eid is not None) + (metadata is not None)
-                    + (tags is not None)
-                    and (eid is None or type(eid) is str and 0 < len(eid) <= MAX_ID_CHARS)
-                    and (metadata is None or type(metadata) is dict)
-                    and (tags is None or type(tags) is list)):
-                for t in tags or ():
-                    if type(t) is not str:
-                        break
-                else:
-                    # the event map itself, without its header, is the head once the entries
-                    # left out are added with their defaults: cheaper than packing a new tuple
-                    extra = b"" if has_data else _NO_DATA
-                    if metadata is None:
-                        extra += _NO_METADATA
-                    if tags is None:
-                        extra += _NO_TAGS
-                        tags = []
-                    try:
-                        head = _pack(e)[1:] + extra if extra else _pack(e)[1:]
-                    except Exception:
-                        head = b""
-                    if 0 < len(head) <= roomy:
-                        add(_new_event(NewEvent, (stream, type_, eid, head, tags)))
-                        continue
-        add(validate_event(e, "events.%d" % i, max_bytes))
+    # the control socket's decoder (publish_decode) takes the usual publish; this path
+    # decides the rest and names the bad field
+    new = [validate_event(e, "events.%d" % i, cfg.max_event_bytes) for i, e in enumerate(events)]
     ev = args.get("expected_version")
     if ev is not None:
         if isinstance(ev, bool) or not isinstance(ev, int) or ev < -1:

@@ -490,27 +490,11 @@ class SqliteLog(EventLog):
 
     def _cold_records(self, start: int, end: int) -> list:
         """EventRecords of positions start..end (all stored), from their chunks."""
-        out = []
-        add = out.append
-        p = start
-        while p <= end:
-            chunk = self._chunk_at(p)
-            if chunk is None:
-                raise _damaged(p, None)
-            first, last, unpacker, bodies = chunk
-            stop = min(last, end)
-            offset = unpacker.tell()
-            for event in unpacker:
-                if event.get("position") != p:
-                    break
-                end_offset = unpacker.tell()
-                add(_record(event, bodies[offset:end_offset]))
-                offset = end_offset
-                p += 1
-                if p > stop:
-                    break
-            if p <= stop:
-                raise _damaged(p, (first, last))
+        out = [_record(event, body) for event, body in self._cold_events(range(start, end + 1))]
+        if len(out) != end - start + 1:       # _cold_events skips what no chunk holds
+            missing = next(p for p, r in zip(range(start, end + 1), out + [None])
+                           if r is None or r.position != p)
+            raise _damaged(missing, None)
         return out
 
     def read(self, start: int, limit: int) -> list:
