@@ -15,6 +15,7 @@ from emitterd.control.server import ControlServer
 from emitterd.eventlog import open_log
 from emitterd.loop import Loop, monotonic
 from emitterd.registry import Registry
+from emitterd.forkserver import ForkServer
 from emitterd.spare import Spare
 from emitterd.checkpointer import Checkpointer
 
@@ -36,6 +37,7 @@ class Context:
         self.notifier: Any = None
         self.children: dict = {}       # pid -> callable(wait status), run when it is reaped
         self.spare: Any = None
+        self.forkserver: Any = None
         self.started = monotonic()
         self.shutting_down = False
         self.respawn_seconds: list = []
@@ -71,6 +73,7 @@ class Daemon:
         self.checkpointer = Checkpointer(ctx, ctx.log.path)
         ctx.committer = Committer(ctx)
         ctx.registry = Registry(ctx)
+        ctx.forkserver = ForkServer(ctx)
         ctx.spare = Spare(ctx)
         ctx.server = ControlServer(ctx, OPS, decode=RequestDecoder(ctx))
         self._install_signals()
@@ -90,6 +93,7 @@ class Daemon:
             from emitterd.control.metrics import render
             from emitterd.exporter import Exporter
             self.exporter = Exporter(loop, cfg.metrics_listen, lambda: render(ctx))
+        ctx.forkserver.start()
         self.checkpointer.start()
         ctx.log.external_checkpoints()
         ctx.registry.load()
@@ -177,6 +181,7 @@ class Daemon:
             return
         ctx.shutting_down = True
         ctx.spare.close()
+        ctx.forkserver.close()
         ctx.notifier.stopping()
         log.info("shutting down: draining pools", signal=why, drain_timeout=ctx.cfg.drain_timeout)
         pools = [p for p in ctx.registry.pools.values()]

@@ -173,7 +173,8 @@ class Pool:
             pid, sock = spare
         else:
             title = "emitterd: %s #%d" % (self.name, index)
-            pid, sock = procs.spawn(title, lambda s: worker_main.main(s, spec))
+            got = self.ctx.forkserver.spawn(title, "worker", spec)
+            pid, sock = got or procs.spawn(title, lambda s: worker_main.main(s, spec))
         h.pid = pid
         h.channel = Channel(self.ctx.loop, sock, PIPE_MAX_FRAME,
                             lambda msg: self._on_worker_msg(h, msg), lambda reason: None)

@@ -26,7 +26,7 @@ def spawn(title: str, child_main: Callable[[socket.socket], None]) -> tuple:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         raise
     if pid == 0:
-        _child(title, child_end, child_main, old_mask)
+        run_child(title, child_end, child_main, old_mask)
     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     child_end.close()
     parent_end.setblocking(False)
@@ -36,8 +36,10 @@ def spawn(title: str, child_main: Callable[[socket.socket], None]) -> tuple:
 HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 
 
-def _child(title: str, sock: socket.socket, child_main: Callable[[socket.socket], None],
-           old_mask: set) -> NoReturn:
+def run_child(title: str, sock: socket.socket, child_main: Callable[[socket.socket], None],
+              old_mask: set) -> NoReturn:
+    """In a freshly forked child: drop the parent's signal set-up and every fd but stdio and
+    `sock`, take `title`, run child_main(sock) and exit (never returns)."""
     code = 0
     try:
         # Objects inherited from the parent must never be finalized here: a collected
@@ -78,6 +80,16 @@ def die_with_parent() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() == 1:
         os._exit(0)          # the parent died before the prctl took effect
+
+
+def become_subreaper() -> None:
+    """Linux: orphaned descendants (workers whose forking intermediate exited, see
+    forkserver) are re-parented to this process, so it reaps them like its own children."""
+    import ctypes
+    PR_SET_CHILD_SUBREAPER = 36
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
 
 
 def kill(pid: int, sig: int) -> bool:

@@ -27,7 +27,9 @@ class Spare:
         self._timer = None
         if self.sock is not None or self.ctx.shutting_down:
             return
-        self.pid, self.sock = procs.spawn("emitterd: spare worker", worker_main.standby)
+        title = "emitterd: spare worker"
+        got = self.ctx.forkserver.spawn(title, "spare")
+        self.pid, self.sock = got or procs.spawn(title, worker_main.standby)
         pid = self.pid
         self.ctx.children[pid] = lambda status: self.lost(pid, status)
 

@@ -32,7 +32,7 @@ from emitterd.client import Client
 
 _ENV_DROP_PREFIXES = ("EMITTERD_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_")
 # children of the daemon that serve it rather than a pool
-SERVICE_TITLES = ("emitterd: checkpointer", "emitterd: spare worker")
+SERVICE_TITLES = ("emitterd: checkpointer", "emitterd: spare worker", "emitterd: fork server")
 
 
 def clean_env(root: str, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -167,7 +167,7 @@ class Daemon:
         return kids
 
     def pool_workers(self) -> List[psutil.Process]:
-        """The daemon's children that are pool workers (not its checkpointer or spare worker)."""
+        """The daemon's children that are pool workers (not its checkpointer, spare or fork server)."""
         out = []
         for k in self.collect_children():
             try:

@@ -1,0 +1,116 @@
+"""The fork server (emitterd/forkserver.py) against real processes: workers and spares are
+forked from it, not from the daemon, yet are the daemon's own children (it is their
+subreaper); when the fork server dies, workers are still replaced (the daemon forks them
+itself meanwhile) and the fork server comes back.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, List, Optional
+
+import psutil
+import pytest
+
+from waits import ready_status, wait_for
+
+SERVER_TITLE = "emitterd: fork server"
+
+
+def children_titled(pid: int, prefix: str) -> List[psutil.Process]:
+    out = []
+    for k in psutil.Process(pid).children():
+        try:
+            if " ".join(k.cmdline()).startswith(prefix):
+                out.append(k)
+        except psutil.Error:
+            pass
+    return out
+
+
+def fork_server(d: Any) -> Optional[psutil.Process]:
+    found = children_titled(d.proc.pid, SERVER_TITLE)
+    return found[0] if found else None
+
+
+def maps_sqlite(pid: int) -> bool:
+    """Whether the process has SQLite's module mapped: everything forked from the daemon
+    does (it has the event log open); the fork server never imports it."""
+    with open("/proc/%d/maps" % pid) as f:
+        return "_sqlite3" in f.read()
+
+
+def sub(name: str, **kw: Any) -> dict:
+    s = {"name": name, "type": "stream", "selector": "orders"}
+    s.update(kw)
+    return s
+
+
+def replace_worker(d: Any, c: Any, key: str, index: int = 0) -> int:
+    """SIGKILL worker `index` of pool `key`; the pid of its ready replacement."""
+    old = [w["pid"] for w in c.status(key)["workers"] if w["index"] == index][0]
+    os.kill(old, signal.SIGKILL)
+    st = wait_for(lambda: (lambda s: s if any(w["index"] == index and w["pid"] != old
+                                              and w["state"] == "ready" for w in s["workers"])
+                           else None)(c.status(key)), 10, "a ready replacement of %d" % old)
+    new = [w["pid"] for w in st["workers"] if w["index"] == index][0]
+    d.track(new)
+    return new
+
+
+@pytest.mark.timeout(60)
+def test_workers_and_spare_come_from_the_fork_server_as_children_of_the_daemon(
+        make_daemon: Any) -> None:
+    d = make_daemon()
+    c = d.client()
+    server = wait_for(lambda: fork_server(d), 10, "the fork server")
+    d.track(server.pid)
+    assert not maps_sqlite(server.pid)
+    assert maps_sqlite(d.proc.pid), "the check below would prove nothing"
+    key = c.start(sub("fs", pool_size=2))["key"]
+    # the first workers may be forked before the fork server said ready: replace them
+    for i in (0, 1):
+        replace_worker(d, c, key, i)
+    replace_worker(d, c, key, 0)       # this one from the spare (made after the first)
+    spares = wait_for(lambda: children_titled(d.proc.pid, "emitterd: spare worker"), 10,
+                      "a spare worker")
+    st = ready_status(d, c, key, 2)
+    pids = [w["pid"] for w in st["workers"]] + [p.pid for p in spares]
+    for pid in pids:
+        d.track(pid)
+        p = psutil.Process(pid)
+        assert p.ppid() == d.proc.pid, "pid %d: parent %d, not the daemon" % (pid, p.ppid())
+        assert not maps_sqlite(pid), "pid %d was forked from the daemon" % pid
+
+
+@pytest.mark.timeout(60)
+def test_workers_are_replaced_while_the_fork_server_is_down_and_it_comes_back(
+        make_daemon: Any) -> None:
+    d = make_daemon()
+    c = d.client()
+    key = c.start(sub("fs-down", pool_size=1))["key"]
+    ready_status(d, c, key, 1)
+    server = wait_for(lambda: fork_server(d), 10, "the fork server")
+    server.kill()
+    server.wait(5)
+    # gone: the daemon forks the replacement itself, at once
+    replacement = replace_worker(d, c, key, 0)
+    assert psutil.Process(replacement).ppid() == d.proc.pid
+    again = wait_for(lambda: (lambda s: s if s is not None and s.pid != server.pid else None)(
+        fork_server(d)), 10, "a new fork server")
+    d.track(again.pid)
+    # once it is ready, replacements come from it again
+    deadline = time.monotonic() + 20
+    while True:
+        new = replace_worker(d, c, key, 0)
+        if not maps_sqlite(new):
+            break
+        assert time.monotonic() < deadline, "no worker came from the new fork server"
+        time.sleep(0.2)
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(20) == 0
+    with pytest.raises(psutil.NoSuchProcess):      # ended and reaped by the daemon
+        again.status()
+    log = open(d.log_path).read()
+    assert "fork server exited, starting another" in log
