@@ -1,5 +1,4 @@
 """The parent process: one thread, one selector loop; this module only wires the parts."""
-import gc
 import os
 import signal
 import socket
@@ -13,7 +12,7 @@ from emitterd.control.ops import OPS
 from emitterd.control.publish_decode import RequestDecoder
 from emitterd.control.server import ControlServer
 from emitterd.eventlog import open_log
-from emitterd.loop import Loop, monotonic
+from emitterd.loop import Loop, monotonic, tune_gc
 from emitterd.registry import Registry
 from emitterd.forkserver import ForkServer
 from emitterd.spare import Spare
@@ -97,11 +96,7 @@ class Daemon:
         self.checkpointer.start()
         ctx.log.external_checkpoints()
         ctx.registry.load()
-        # Fewer, cheaper collections: start-up objects never need scanning again, and the hot
-        # path allocates many short-lived acyclic objects (a full pass over a large heap is a
-        # latency spike of tens of ms).
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 100)
+        tune_gc()
         ctx.notifier.ready(self._summary())
         log.info("emitterd ready", pid=os.getpid(), socket=cfg.socket, data_dir=cfg.data_dir,
                  store_id=cfg.store_id, head=ctx.log.head)

@@ -10,8 +10,8 @@ that imported only what a worker needs; forking from it is cheap and so is dying
 
 How a worker becomes the daemon's child: the daemon is a child subreaper
 (PR_SET_CHILD_SUBREAPER). The server forks an intermediate process, which forks the worker,
-answers the daemon with the worker's pid and exits: the orphaned worker is re-parented to the
-daemon, which then reaps it like any child it forked itself. The daemon waits for that
+passes its pid back and exits (procs.fork_orphan): the orphaned worker is re-parented to the
+daemon, which then reaps it like any child it forked itself. The daemon waits for the server's
 answer (about as long as a fork of its own took), so a spawn still returns (pid, socket).
 """
 import os
@@ -49,15 +49,13 @@ class ForkServer:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            os.set_inheritable(theirs.fileno(), True)
             pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
             cfg = self.ctx.cfg
             argv = [sys.executable, "-P", "-m", "emitterd.forkserver", str(theirs.fileno()),
                     cfg.log_level, cfg.log_format]
-            # posix_spawn: no copy of this (large) process is made on the way to the exec
-            self.pid = os.posix_spawn(sys.executable, argv, env)
+            self.pid = procs.spawn_exec(argv, env, theirs.fileno())
         except OSError as e:
             ours.close()
             log.warning("fork server not started: workers are forked by the daemon", error=str(e))
@@ -181,38 +179,29 @@ def serve(sock: socket.socket) -> None:
         if not fds:
             sock.sendall(framing.encode({"error": "a fork request came without its socket"}))
             continue
-        child_fd = fds.pop(0)
-        _fork_one(sock, msg, child_fd)
-        os.close(child_fd)
+        _fork_one(sock, msg, fds.pop(0))
 
 
 def _fork_one(sock: socket.socket, msg: dict, child_fd: int) -> None:
-    middle = os.fork()
-    if middle == 0:
-        # the intermediate: fork the worker, tell the daemon its pid, exit (orphaning it to
-        # the daemon, the subreaper)
-        code = 0
-        try:
-            worker = os.fork()
-            if worker == 0:
-                level, fmt = msg.get("log") or ("info", "text")
-                logs.configure(level, fmt)
-                child = socket.socket(fileno=child_fd)
-                procs.run_child(msg["title"], child, _child_main(msg["kind"], msg.get("spec")),
-                                set())
-            sock.sendall(framing.encode({"pid": worker}))
-        except BaseException as e:
-            code = 1
-            try:
-                sock.sendall(framing.encode({"error": "%s: %s" % (type(e).__name__, e)}))
-            except OSError:
-                pass
-        os._exit(code)
-    os.waitpid(middle, 0)
+    """Fork the requested child (re-parented to the daemon) and answer with its pid."""
+    child = socket.socket(fileno=child_fd)
+    try:
+        level, fmt = msg.get("log") or ("info", "text")
+        pid = procs.fork_orphan(msg["title"], child, _child_main(msg["kind"], msg.get("spec")),
+                                lambda: logs.configure(level, fmt))
+        reply = {"pid": pid}
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        reply = {"error": "%s: %s" % (type(e).__name__, e)}
+    finally:
+        child.close()
+    sock.sendall(framing.encode(reply))
 
 
 def main(argv: list) -> None:
     fd, level, fmt = int(argv[0]), argv[1], argv[2]
+    # nothing the daemon let through the exec (a socket-activated listener, say) stays open
+    os.closerange(3, fd)
+    os.closerange(fd + 1, 1 << 20)
     procs.die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is the daemon's business
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

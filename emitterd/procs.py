@@ -82,6 +82,48 @@ def die_with_parent() -> None:
         os._exit(0)          # the parent died before the prctl took effect
 
 
+def spawn_exec(argv: list, env: dict, keep_fd: int) -> int:
+    """Start `argv` (argv[0] a path) as a child that keeps `keep_fd` open; return its pid.
+    posix_spawn: no copy of this (large) process is made on the way to the exec."""
+    os.set_inheritable(keep_fd, True)
+    try:
+        return os.posix_spawn(argv[0], argv, env)
+    finally:
+        os.set_inheritable(keep_fd, False)
+
+
+def fork_orphan(title: str, sock: socket.socket, child_main: Callable[[socket.socket], None],
+                prepare: Callable[[], None]) -> int:
+    """Fork a child that runs child_main(sock) (after prepare()) with an intermediate process
+    in between, which exits at once: the child is re-parented to the nearest subreaper (the
+    daemon, see become_subreaper). Returns the child's pid; runs in the fork server."""
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        code = 0
+        try:
+            os.close(r)
+            pid = os.fork()
+            if pid == 0:
+                os.close(w)
+                prepare()
+                run_child(title, sock, child_main, set())
+            os.write(w, pid.to_bytes(4, "little"))
+        except BaseException:
+            traceback.print_exc()
+            code = 70
+        os._exit(code)
+    os.close(w)
+    try:
+        got = os.read(r, 4)
+    finally:
+        os.close(r)
+        os.waitpid(middle, 0)
+    if len(got) != 4:
+        raise OSError("the intermediate process could not fork the child")
+    return int.from_bytes(got, "little")
+
+
 def become_subreaper() -> None:
     """Linux: orphaned descendants (workers whose forking intermediate exited, see
     forkserver) are re-parented to this process, so it reaps them like its own children."""

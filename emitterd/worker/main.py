@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from emitterd import logs
 from emitterd.channel import Channel
-from emitterd.loop import Loop, monotonic
+from emitterd.loop import Loop, monotonic, tune_gc
 from emitterd.worker import attached
 from emitterd.worker.unix import UnixSink
 
@@ -157,6 +157,7 @@ class Worker:
 
 def main(sock: socket.socket, spec: dict) -> None:
     random.seed()
+    tune_gc()          # set here, not inherited: the fork server is a fresh interpreter
     Worker(sock, spec).run()
 
 
