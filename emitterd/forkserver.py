@@ -14,7 +14,6 @@ passes its pid back and exits (procs.fork_orphan): the orphaned worker is re-par
 daemon, which then reaps it like any child it forked itself. The daemon waits for the server's
 answer (about as long as a fork of its own took), so a spawn still returns (pid, socket).
 """
-import os
 import signal
 import socket
 import sys
@@ -47,21 +46,12 @@ class ForkServer:
         except OSError as e:
             log.warning("fork server not used: workers are forked by the daemon", error=str(e))
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cfg = self.ctx.cfg
         try:
-            pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
-            cfg = self.ctx.cfg
-            argv = [sys.executable, "-P", "-m", "emitterd.forkserver", str(theirs.fileno()),
-                    cfg.log_level, cfg.log_format]
-            self.pid = procs.spawn_exec(argv, env, theirs.fileno())
+            self.pid, ours = procs.spawn_module("emitterd.forkserver", cfg.log_level, cfg.log_format)
         except OSError as e:
-            ours.close()
             log.warning("fork server not started: workers are forked by the daemon", error=str(e))
             return
-        finally:
-            theirs.close()
         self.sock = ours
         self.ready = False
         self._decoder = framing.Decoder(MAX_FRAME)
@@ -199,17 +189,9 @@ def _fork_one(sock: socket.socket, msg: dict, child_fd: int) -> None:
 
 def main(argv: list) -> None:
     fd, level, fmt = int(argv[0]), argv[1], argv[2]
-    # nothing the daemon let through the exec (a socket-activated listener, say) stays open
-    os.closerange(3, fd)
-    os.closerange(fd + 1, 1 << 20)
-    procs.die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is the daemon's business
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    sock = procs.helper_main(fd, TITLE)
     logs.configure(level, fmt)
-    from setproctitle import setproctitle
-    setproctitle(TITLE)
     _child_main("spare", None)                         # import what workers run, once
-    sock = socket.socket(fileno=fd)
     try:
         serve(sock)
     except (OSError, framing.FrameError) as e:

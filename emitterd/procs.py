@@ -82,14 +82,38 @@ def die_with_parent() -> None:
         os._exit(0)          # the parent died before the prctl took effect
 
 
-def spawn_exec(argv: list, env: dict, keep_fd: int) -> int:
-    """Start `argv` (argv[0] a path) as a child that keeps `keep_fd` open; return its pid.
-    posix_spawn: no copy of this (large) process is made on the way to the exec."""
-    os.set_inheritable(keep_fd, True)
+def spawn_module(module: str, *args: str) -> tuple:
+    """Start `python -m module <fd> args...` as a child, a fresh interpreter that shares no
+    state with this process (SQLite's, for one: its lock table must never cross a fork);
+    return (pid, parent end of a fresh socketpair whose other end is <fd>). posix_spawn: no
+    copy of this (large) process is made on the way to the exec. Raises OSError."""
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        return os.posix_spawn(argv[0], argv, env)
+        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+        argv = [sys.executable, "-P", "-m", module, str(child_end.fileno())] + list(args)
+        os.set_inheritable(child_end.fileno(), True)
+        pid = os.posix_spawn(argv[0], argv, env)
+    except BaseException:
+        parent_end.close()
+        raise
     finally:
-        os.set_inheritable(keep_fd, False)
+        child_end.close()
+    parent_end.setblocking(False)
+    return pid, parent_end
+
+
+def helper_main(fd: int, title: str) -> socket.socket:
+    """First steps of a process started by spawn_module: keep only stdio and the socket
+    (fd), die with the parent, leave Ctrl-C and reloads to it, take `title`."""
+    os.closerange(3, fd)
+    os.closerange(fd + 1, 1 << 20)
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    setproctitle(title)
+    return socket.socket(fileno=fd)
 
 
 def fork_orphan(title: str, sock: socket.socket, child_main: Callable[[socket.socket], None],

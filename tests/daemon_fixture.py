@@ -31,8 +31,10 @@ import pytest
 from emitterd.client import Client
 
 _ENV_DROP_PREFIXES = ("EMITTERD_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_")
-# children of the daemon that serve it rather than a pool
+# children of the daemon that serve it rather than a pool (the exec'd ones by their command
+# line too: it is what they show until they have set their title)
 SERVICE_TITLES = ("emitterd: checkpointer", "emitterd: spare worker", "emitterd: fork server")
+SERVICE_MODULES = ("-m emitterd.checkpointer ", "-m emitterd.forkserver ")
 
 
 def clean_env(root: str, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -174,7 +176,7 @@ class Daemon:
                 title = " ".join(k.cmdline()).strip()
             except psutil.Error:
                 continue
-            if not title.startswith(SERVICE_TITLES):
+            if not title.startswith(SERVICE_TITLES) and not any(m in title for m in SERVICE_MODULES):
                 out.append(k)
         return out
 

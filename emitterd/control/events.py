@@ -1,7 +1,7 @@
 """publish: validation, and the group commit that appends every publish of a turn at once."""
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import msgpack
 
@@ -126,6 +126,8 @@ class Committer:
         self.pending: list = []
         self.published = 0
         self.held: set = set()     # worker handles sent batches not yet on disk (pool.py)
+        self.held_back = False     # publishes wait (checkpointer: the WAL is being rewound)
+        self._hold_timer: Any = None
 
     def submit(self, batch: PublishBatch, req: Any) -> None:
         self.pending.append((batch, req))
@@ -134,8 +136,25 @@ class Committer:
         """Whether a publish of this connection waits for this turn's commit."""
         return any(req.conn is conn for _, req in self.pending)
 
-    def commit(self) -> None:
-        if not self.pending:
+    def hold(self, seconds: float, on_expiry: Callable[[], None]) -> None:
+        """Leave publishes pending (answered later, never lost) until release(), or until
+        on_expiry() runs after `seconds` (it must release)."""
+        self.held_back = True
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+        self._hold_timer = self.ctx.loop.call_later(seconds, on_expiry)
+
+    def release(self) -> None:
+        self.held_back = False
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self.ctx.loop.again()          # commit what waited, this coming turn
+
+    def commit(self, force: bool = False) -> None:
+        """Append this turn's publishes; `force` even while held back (a later request of
+        the same client must see them)."""
+        if not self.pending or (self.held_back and not force and not self.ctx.shutting_down):
             return
         pending, self.pending = self.pending, []
         ctx = self.ctx

@@ -79,7 +79,7 @@ class ControlConn:
             return
         committer = self.server.ctx.committer
         if op != "publish" and committer.waiting_for(self):
-            committer.commit()   # this client's later requests see its earlier publishes
+            committer.commit(force=True)   # its later requests see its earlier publishes
         slot = [None, False]
         self.slots.append(slot)
         req = Request(rid, op, args, self, slot)
