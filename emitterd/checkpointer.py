@@ -41,6 +41,7 @@ MAX_FRAME = 1 << 16
 def _main(sock: socket.socket, path: str) -> None:
     db = None
     page_size = 0
+    failures = 0
     while True:
         ready, _, _ = select.select([sock], [], [], INTERVAL)
         asked = False
@@ -56,10 +57,17 @@ def _main(sock: socket.socket, path: str) -> None:
                 db.execute("PRAGMA synchronous=FULL")   # a checkpoint fsyncs what it copies
                 page_size = db.execute("PRAGMA page_size").fetchone()[0]
             _, frames, done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            failures = 0
         except sqlite3.Error as e:
-            # transient: e.g. "locking protocol" while a restarted daemon recovers the WAL
-            # index; the next round tries again
-            log.debug("checkpoint skipped", error=str(e))
+            # usually transient: e.g. "locking protocol" while a restarted daemon recovers the
+            # WAL index; the next round tries again. Said louder when it lasts: a checkpointer
+            # that never succeeds leaves the WAL growing without end.
+            failures += 1
+            if failures == 10 or failures % 120 == 0:
+                log.warning("WAL checkpoints keep failing: the WAL grows until one succeeds",
+                            error=str(e), failures=failures)
+            else:
+                log.debug("checkpoint skipped", error=str(e))
         if frames >= 0 or asked:
             sock.sendall(framing.encode({"frames": frames, "done": done if frames >= 0 else -1,
                                          "frame_bytes": page_size + 24, "asked": asked}))
@@ -155,7 +163,10 @@ def main(argv: list) -> None:
     fd, path, level, fmt = int(argv[0]), argv[1], argv[2], argv[3]
     sock = procs.helper_main(fd, TITLE)
     logs.configure(level, fmt)
-    _main(sock, path)
+    try:
+        _main(sock, path)
+    except OSError:
+        pass                  # the parent is gone (a report could not be sent)
 
 
 if __name__ == "__main__":
