@@ -175,12 +175,12 @@ SETTINGS: tuple[Setting, ...] = (
        choices=("full", "normal")),
     _s("wal_rewind_bytes", INT, 32 * _MIB, S, True, """
         Length, in bytes, past which the event log's write-ahead log is rewound:
-        publishes wait for one short WAL checkpoint (a few ms), and the WAL is
-        then written from its start again. Under a steady stream of publishes
-        SQLite never rewinds it by itself; this bounds the file's size (about
-        this much, plus what arrives during the rewind) and keeps commits
-        rewriting blocks the file already has, which syncs faster than growing
-        it.""",
+        publishes wait for one short WAL checkpoint (about a millisecond, at
+        most 0.2 s), and the WAL is then written from its start again. Under a
+        steady stream of publishes SQLite never rewinds it by itself; this
+        bounds the file's size (about this much plus half a second of
+        publishing) and keeps commits rewriting blocks the file already has,
+        which syncs faster than growing it.""",
        minimum=_MIB, maximum=2 ** 40, metavar="BYTES"),
     _s("checkpoint_interval", FLOAT, 1.0, S, True, """
         Seconds between checkpoint flushes while checkpoints move; at most 1
