@@ -124,7 +124,6 @@ def fork_orphan(title: str, sock: socket.socket, child_main: Callable[[socket.so
     r, w = os.pipe()
     middle = os.fork()
     if middle == 0:
-        code = 0
         try:
             os.close(r)
             pid = os.fork()
@@ -132,11 +131,14 @@ def fork_orphan(title: str, sock: socket.socket, child_main: Callable[[socket.so
                 os.close(w)
                 prepare()
                 run_child(title, sock, child_main, set())
-            os.write(w, pid.to_bytes(4, "little"))
         except BaseException:
             traceback.print_exc()
-            code = 70
-        os._exit(code)
+            os._exit(70)
+        try:
+            os.write(w, pid.to_bytes(4, "little"))
+        except OSError:
+            pass    # the fork server died meanwhile (with the daemon): the child sees EOF
+        os._exit(0)
     os.close(w)
     try:
         got = os.read(r, 4)

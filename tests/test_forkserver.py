@@ -114,3 +114,44 @@ def test_workers_are_replaced_while_the_fork_server_is_down_and_it_comes_back(
         again.status()
     log = open(d.log_path).read()
     assert "fork server exited, starting another" in log
+
+
+ORPHAN_SCRIPT = r"""
+import os, socket, sys, time
+from emitterd import procs
+real_fork = os.fork
+forks = [0]
+def slow_fork():
+    forks[0] += 1
+    pid = real_fork()
+    if forks[0] == 2 and pid != 0:
+        time.sleep(1.0)    # the intermediate, having forked the child: its caller dies now
+    return pid
+os.fork = slow_fork
+a, b = socket.socketpair()
+print(os.getpid(), flush=True)
+procs.fork_orphan("emitterd-test: orphan", b, lambda s: None, lambda: None)
+"""
+
+
+@pytest.mark.timeout(30)
+def test_an_intermediate_whose_fork_server_died_exits_quietly(tmp_path: Any) -> None:
+    """The daemon (and with it the fork server) can die between the intermediate's fork of
+    a worker and its report of the pid: no traceback in the log then (a chaos run found
+    one)."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    try:
+        caller = int(p.stdout.readline())
+        time.sleep(0.3)                  # the intermediate sleeps in slow_fork
+        os.kill(caller, signal.SIGKILL)
+        p.wait(10)
+        err = p.stderr.read()            # EOF once the intermediate and the child are gone
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert "Traceback" not in err, err
