@@ -524,7 +524,8 @@ SUBSCRIPTIONS: List[Dict[str, Any]] = [
 class ChaosConfig:
     def __init__(self, worker_kills: int = 1000, daemon_kills: int = 10,
                  sigstops: Optional[int] = None, resizes: Optional[int] = None,
-                 bounces: Optional[int] = None, rate: float = 150.0,
+                 bounces: Optional[int] = None, helper_kills: Optional[int] = None,
+                 rate: float = 150.0,
                  kill_interval: float = 0.12, settle_timeout: float = 180.0,
                  seed: Optional[int] = None, keep: bool = False, verbose: bool = True,
                  log: Callable[[str], None] = print) -> None:
@@ -533,6 +534,7 @@ class ChaosConfig:
         self.sigstops = max(1, worker_kills // 100) if sigstops is None else sigstops
         self.resizes = max(2, worker_kills // 20) if resizes is None else resizes
         self.bounces = max(1, worker_kills // 50) if bounces is None else bounces
+        self.helper_kills = max(1, worker_kills // 100) if helper_kills is None else helper_kills
         self.rate = rate
         self.kill_interval = kill_interval
         self.settle_timeout = settle_timeout
@@ -573,6 +575,7 @@ class Chaos:
         self.figures: Dict[str, Any] = defaultdict(int)
         self.figures.update({"worker_kills": 0, "worker_kills_not_ready": 0, "daemon_kills": 0,
                              "daemon_self_exits": 0, "sigstops": 0, "resizes": 0,
+                             "helper_kills": 0,
                              "subscriber_restarts": 0})
         self.problems: List[str] = []
         self.sigstop_detect: List[float] = []
@@ -763,6 +766,26 @@ class Chaos:
         self.wait_workers_ready(20)
         self.say("daemon back after %.2fs" % (time.monotonic() - t))
 
+    def kill_helper(self) -> None:
+        """SIGKILL the daemon's fork server or its checkpointer, in turn: the daemon forks
+        workers itself meanwhile (the WAL waits for checkpoints) and starts another after 1 s."""
+        want, module = (("emitterd: fork server", "forkserver"),
+                        ("emitterd: checkpointer", "checkpointer"))[self.figures["helper_kills"] % 2]
+        for k in self.daemon.children():
+            try:
+                cmd = " ".join(k.cmdline())      # the module's name until it has set its title
+                if k.ppid() == self.daemon.pid and (cmd.startswith(want)
+                                                    or "-m emitterd.%s " % module in cmd):
+                    k.send_signal(signal.SIGKILL)
+                    break
+            except psutil.Error:
+                continue
+        else:
+            return
+        self.figures["helper_kills"] += 1
+        self.say("%s SIGKILLed (%d helper kills so far)" % (want[len("emitterd: "):],
+                                                           self.figures["helper_kills"]))
+
     def sigstop_worker(self) -> None:
         cands = self.ready_workers()
         self.rnd.shuffle(cands)
@@ -848,6 +871,8 @@ class Chaos:
             plan.append((t, 2, "resize"))
         for t in _spread(cfg.bounces, W, 0.6):
             plan.append((t, 3, "bounce"))
+        for t in _spread(cfg.helper_kills, W, 0.5):
+            plan.append((t, 4, "helper"))
         plan.sort()
         last_report = time.monotonic()
         misses = 0
@@ -857,7 +882,8 @@ class Chaos:
             if plan and plan[0][0] <= self.figures["worker_kills"]:
                 _, _, action = plan.pop(0)
                 getattr(self, {"daemon": "kill_daemon", "sigstop": "sigstop_worker",
-                               "resize": "resize", "bounce": "bounce_subscriber"}[action])()
+                               "resize": "resize", "bounce": "bounce_subscriber",
+                               "helper": "kill_helper"}[action])()
                 continue
             time.sleep(self.rnd.uniform(0.5, 1.5) * cfg.kill_interval)
             if not self.kill_worker():
@@ -1108,7 +1134,7 @@ def format_report(report: Dict[str, Any]) -> str:
     f = report.get("figures", {})
     lines = ["chaos run (seed %s)" % report.get("seed")]
     order = ["events", "head", "worker_kills", "worker_kills_not_ready", "daemon_kills",
-             "daemon_self_exits", "sigstops",
+             "daemon_self_exits", "helper_kills", "sigstops",
              "sigstop_replaced_after_s", "resizes", "subscriber_restarts", "publish_retries",
              "publish_errors", "deliveries", "redeliveries", "duplicates", "order_violations",
              "lost", "settle_seconds", "duration_seconds"]
@@ -1401,6 +1427,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--subscriber-restarts", type=int, default=None,
                    help="kills/restarts of the disconnecting subscriber (default "
                         "worker-kills/50, >= 1)")
+    s.add_argument("--helper-kills", type=int, default=None,
+                   help="SIGKILLs of the fork server and the checkpointer, in turn (default "
+                        "worker-kills/100, >= 1)")
     s.add_argument("--rate", type=float, default=150.0, help="events published per second")
     s.add_argument("--kill-interval", type=float, default=0.12,
                    help="mean seconds between worker kills")
@@ -1430,6 +1459,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.role == "chaos":
         cfg = ChaosConfig(worker_kills=a.worker_kills, daemon_kills=a.daemon_kills,
                           sigstops=a.sigstops, resizes=a.resizes, bounces=a.subscriber_restarts,
+                          helper_kills=a.helper_kills,
                           rate=a.rate, kill_interval=a.kill_interval,
                           settle_timeout=a.settle_timeout, seed=a.seed, keep=a.keep,
                           verbose=not a.quiet, log=lambda m: print(m, flush=True))

@@ -28,7 +28,7 @@ import harness  # noqa: E402
 def test_chaos_short() -> None:
     lines = []
     cfg = harness.ChaosConfig(worker_kills=30, daemon_kills=2, sigstops=1, resizes=3,
-                              bounces=1, rate=60.0, kill_interval=0.2, settle_timeout=40.0,
+                              bounces=1, helper_kills=2, rate=60.0, kill_interval=0.2, settle_timeout=40.0,
                               log=lines.append)
     report = harness.run_chaos(cfg)
     text = harness.format_report(report)
@@ -41,5 +41,6 @@ def test_chaos_short() -> None:
     assert f["lost"] == 0
     assert f["worker_kills"] >= 30 and f["daemon_kills"] >= 2 and f["sigstops"] >= 1
     assert f["resizes"] >= 3 and f["subscriber_restarts"] >= 1
+    assert f["helper_kills"] >= 2          # the fork server and the checkpointer, once each
     assert f["events"] > 0 and f["deliveries"] >= f["events"]
     assert not os.path.exists(report["root"]), "the run directory was not removed"
