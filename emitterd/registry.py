@@ -53,13 +53,14 @@ class Registry:
         self._saved[pool.key] = cp
 
     def flush_checkpoints(self) -> None:
-        """Persist every checkpoint that moved since the last flush (one transaction)."""
+        """Persist every checkpoint that moved since the last flush, and the stream heads
+        that moved (one transaction)."""
         changed = {}
         for key, pool in self.pools.items():
             cp = pool.stored_checkpoint
             if self._saved.get(key) != cp:
                 changed[key] = cp
-        if changed:
+        if changed or self.ctx.log.unsaved_heads:
             try:
                 self.ctx.log.save_checkpoints(changed)
             except Exception as e:  # a full disk must not stop delivery; we retry next tick

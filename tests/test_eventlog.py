@@ -427,3 +427,47 @@ def test_a_missing_chunk_is_reported_as_damage_on_a_cold_read(tmp_path):
         log.read(1, 3000)
     assert "damaged: position %d" % first in str(err.value)
     log.close()
+
+
+CRASH_SCRIPT = r"""
+import os, sys
+from emitterd.eventlog import open_log, PublishBatch
+sys.path.insert(0, sys.argv[2])
+from test_eventlog import batch, ev
+log = open_log(sys.argv[1])
+log.append([batch([ev("a"), ev("b")])])
+log.save_checkpoints({})                  # heads saved through position 2
+log.append([batch([ev("a"), ev("c"), ev("a")])], defer_sync=True)
+log.sync()                                # on disk, heads not saved
+print(log.head, flush=True)
+os._exit(0)                               # no close: as if killed
+"""
+
+
+@pytest.mark.timeout(30)
+def test_stream_heads_not_saved_before_a_crash_are_read_back_from_the_log(tmp_path):
+    """Stream heads are saved lazily (with the checkpoints); after a crash the versions of
+    the events after the last save come back from the events themselves."""
+    import subprocess
+    import sys
+    data = str(tmp_path / "data")
+    out = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, data, os.path.dirname(__file__)],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["5"]
+    log = open_log(data)
+    assert log.unsaved_heads                # read back: a 2, b 0, c 0
+    b = batch([ev("a"), ev("b"), ev("c"), ev("d")])
+    log.append([b])
+    assert b.result["versions"] == [3, 1, 1, 0]
+    wrong = batch([ev("a")], expected_version=2)
+    right = batch([ev("a")], expected_version=3)
+    log.append([wrong, right])
+    assert isinstance(wrong.result, ProtocolError) and right.result["versions"] == [4]
+    log.close()                             # saves them: nothing to read back next time
+    log = open_log(data)
+    assert not log.unsaved_heads
+    b = batch([ev("a"), ev("c")])
+    log.append([b])
+    assert b.result["versions"] == [5, 2]
+    log.close()

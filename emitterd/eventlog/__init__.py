@@ -111,7 +111,10 @@ class EventLog:
     def delete_subscription(self, key: str) -> None:
         raise NotImplementedError
 
+    unsaved_heads: bool    # stream heads newer than their last save (save_checkpoints saves)
+
     def save_checkpoints(self, checkpoints: dict) -> None:
+        """Persist these checkpoints ({key: position}) and any unsaved stream heads."""
         raise NotImplementedError
 
     def park(self, key: str, items: list) -> None:

@@ -20,6 +20,10 @@ from emitterd.paths import ensure_private_dir
 # cost is mostly per row). Stream heads live in `streams` (one upsert per stream per transaction)
 # and client ids in `event_ids` (written only for events that carry one), so publishers without
 # ids pay nothing for idempotency. A chunk holds positions first..last, every one of them.
+# The stream heads are saved lazily (with the checkpoints, about once a second, and on close):
+# `streams` holds every stream's version as of position meta.streams_through, and opening the
+# log reads the versions of the events after it back from their chunks (each event carries
+# its version), so a crash loses nothing and a publish does not rewrite the table's page.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks (
@@ -192,6 +196,8 @@ class SqliteLog(EventLog):
         self.head = row[0] if row else 0
         self.durable = self.head      # events up to here are on disk (sync() moves it)
         self._stream_versions: dict = {}
+        self._unsaved: dict = {}      # stream -> version, newer than the streams table
+        self._recover_stream_heads()
         # _tail[_tail_off:] are the records from _tail_start on; the slots before _tail_off
         # are already dropped (None), compacted away now and then
         self._tail: list = []
@@ -233,9 +239,25 @@ class SqliteLog(EventLog):
             raise
         log.info("event log moved to one row per chunk of events", events=n)
 
+    def _recover_stream_heads(self) -> None:
+        """Versions of the streams written after the last save of the heads, from the events
+        themselves (only after a crash; a file without the mark was saved on every commit)."""
+        mark = self.meta("streams_through")
+        through = self.head if mark is None else int.from_bytes(mark, "big")
+        if through >= self.head:
+            return
+        n = 0
+        for event, _ in self._cold_events(range(through + 1, self.head + 1)):
+            self._unsaved[event["stream"]] = event["version"]
+            n += 1
+        log.info("stream heads read back from the log", events=n, streams=len(self._unsaved))
+
     # ---- events --------------------------------------------------------------
     def _stream_version(self, stream: str, overlay: dict) -> int:
         v = overlay.get(stream)
+        if v is not None:
+            return v
+        v = self._unsaved.get(stream)
         if v is not None:
             return v
         v = self._stream_versions.get(stream)
@@ -342,7 +364,6 @@ class SqliteLog(EventLog):
                 self._db.execute(_INSERT_CHUNK, chunks[0])
             else:
                 self._db.executemany(_INSERT_CHUNK, chunks)
-            self._save_stream_versions(overlay)
             if ids:
                 self._db.executemany("INSERT INTO event_ids (id, position, version) VALUES (?, ?, ?)",
                                      [(i, p, v) for i, (p, v) in ids.items()])
@@ -370,6 +391,7 @@ class SqliteLog(EventLog):
             self._unsynced = False
             self.durable = pos
         self._stream_versions.update(overlay)
+        self._unsaved.update(overlay)
         self._tail.extend(records)
         self._tail_bytes += size
         if self._tail_len() > self._tail_max or self._tail_bytes > self._tail_bytes_max:
@@ -543,13 +565,31 @@ class SqliteLog(EventLog):
         self._db.execute("DELETE FROM parked WHERE key = ?", (key,))
         self._db.execute("COMMIT")
 
+    @property
+    def unsaved_heads(self) -> bool:
+        return bool(self._unsaved)
+
     def save_checkpoints(self, checkpoints: dict) -> None:
-        if not checkpoints:
+        """The subscriptions' checkpoints, and the stream heads not saved yet, in one
+        transaction."""
+        if not checkpoints and not self._unsaved:
             return
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.executemany("UPDATE subscriptions SET checkpoint = ? WHERE key = ?",
-                             [(c, k) for k, c in checkpoints.items()])
-        self._db.execute("COMMIT")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if checkpoints:
+                db.executemany("UPDATE subscriptions SET checkpoint = ? WHERE key = ?",
+                               [(c, k) for k, c in checkpoints.items()])
+            if self._unsaved:
+                self._save_stream_versions(self._unsaved)
+                db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('streams_through', ?)",
+                           (self.head.to_bytes(8, "big"),))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._unsaved.clear()
 
     # ---- parked events -------------------------------------------------------
     def park(self, key: str, items: list) -> None:
@@ -580,6 +620,11 @@ class SqliteLog(EventLog):
         return row[0] if row else None
 
     def close(self) -> None:
+        try:
+            self.save_checkpoints({})
+        except sqlite3.Error as e:
+            # read back from the log on the next open
+            log.warning("stream heads not saved on close", error=str(e))
         self.sync()
         if self._wal_fd >= 0:
             os.close(self._wal_fd)
