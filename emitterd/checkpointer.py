@@ -30,7 +30,6 @@ from emitterd.channel import Channel
 from emitterd.loop import monotonic
 
 log = logs.get("checkpointer")
-TITLE = "emitterd: checkpointer"
 INTERVAL = 0.5
 HOLD_MAX = 0.2                 # publishes are never held back longer than this
 CATCH_UP_FRAMES = 64           # a round that copied at most this much: hold and finish
@@ -49,7 +48,7 @@ def _main(sock: socket.socket, path: str) -> None:
             if not sock.recv(4096):
                 return                           # the parent is gone
             asked = True                         # any request means "checkpoint now"
-        frames = -1
+        frames = done = -1
         try:
             if db is None:
                 # a short busy timeout: never sit on a lock long enough to outlive a dead parent
@@ -69,7 +68,7 @@ def _main(sock: socket.socket, path: str) -> None:
             else:
                 log.debug("checkpoint skipped", error=str(e))
         if frames >= 0 or asked:
-            sock.sendall(framing.encode({"frames": frames, "done": done if frames >= 0 else -1,
+            sock.sendall(framing.encode({"frames": frames, "done": done,
                                          "frame_bytes": page_size + 24, "asked": asked}))
 
 
@@ -84,7 +83,6 @@ class Checkpointer:
         self.channel: Optional[Channel] = None
         self.closing = False
         self.phase = 0            # 0 idle, 1 catching up, 2 publishes held for the last one
-        self.rewinds = 0
         self._rounds = 0
         self._last_frames = 0
         self._held_at = 0.0
@@ -123,9 +121,7 @@ class Checkpointer:
             self.ctx.committer.hold(HOLD_MAX, self._release)
             self._ask()
         else:
-            self._release()
-            if frames >= 0 and frames == msg.get("done"):
-                self.rewinds += 1     # nothing left to copy: the next commit rewinds the WAL
+            self._release()           # all copied (frames == done): the next commit rewinds
             log.debug("WAL rewound", frames=frames, checkpointed=msg.get("done"),
                       rounds=self._rounds, held_ms=round((monotonic() - self._held_at) * 1e3, 2))
 
@@ -161,7 +157,7 @@ class Checkpointer:
 
 def main(argv: list) -> None:
     fd, path, level, fmt = int(argv[0]), argv[1], argv[2], argv[3]
-    sock = procs.helper_main(fd, TITLE)
+    sock = procs.helper_main(fd, procs.SERVICE_TITLES["checkpointer"])
     logs.configure(level, fmt)
     try:
         _main(sock, path)

@@ -22,7 +22,6 @@ from typing import Any, Callable, Optional
 from emitterd import framing, logs, procs
 
 log = logs.get("forkserver")
-TITLE = "emitterd: fork server"
 REPLY_TIMEOUT = 2.0          # a fork of a small process takes well under a millisecond
 MAX_FRAME = 1 << 20
 
@@ -69,7 +68,6 @@ class ForkServer:
         request = framing.encode({"title": title, "kind": kind, "spec": spec,
                                   "log": [cfg.log_level, cfg.log_format]})
         try:
-            self.sock.setblocking(True)
             self.sock.settimeout(REPLY_TIMEOUT)
             socket.send_fds(self.sock, [request], [child_end.fileno()])
             child_end.close()
@@ -189,7 +187,7 @@ def _fork_one(sock: socket.socket, msg: dict, child_fd: int) -> None:
 
 def main(argv: list) -> None:
     fd, level, fmt = int(argv[0]), argv[1], argv[2]
-    sock = procs.helper_main(fd, TITLE)
+    sock = procs.helper_main(fd, procs.SERVICE_TITLES["forkserver"])
     logs.configure(level, fmt)
     _child_main("spare", None)                         # import what workers run, once
     try:

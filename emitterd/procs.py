@@ -5,7 +5,7 @@ import signal
 import socket
 import sys
 import traceback
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Optional, Sequence
 
 from setproctitle import setproctitle
 
@@ -80,6 +80,22 @@ def die_with_parent() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() == 1:
         os._exit(0)          # the parent died before the prctl took effect
+
+
+# The daemon's children that serve it rather than a pool, by module: their process titles.
+SERVICE_TITLES = {"checkpointer": "emitterd: checkpointer", "forkserver": "emitterd: fork server",
+                  "spare": "emitterd: spare worker"}
+
+
+def service_name(cmdline: Sequence[str]) -> Optional[str]:
+    """Which service child (a key of SERVICE_TITLES) a process is, from its command line:
+    its title, or, for one started by spawn_module that has not set it yet, `-m emitterd.X`;
+    None for a pool worker (for tests, the bench and the chaos run)."""
+    cmd = " ".join(cmdline) + " "
+    for name, title in SERVICE_TITLES.items():
+        if cmd.startswith(title) or "-m emitterd.%s " % name in cmd:
+            return name
+    return None
 
 
 def spawn_module(module: str, *args: str) -> tuple:

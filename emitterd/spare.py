@@ -27,7 +27,7 @@ class Spare:
         self._timer = None
         if self.sock is not None or self.ctx.shutting_down:
             return
-        title = "emitterd: spare worker"
+        title = procs.SERVICE_TITLES["spare"]
         got = self.ctx.forkserver.spawn(title, "spare")
         self.pid, self.sock = got or procs.spawn(title, worker_main.standby)
         pid = self.pid

@@ -60,6 +60,7 @@ if ROOT not in sys.path:
 from emitterd.client import (Client, EmitterError, Unreachable,  # noqa: E402
                              serve_subscriber)
 from emitterd.framing import Decoder, FrameError, encode  # noqa: E402
+from emitterd.procs import SERVICE_TITLES, service_name  # noqa: E402
 
 _ENV_DROP_PREFIXES = ("EMITTERD_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_")
 
@@ -769,13 +770,10 @@ class Chaos:
     def kill_helper(self) -> None:
         """SIGKILL the daemon's fork server or its checkpointer, in turn: the daemon forks
         workers itself meanwhile (the WAL waits for checkpoints) and starts another after 1 s."""
-        want, module = (("emitterd: fork server", "forkserver"),
-                        ("emitterd: checkpointer", "checkpointer"))[self.figures["helper_kills"] % 2]
+        want = ("forkserver", "checkpointer")[self.figures["helper_kills"] % 2]
         for k in self.daemon.children():
             try:
-                cmd = " ".join(k.cmdline())      # the module's name until it has set its title
-                if k.ppid() == self.daemon.pid and (cmd.startswith(want)
-                                                    or "-m emitterd.%s " % module in cmd):
+                if k.ppid() == self.daemon.pid and service_name(k.cmdline()) == want:
                     k.send_signal(signal.SIGKILL)
                     break
             except psutil.Error:
@@ -783,7 +781,7 @@ class Chaos:
         else:
             return
         self.figures["helper_kills"] += 1
-        self.say("%s SIGKILLed (%d helper kills so far)" % (want[len("emitterd: "):],
+        self.say("%s SIGKILLed (%d helper kills so far)" % (SERVICE_TITLES[want][len("emitterd: "):],
                                                            self.figures["helper_kills"]))
 
     def sigstop_worker(self) -> None:

@@ -28,13 +28,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import psutil
 import pytest
 
+from emitterd import procs
 from emitterd.client import Client
 
 _ENV_DROP_PREFIXES = ("EMITTERD_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_")
-# children of the daemon that serve it rather than a pool (the exec'd ones by their command
-# line too: it is what they show until they have set their title)
-SERVICE_TITLES = ("emitterd: checkpointer", "emitterd: spare worker", "emitterd: fork server")
-SERVICE_MODULES = ("-m emitterd.checkpointer ", "-m emitterd.forkserver ")
 
 
 def clean_env(root: str, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -176,7 +173,7 @@ class Daemon:
                 title = " ".join(k.cmdline()).strip()
             except psutil.Error:
                 continue
-            if not title.startswith(SERVICE_TITLES) and not any(m in title for m in SERVICE_MODULES):
+            if procs.service_name([title]) is None:
                 out.append(k)
         return out
 

@@ -13,9 +13,10 @@ from typing import Any, List, Optional
 import psutil
 import pytest
 
+from emitterd import procs
 from waits import ready_status, wait_for
 
-SERVER_TITLE = "emitterd: fork server"
+SERVER_TITLE = procs.SERVICE_TITLES["forkserver"]
 
 
 def children_titled(pid: int, prefix: str) -> List[psutil.Process]:
@@ -73,7 +74,7 @@ def test_workers_and_spare_come_from_the_fork_server_as_children_of_the_daemon(
     for i in (0, 1):
         replace_worker(d, c, key, i)
     replace_worker(d, c, key, 0)       # this one from the spare (made after the first)
-    spares = wait_for(lambda: children_titled(d.proc.pid, "emitterd: spare worker"), 10,
+    spares = wait_for(lambda: children_titled(d.proc.pid, procs.SERVICE_TITLES["spare"]), 10,
                       "a spare worker")
     st = ready_status(d, c, key, 2)
     pids = [w["pid"] for w in st["workers"]] + [p.pid for p in spares]
