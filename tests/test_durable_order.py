@@ -1,8 +1,9 @@
 """Nothing reaches a subscriber, and no publisher is answered, before the events are on disk.
 
-The parent commits a publish without SQLite's own fsync, sends the new events to the workers
-marked "held" while the disk writes, fdatasyncs the WAL itself and only then answers and tells
-the workers "durable" (control/events.py Committer, worker/main.py). With strace on the parent
+The parent commits a publish without SQLite's own fsync, routes the new events to the workers
+marked "held" while the disk writes, fdatasyncs the WAL itself and only then writes them, tells
+the workers "durable" and answers (control/events.py Committer, worker/main.py; a worker's own
+hold of a batch that left early is tests/test_worker_hold.py). With strace on the parent
 and its worker, for every publish: the parent's fdatasync starts after it read the request, and
 the worker's send of those events to the subscriber, the parent's "durable" notice and the
 answer all start after that fdatasync returned.

@@ -168,7 +168,8 @@ class Committer:
             return
         if records:
             # While the disk writes the commit, route its events to the workers, marked held:
-            # a worker keeps them until _make_durable() says they are on disk.
+            # their frames wait in the worker pipes' buffers (a worker that got one anyway,
+            # past a buffer cap, keeps it until _make_durable() says it is on disk).
             try:
                 if ctx.registry.pump_all():
                     ctx.loop.again()
@@ -186,12 +187,13 @@ class Committer:
         ctx.loop.flush_dirty()
 
     def _make_durable(self) -> None:
-        """Send the held batches, fdatasync the log, then tell their workers to deliver.
+        """fdatasync the log, then tell the workers with held batches to deliver them.
         The workers hold what they got until then, so nothing reaches a subscriber, and
-        no publisher is answered (the caller answers after this), before it is on disk."""
+        no publisher is answered (the caller answers after this), before it is on disk.
+        The held frames are not flushed before the fdatasync: sent after it, in one write
+        with the notice, each worker wakes once per commit instead of twice (measured:
+        more throughput and no worse latency than writing them while the disk works)."""
         ctx = self.ctx
-        if self.held:
-            ctx.loop.flush_dirty()      # the worker pipes fill while the disk writes
         try:
             ctx.log.sync()
         except OSError as e:
