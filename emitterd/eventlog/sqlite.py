@@ -12,7 +12,7 @@ import msgpack
 
 from emitterd import logs
 from emitterd.errors import CONFLICT, UNAVAILABLE, ProtocolError
-from emitterd.eventlog import EVENT_MAP_HEADER, FIRST_ATTEMPT, EventLog, EventRecord
+from emitterd.eventlog import EVENT_MAP_HEADER, FIRST_ATTEMPT, NO_TAGS, EventLog, EventRecord
 from emitterd.paths import ensure_private_dir
 
 # Events are stored by the chunk: the consecutive events one transaction appends, their bodies
@@ -129,7 +129,8 @@ def _chunked(first: int, bodies: list) -> list:
 
 def _record(event: dict, body: bytes) -> EventRecord:
     """The EventRecord of an event decoded from its chunk."""
-    return EventRecord(event["position"], event["stream"], event["type"], event["tags"], body)
+    return EventRecord(event["position"], event["stream"], event["type"], event["tags"] or NO_TAGS,
+                       body)
 
 
 def _damaged(position: int, chunk: Optional[tuple]) -> sqlite3.DatabaseError:
@@ -342,7 +343,7 @@ class SqliteLog(EventLog):
                     body = join((EVENT_MAP_HEADER, head, K_POSITION, pack(pos), K_VERSION,
                                  pack(version), closing))
                 add_body(body)
-                add_record(EventRecord(pos, stream, type_, tags, body))
+                add_record(EventRecord(pos, stream, type_, tags or NO_TAGS, body))
                 add_position(pos)
                 add_version(version)
             b.result = {"positions": positions, "versions": versions}
