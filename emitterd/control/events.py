@@ -168,8 +168,8 @@ class Committer:
             return
         if records:
             # While the disk writes the commit, route its events to the workers, marked held:
-            # their frames wait in the worker pipes' buffers (a worker that got one anyway,
-            # past a buffer cap, keeps it until _make_durable() says it is on disk).
+            # their frames wait in the worker pipes' buffers until _make_durable() (and a
+            # worker that got one earlier would keep it until told it is on disk).
             try:
                 if ctx.registry.pump_all():
                     ctx.loop.again()
