@@ -57,10 +57,15 @@ class ForkServer:
         pid = self.pid
         self.ctx.children[pid] = lambda status: self._exited(pid, status)
 
-    def spawn(self, title: str, kind: str, spec: Optional[dict] = None) -> Optional[tuple]:
+    def spawn(self, title: str, kind: str, spec: Optional[dict] = None) -> tuple:
         """(pid, parent end) of a new child running the worker (`kind` "worker", with `spec`)
-        or a spare (`kind` "spare"), forked by the server; None when the server cannot
-        (not started, not ready yet, or failed): the caller forks the child itself."""
+        or a spare (`kind` "spare"): forked by the server, or by the daemon itself when the
+        server cannot (not started, not ready yet, or failed)."""
+        got = self._ask(title, kind, spec)
+        return got or procs.spawn(title, _child_main(kind, spec))
+
+    def _ask(self, title: str, kind: str, spec: Optional[dict]) -> Optional[tuple]:
+        """The server's (pid, parent end) for the child, or None."""
         if self.sock is None or not (self.ready or self._check_ready()):
             return None
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

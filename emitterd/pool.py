@@ -173,8 +173,7 @@ class Pool:
             pid, sock = spare
         else:
             title = "emitterd: %s #%d" % (self.name, index)
-            got = self.ctx.forkserver.spawn(title, "worker", spec)
-            pid, sock = got or procs.spawn(title, lambda s: worker_main.main(s, spec))
+            pid, sock = self.ctx.forkserver.spawn(title, "worker", spec)
         h.pid = pid
         h.channel = Channel(self.ctx.loop, sock, PIPE_MAX_FRAME,
                             lambda msg: self._on_worker_msg(h, msg), lambda reason: None)

@@ -4,7 +4,6 @@ import signal
 from typing import Any, Optional
 
 from emitterd import logs, procs
-from emitterd.worker import main as worker_main
 
 log = logs.get("spare")
 REPLENISH_DELAY = 0.0    # a new spare is asked for once the last one's replacement is ready
@@ -28,8 +27,7 @@ class Spare:
         if self.sock is not None or self.ctx.shutting_down:
             return
         title = procs.SERVICE_TITLES["spare"]
-        got = self.ctx.forkserver.spawn(title, "spare")
-        self.pid, self.sock = got or procs.spawn(title, worker_main.standby)
+        self.pid, self.sock = self.ctx.forkserver.spawn(title, "spare")
         pid = self.pid
         self.ctx.children[pid] = lambda status: self.lost(pid, status)
 
