@@ -489,3 +489,53 @@ def test_tail_records_leave_nothing_for_the_cyclic_gc(tmp_path):
     (cold,) = [r for r in log._cold_records(1, 1)]
     assert not gc.is_tracked(cold) and cold.tags == ()
     log.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_deferred_trim_waits_for_trim_tail(tmp_path):
+    # the daemon answers the publishers first and frees the records that fell out after
+    log = open_log(str(tmp_path), tail_events=1024)
+    for i in range(8):
+        log.append([batch([ev("s-%d" % j) for j in range(256)])], defer_trim=True)
+    assert log._tail_len() == 8 * 256 and log._tail_start == 1
+    log.trim_tail()
+    assert log._tail_len() == 1024 and log._tail_start == 8 * 256 - 1024 + 1
+    assert [r.position for r in log.read(1, 2048)] == list(range(1, 2049))
+    log.append([batch([ev("s-0")])])       # not deferred: trimmed at once
+    assert log._tail_len() == 1024
+
+
+@pytest.mark.timeout(20)
+def test_the_committer_answers_first_and_then_trims_the_tail(tmp_path):
+    """The group commit (control/events.py) with a real log and loop: each publish is answered
+    while the records that fell out of the tail are still held, and freed right after."""
+    from types import SimpleNamespace
+
+    from emitterd.control.events import Committer
+    from emitterd.loop import Loop
+
+    log = open_log(str(tmp_path), tail_events=1024)
+    loop = Loop()
+    ctx = SimpleNamespace(log=log, loop=loop, shutting_down=False,
+                          registry=SimpleNamespace(pump_all=lambda: False))
+    committer = Committer(ctx)
+    seen = []
+
+    class Req:
+        conn = None
+
+        def reply(self, result):
+            seen.append((result["positions"][-1], log._tail_len()))
+
+        def fail(self, err):
+            raise AssertionError(err)
+    try:
+        for i in range(8):
+            committer.submit(batch([ev("s-%d" % j) for j in range(256)]), Req())
+            committer.commit()
+            assert log._tail_len() == min(1024, log.head)
+    finally:
+        loop.close()
+        log.close()
+    assert [p for p, _ in seen] == [256 * (i + 1) for i in range(8)]
+    assert [n for _, n in seen] == [256, 512, 768, 1024, 1280, 1280, 1280, 1280]

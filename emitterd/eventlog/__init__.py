@@ -91,9 +91,14 @@ class EventLog:
     durable: int       # the last position known to be on disk (<= head)
     path: str          # where the log lives (the checkpointer opens it too)
 
-    def append(self, batches: list, defer_sync: bool = False) -> list:
+    def append(self, batches: list, defer_sync: bool = False, defer_trim: bool = False) -> list:
         """Append publish batches in ONE transaction; set each batch.result; return new records.
-        defer_sync: the commit may not be on disk until sync() returns."""
+        defer_sync: the commit may not be on disk until sync() returns; defer_trim: the
+        in-memory tail may pass its bounds until trim_tail()."""
+        raise NotImplementedError
+
+    def trim_tail(self) -> None:
+        """Free the oldest in-memory records beyond the tail's bounds (they stay on disk)."""
         raise NotImplementedError
 
     def sync(self) -> None:

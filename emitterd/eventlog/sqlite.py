@@ -285,10 +285,11 @@ class SqliteLog(EventLog):
                                (event_id,)).fetchone()
         return tuple(row) if row else None
 
-    def append(self, batches: list, defer_sync: bool = False) -> list:
+    def append(self, batches: list, defer_sync: bool = False, defer_trim: bool = False) -> list:
         """See EventLog.append. With defer_sync (and synchronous=full) the commit is written
         but not yet on disk: the caller must call sync() before anyone sees the new events
-        or is answered, and may do other work meanwhile (the disk is already writing)."""
+        or is answered, and may do other work meanwhile (the disk is already writing).
+        With defer_trim the tail may pass its bounds until the caller calls trim_tail()."""
         ts = int(time.time() * 1_000_000)
         pos = self.head
         overlay: dict = {}
@@ -395,8 +396,8 @@ class SqliteLog(EventLog):
         self._unsaved.update(overlay)
         self._tail.extend(records)
         self._tail_bytes += size
-        if self._tail_len() > self._tail_max or self._tail_bytes > self._tail_bytes_max:
-            self._trim_tail()
+        if not defer_trim:
+            self.trim_tail()
         return records
 
     def sync(self) -> None:
@@ -429,11 +430,13 @@ class SqliteLog(EventLog):
             self._wal_ino = os.fstat(self._wal_fd).st_ino
         return self._wal_fd
 
-    def _trim_tail(self) -> None:
+    def trim_tail(self) -> None:
         """Drop the oldest tail records down to the bounds, each append about as many as it
         added: freeing tens of thousands at once stalled the loop for 10+ ms, and even a
         thousand at a time shows in the p99 latency. Dropped slots become None; the list is
         compacted (pointers moved, nothing freed) once they are half of it."""
+        if self._tail_len() <= self._tail_max and self._tail_bytes <= self._tail_bytes_max:
+            return
         tail = self._tail
         off = self._tail_off
         n = len(tail)
