@@ -68,7 +68,7 @@ class Daemon:
         os.umask(0o077)
         ctx.notifier = sd.Notifier()
         inherited = sd.listen_fds()
-        ctx.log = open_log(cfg.data_dir, cfg.synchronous)
+        ctx.log = open_log(cfg.data_dir, cfg.synchronous, wal_bytes=cfg.wal_rewind_bytes)
         self.checkpointer = Checkpointer(ctx, ctx.log.path)
         ctx.committer = Committer(ctx)
         ctx.registry = Registry(ctx)

@@ -539,3 +539,40 @@ def test_the_committer_answers_first_and_then_trims_the_tail(tmp_path):
         log.close()
     assert [p for p, _ in seen] == [256 * (i + 1) for i in range(8)]
     assert [n for _, n in seen] == [256, 512, 768, 1024, 1280, 1280, 1280, 1280]
+
+
+@pytest.mark.timeout(30)
+def test_the_wal_is_written_ahead_at_open_and_a_crashed_wal_is_kept(tmp_path):
+    """Commits never grow a prefilled WAL (a growing file syncs slower); the zeros are not
+    taken for frames, and the frames a crash left in the WAL are recovered, not overwritten."""
+    import shutil
+    a = str(tmp_path / "a")
+    log = open_log(a, wal_bytes=4 << 20)
+    wal = os.path.join(a, "emitterd.db-wal")
+    assert os.path.getsize(wal) == 4 << 20
+    for i in range(5):
+        log.append([batch([ev("s-%d" % (j % 3), data="x" * 300) for j in range(256)])])
+    assert os.path.getsize(wal) == 4 << 20          # rewritten, not grown
+    used = log._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1] * 16384
+    assert 0 < used < 4 << 20
+    # a crash: the files as they are now, the WAL's frames not all in the database file
+    b = str(tmp_path / "b")
+    os.makedirs(b)
+    for name in ("emitterd.db", "emitterd.db-wal"):
+        shutil.copyfile(os.path.join(a, name), os.path.join(b, name))
+    more = [ev("late", data=i) for i in range(10)]
+    log.append([batch(more)])                       # in the WAL only, after the copy
+    log.close()
+    crashed = open_log(b, wal_bytes=8 << 20)
+    assert os.path.getsize(os.path.join(b, "emitterd.db-wal")) == 8 << 20
+    assert crashed.head == 5 * 256
+    assert [r.position for r in crashed.read(1, 2000)] == list(range(1, 1281))
+    crashed.append([batch([ev("s-0", data="after")])])
+    crashed.close()
+    again = open_log(b, wal_bytes=8 << 20)
+    assert again.head == 1281 and again.read(1281, 1)[0].decode()["data"] == "after"
+    assert again.read(1, 1)[0].decode()["data"] == "x" * 300
+    again.close()
+    reopened = open_log(a)
+    assert reopened.head == 1290 and reopened.read(1290, 1)[0].decode()["stream"] == "late"
+    reopened.close()

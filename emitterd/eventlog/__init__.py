@@ -154,7 +154,9 @@ class EventLog:
 
 
 def open_log(data_dir: str, synchronous: str = "full", tail_events: int = 65536,
-             tail_bytes: int = 16 << 20) -> EventLog:
+             tail_bytes: int = 16 << 20, wal_bytes: int = 0) -> EventLog:
+    """wal_bytes: the length the write-ahead log cycles through (settings wal_rewind_bytes),
+    written ahead at open so that commits never grow the file (0: no)."""
     from emitterd.eventlog.sqlite import SqliteLog
     return SqliteLog(data_dir, synchronous=synchronous, tail_events=tail_events,
-                     tail_bytes=tail_bytes)
+                     tail_bytes=tail_bytes, wal_bytes=wal_bytes)

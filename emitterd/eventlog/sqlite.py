@@ -167,7 +167,7 @@ def generated_position(salt: int, text: str) -> Optional[int]:
 
 class SqliteLog(EventLog):
     def __init__(self, data_dir: str, synchronous: str = "full", tail_events: int = 65536,
-                 tail_bytes: int = 64 << 20) -> None:
+                 tail_bytes: int = 64 << 20, wal_bytes: int = 0) -> None:
         ensure_private_dir(data_dir)
         self.path = os.path.join(data_dir, "emitterd.db")
         self._full = synchronous == "full"
@@ -208,6 +208,8 @@ class SqliteLog(EventLog):
         self._tail_max = max(1024, tail_events)
         self._tail_bytes_max = tail_bytes
         self._tail_bytes = 0
+        if self._full and wal_bytes > 0:
+            self._prefill_wal(wal_bytes)
 
     def _migrate_v2(self) -> None:
         """Version 2 stored one row per event, its body without map header and attempt: move
@@ -417,6 +419,39 @@ class SqliteLog(EventLog):
                 _start_writeback(self._wal())
             except OSError:
                 pass
+
+    def _prefill_wal(self, nbytes: int) -> None:
+        """Write zeros past the end of the WAL up to `nbytes`, once, at open: a commit that
+        grows the file makes its fdatasync commit the new size too (measured on ext4: 0.31
+        vs 0.19 ms per 80 KB commit), so without this the commits of the first WAL cycle
+        after every start are slower than the later ones, which rewrite blocks the file
+        has. SQLite reads a WAL only up to its first invalid frame, so the zeros are never
+        taken for frames (as after a rewind, old frames past the new ones are not either);
+        what is before them, a WAL left by a crash, is not touched. Nothing writes the WAL
+        yet. A failure (a full disk) leaves the file as it was: the zeros are only a speed-up."""
+        wal = self.path + "-wal"
+        try:
+            fd = os.open(wal, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            log.warning("WAL not prefilled", error=str(e))
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size >= nbytes:
+                return
+            zeros = bytes(1 << 20)
+            at = size
+            try:
+                while at < nbytes:
+                    at += os.pwrite(fd, zeros[:nbytes - at], at)
+                os.fdatasync(fd)
+            except OSError as e:
+                os.ftruncate(fd, size)
+                log.warning("WAL not prefilled", error=str(e), bytes=nbytes)
+                return
+            log.debug("WAL prefilled", bytes=nbytes, was=size)
+        finally:
+            os.close(fd)
 
     def _wal(self) -> int:
         """An fd of the WAL file SQLite writes (its name is fixed: the database's + "-wal");
