@@ -443,11 +443,17 @@ class SqliteLog(EventLog):
             at = size
             try:
                 while at < nbytes:
-                    at += os.pwrite(fd, zeros[:nbytes - at], at)
+                    n = os.pwrite(fd, zeros[:nbytes - at], at)
+                    if n <= 0:
+                        raise OSError("no room written at offset %d" % at)
+                    at += n
                 os.fdatasync(fd)
             except OSError as e:
-                os.ftruncate(fd, size)
                 log.warning("WAL not prefilled", error=str(e), bytes=nbytes)
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass        # zeros past the last frame are harmless, just not useful
                 return
             log.debug("WAL prefilled", bytes=nbytes, was=size)
         finally:
