@@ -181,9 +181,10 @@ SETTINGS: tuple[Setting, ...] = (
         bounds the file's size (about this much plus half a second of
         publishing) and keeps commits rewriting blocks the file already has,
         which syncs faster than growing it. With synchronous = "full" the WAL
-        is written to this length (zeros) when the daemon starts, so that the
-        first commits do not grow it either; a change takes effect for that
-        at the next start.""",
+        is written to this length (zeros; at most 256 MiB, and only if as
+        much again is free) when the daemon starts, so that the first commits
+        do not grow it either; a change takes effect for that at the next
+        start.""",
        minimum=_MIB, maximum=2 ** 40, metavar="BYTES"),
     _s("checkpoint_interval", FLOAT, 1.0, S, True, """
         Seconds between checkpoint flushes while checkpoints move; at most 1

@@ -576,3 +576,16 @@ def test_the_wal_is_written_ahead_at_open_and_a_crashed_wal_is_kept(tmp_path):
     reopened = open_log(a)
     assert reopened.head == 1290 and reopened.read(1290, 1)[0].decode()["stream"] == "late"
     reopened.close()
+
+
+@pytest.mark.timeout(20)
+def test_the_wal_prefill_is_capped(tmp_path, monkeypatch):
+    # wal_rewind_bytes may be set very high (to rewind rarely): the start writes no more
+    # than the cap (256 MiB; lowered here to keep the test small)
+    from emitterd.eventlog import sqlite as backend
+    monkeypatch.setattr(backend, "WAL_PREFILL_MAX", 2 << 20)
+    log = open_log(str(tmp_path), wal_bytes=1 << 40)
+    assert os.path.getsize(os.path.join(str(tmp_path), "emitterd.db-wal")) == 2 << 20
+    log.append([batch([ev("s")])])
+    assert log.read(1, 1)[0].decode()["stream"] == "s"
+    log.close()

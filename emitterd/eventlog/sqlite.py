@@ -95,6 +95,9 @@ PAGE_SIZE = 16384
 _INSERT_CHUNK = "INSERT INTO chunks (first, last, bodies) VALUES (?, ?, ?)"
 _CHUNK_AT = "SELECT first, last, bodies FROM chunks WHERE first <= ? ORDER BY first DESC LIMIT 1"
 _UPSERT_MAX = 256
+# The WAL is written ahead at open to at most this much (wal_rewind_bytes may be set far
+# higher to rewind rarely), and only where that leaves at least as much free space again.
+WAL_PREFILL_MAX = 256 << 20
 
 
 @functools.lru_cache(maxsize=None)
@@ -436,8 +439,14 @@ class SqliteLog(EventLog):
             log.warning("WAL not prefilled", error=str(e))
             return
         try:
+            nbytes = min(nbytes, WAL_PREFILL_MAX)
             size = os.fstat(fd).st_size
             if size >= nbytes:
+                return
+            st = os.fstatvfs(fd)
+            if st.f_bavail * st.f_frsize < 2 * (nbytes - size):
+                log.info("WAL not prefilled: little free space", bytes=nbytes,
+                         free=st.f_bavail * st.f_frsize)
                 return
             zeros = bytes(1 << 20)
             at = size
