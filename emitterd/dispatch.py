@@ -180,6 +180,7 @@ class Dispatcher:
         misplaced = self._misplaced_streams(targets) if pinned else {}
 
         def choose(stream: str) -> Any:
+            # the new-events loop below has the pinned branch written out: change both
             if pinned:
                 if stream in blocked:
                     return None
@@ -206,7 +207,8 @@ class Dispatcher:
             return random.choice(open_) if open_ else None
 
         def add(w: Any, pos: int, data: bytes, fast: int) -> None:
-            """Put one encoded event in w's frame of this turn (sent when full)."""
+            """Put one encoded event in w's frame of this turn (sent when full); the
+            new-events loop below has this written out for first attempts: change both."""
             b = batches.get(w.wid)
             if b is not None and (len(b[1]) >= batch_size or b[2] + len(data) > frame_budget):
                 self._send(w, b)

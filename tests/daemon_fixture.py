@@ -170,10 +170,10 @@ class Daemon:
         out = []
         for k in self.collect_children():
             try:
-                title = " ".join(k.cmdline()).strip()
+                service = procs.service_name(k.cmdline())
             except psutil.Error:
                 continue
-            if procs.service_name([title]) is None:
+            if service is None:
                 out.append(k)
         return out
 

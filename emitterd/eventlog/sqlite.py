@@ -177,6 +177,7 @@ class SqliteLog(EventLog):
         self._unsynced = False        # an append(defer_sync=True) not yet followed by sync()
         self._wal_fd = -1
         self._wal_ino = -1
+        self._wal_checked = False     # _wal_fd checked against the file since the last sync()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         # before anything writes the file (WAL mode does): a page size is fixed at creation
         self._db.execute("PRAGMA page_size=%d" % PAGE_SIZE)
@@ -410,16 +411,23 @@ class SqliteLog(EventLog):
         Raises OSError: then it is unknown what reached the disk, and the caller must not
         answer or deliver those events (the daemon exits)."""
         if self._unsynced:
-            os.fdatasync(self._wal())
+            os.fdatasync(self._wal_fd if self._wal_checked else self._wal())
             self._unsynced = False
+        self._wal_checked = False
         self.durable = self.head
 
     def _start_writeback(self) -> None:
         """Let the disk start on the commit now; only a head start for sync(), so a failure
-        here is sync()'s to report."""
+        here is sync()'s to report. The WAL's fd it checks serves that sync() too (one
+        stat of the file per commit, not two)."""
+        try:
+            fd = self._wal()
+        except OSError:
+            return
+        self._wal_checked = True
         if _start_writeback is not None:
             try:
-                _start_writeback(self._wal())
+                _start_writeback(fd)
             except OSError:
                 pass
 
