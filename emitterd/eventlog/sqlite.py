@@ -324,7 +324,9 @@ class SqliteLog(EventLog):
             versions: list = []
             add_position = positions.append
             add_version = versions.append
-            for stream, type_, eid, head, tags in b.events:
+            for ev in b.events:
+                stream = ev.stream
+                eid = ev.id
                 if eid is not None:
                     hit = ids.get(eid) or self._lookup_id(eid)
                     if hit is not None:
@@ -343,14 +345,14 @@ class SqliteLog(EventLog):
                     if pos >> 12 != high:
                         high = pos >> 12       # the generated id's entry, but its last 3 digits
                         id_entry = K_ID + pack(generated_id(salt, pos))[:-3]
-                    body = join((EVENT_MAP_HEADER, head, K_POSITION, pack(pos), id_entry,
+                    body = join((EVENT_MAP_HEADER, ev.head, K_POSITION, pack(pos), id_entry,
                                  low_hex[pos & 0xFFF], K_VERSION, pack(version), closing))
                 else:
                     ids[eid] = (pos, version)
-                    body = join((EVENT_MAP_HEADER, head, K_POSITION, pack(pos), K_VERSION,
+                    body = join((EVENT_MAP_HEADER, ev.head, K_POSITION, pack(pos), K_VERSION,
                                  pack(version), closing))
                 add_body(body)
-                add_record(EventRecord(pos, stream, type_, tags or NO_TAGS, body))
+                add_record(EventRecord(pos, stream, ev.type, ev.tags or NO_TAGS, body))
                 add_position(pos)
                 add_version(version)
             b.result = {"positions": positions, "versions": versions}
