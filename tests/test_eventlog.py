@@ -510,7 +510,8 @@ def test_a_deferred_trim_waits_for_trim_tail(tmp_path):
 @pytest.mark.timeout(20)
 def test_the_committer_answers_first_and_then_trims_the_tail(tmp_path):
     """The group commit (control/events.py) with a real log and loop: each publish is answered
-    while the records that fell out of the tail are still held, and freed right after."""
+    while the records that fell out of the tail are still held, and freed right after; the
+    answers are written before the workers' batches (marked for writing earlier, by routing)."""
     from types import SimpleNamespace
 
     from emitterd.control.events import Committer
@@ -518,16 +519,40 @@ def test_the_committer_answers_first_and_then_trims_the_tail(tmp_path):
 
     log = open_log(str(tmp_path), tail_events=1024)
     loop = Loop()
+    writes = []
+
+    class Channel:
+        def __init__(self, name):
+            self.name = name
+            self.pending = False
+
+        def send(self):
+            self.pending = True
+            loop.mark_dirty(self)
+
+        def flush(self):
+            if self.pending:
+                writes.append(self.name)
+                self.pending = False
+
+    worker = Channel("worker")
+    publisher = SimpleNamespace(channel=Channel("answer"))
+
+    def pump_all():
+        worker.send()                 # routing marks the worker's channel first
+        return False
+
     ctx = SimpleNamespace(log=log, loop=loop, shutting_down=False,
-                          registry=SimpleNamespace(pump_all=lambda: False))
+                          registry=SimpleNamespace(pump_all=pump_all))
     committer = Committer(ctx)
     seen = []
 
     class Req:
-        conn = None
+        conn = publisher
 
         def reply(self, result):
             seen.append((result["positions"][-1], log._tail_len()))
+            publisher.channel.send()
 
         def fail(self, err):
             raise AssertionError(err)
@@ -541,6 +566,7 @@ def test_the_committer_answers_first_and_then_trims_the_tail(tmp_path):
         log.close()
     assert [p for p, _ in seen] == [256 * (i + 1) for i in range(8)]
     assert [n for _, n in seen] == [256, 512, 768, 1024, 1280, 1280, 1280, 1280]
+    assert writes == ["answer", "worker"] * 8
 
 
 @pytest.mark.timeout(30)
