@@ -167,7 +167,8 @@ class Pool:
                 "subscriber": self.spec["subscriber"],
                 "ack_timeout": self.spec["options"]["ack_timeout"],
                 "heartbeat_interval": cfg.heartbeat_interval,
-                "max_frame": cfg.max_frame_bytes, "out_cap": cfg.output_buffer_bytes}
+                "max_frame": cfg.max_frame_bytes, "out_cap": cfg.output_buffer_bytes,
+                "nice": cfg.worker_nice}
         spare = self.ctx.spare.take() if replacement else None
         if spare is not None:
             pid, sock = spare

@@ -261,6 +261,24 @@ def test_worker_titles_and_parent(daemon: Daemon) -> None:
     assert kids == listed
 
 
+@pytest.mark.timeout(40)
+def test_workers_take_worker_nice_and_replacements_too(make_daemon: Any) -> None:
+    d = make_daemon("--worker-nice", "3")
+    c = d.client()
+    base = psutil.Process(d.proc.pid).nice()
+    key = c.start(sub("niced", pool_size=2))["key"]
+    st = ready_status(d, c, key, 2)
+    assert [psutil.Process(w["pid"]).nice() for w in st["workers"]] == [min(19, base + 3)] * 2
+    st = kill_and_wait_replacement(d, c, key, 0, n=2)       # a replacement: niced as well
+    assert [psutil.Process(w["pid"]).nice() for w in st["workers"]] == [min(19, base + 3)] * 2
+    assert psutil.Process(d.proc.pid).nice() == base      # the parent keeps its own
+    flat = make_daemon("--worker-nice", "0")
+    c = flat.client()
+    key = c.start(sub("flat", pool_size=1))["key"]
+    st = ready_status(flat, c, key, 1)
+    assert psutil.Process(st["workers"][0]["pid"]).nice() == psutil.Process(flat.proc.pid).nice()
+
+
 @pytest.mark.timeout(30)
 def test_status_reports_rss_and_cpu(daemon: Daemon) -> None:
     c = daemon.client()

@@ -158,6 +158,9 @@ class Worker:
 def main(sock: socket.socket, spec: dict) -> None:
     random.seed()
     tune_gc()          # set here, not inherited: the fork server is a fresh interpreter
+    if spec.get("nice"):
+        # relative to the fork server's (the parent's) niceness; raising it needs no privilege
+        os.nice(spec["nice"])
     Worker(sock, spec).run()
 
 
