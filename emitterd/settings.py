@@ -237,10 +237,10 @@ SETTINGS: tuple[Setting, ...] = (
         the parent's own). Every event passes through the parent alone (append,
         fsync, routing) while workers share the load, so a worker that wakes
         on the parent's CPU should wait for it rather than take the CPU from
-        it: with 5, about 8 percent more throughput on a 2-core machine at the same
-        latency (README, Performance). Under CPU pressure from other programs
-        the workers get a smaller share; set 0 for the parent's priority.
-        Workers started after a change (reload) take it.""",
+        it: with 5, about 8 to 13 percent more throughput on a 2-core machine,
+        latency within its noise (README, Performance). Under CPU pressure from
+        other programs the workers get a smaller share; set 0 for the parent's
+        priority. Workers started after a change (reload) take it.""",
        minimum=0, maximum=19),
     _s("restart_backoff", FLOAT_PAIR, [1.0, 30.0], W, True, """
         Initial and maximum delay, in seconds, of a pool in backoff (after more

@@ -159,8 +159,12 @@ def main(sock: socket.socket, spec: dict) -> None:
     random.seed()
     tune_gc()          # set here, not inherited: the fork server is a fresh interpreter
     if spec.get("nice"):
-        # relative to the fork server's (the parent's) niceness; raising it needs no privilege
-        os.nice(spec["nice"])
+        # relative to the fork server's (the parent's) niceness; raising it needs no privilege,
+        # but a sandbox may refuse the call: then run at the parent's rather than not at all
+        try:
+            os.nice(spec["nice"])
+        except OSError as e:
+            log.warning("worker_nice not applied", error=str(e), worker=spec["index"])
     Worker(sock, spec).run()
 
 
