@@ -535,8 +535,11 @@ def test_the_committer_answers_first_and_then_trims_the_tail(tmp_path):
                 writes.append(self.name)
                 self.pending = False
 
+    class Conn:                       # hashable by identity, as a control connection is
+        channel = Channel("answer")
+
     worker = Channel("worker")
-    publisher = SimpleNamespace(channel=Channel("answer"))
+    publisher = Conn()
 
     def pump_all():
         worker.send()                 # routing marks the worker's channel first

@@ -186,7 +186,7 @@ class Committer:
         # tail (cold memory, ~5 % of a busy parent) is such work: it is off their path here.
         # The publishers' channels first: the workers' were marked dirty earlier (routing),
         # and each of their writes wakes a worker before the publisher would otherwise be.
-        for conn in {id(req.conn): req.conn for _, req in pending}.values():
+        for conn in dict.fromkeys(req.conn for _, req in pending):   # each once, in order
             conn.channel.flush()
         ctx.loop.flush_dirty()
         ctx.log.trim_tail()
