@@ -3,8 +3,10 @@ import os
 import sqlite3
 import uuid
 
+import hypothesis
 import msgpack
 import pytest
+from hypothesis import strategies as st
 
 from emitterd import settings
 from emitterd.control.events import validate_publish
@@ -619,4 +621,69 @@ def test_the_wal_prefill_is_capped(tmp_path, monkeypatch):
     assert os.path.getsize(os.path.join(str(tmp_path), "emitterd.db-wal")) == 2 << 20
     log.append([batch([ev("s")])])
     assert log.read(1, 1)[0].decode()["stream"] == "s"
+    log.close()
+
+
+@hypothesis.settings(max_examples=40, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow,
+                                            hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(data=st.data())
+@pytest.mark.timeout(240)
+def test_every_stored_body_is_the_event_map_in_its_documented_order(tmp_path_factory, data):
+    """Whatever mix of publishes one append takes (with and without client ids, tags,
+    metadata, across a 4096-position boundary of the generated ids), each stored body is the
+    delivered event map, entries in their fixed order, with the version the stream is at."""
+    log = open_log(str(tmp_path_factory.mktemp("log")))
+    # often just below a multiple of 4096, where a generated id's prefix changes
+    start = data.draw(st.integers(0, 3)) * 4096 + data.draw(
+        st.one_of(st.integers(0, 4095), st.integers(3600, 4095)))
+    log.head = start                    # as if that many events preceded
+    log._tail, log._tail_off, log._tail_start = [], 0, start + 1
+    salt = log._salt
+    versions: dict = {}
+    seen_ids: dict = {}
+    pos = start
+    names = st.sampled_from(["a", "b", "c", "ü-d"])
+    small = st.integers(-(1 << 40), 1 << 40)
+    event = st.fixed_dictionaries({"stream": names, "type": names}, optional={
+        "data": st.one_of(st.none(), small, st.text(max_size=20),
+                          st.dictionaries(st.text(max_size=5), small, max_size=3)),
+        "metadata": st.dictionaries(st.text(max_size=5), small, max_size=2),
+        "tags": st.lists(names, max_size=3),
+        "id": st.sampled_from(["id-1", "id-2", "id-3", "id-4"])})
+    for _ in range(data.draw(st.integers(1, 3))):
+        # each publish repeats a drawn pattern of events up to a drawn length (up to 600)
+        publishes = [[pattern[i % len(pattern)] for i in range(n)] for pattern, n in data.draw(
+            st.lists(st.tuples(st.lists(event, min_size=1, max_size=6), st.integers(1, 600)),
+                     min_size=1, max_size=3))]
+        batches = [batch(evs) for evs in publishes]
+        records = iter(log.append(batches))
+        for evs, b in zip(publishes, batches):
+            positions, vs = [], []
+            for e in evs:
+                eid = e.get("id")
+                if eid is not None and eid in seen_ids:      # the same id again: not stored
+                    positions.append(seen_ids[eid][0])
+                    vs.append(seen_ids[eid][1])
+                    continue
+                pos += 1
+                v = versions[e["stream"]] = versions.get(e["stream"], -1) + 1
+                if eid is not None:
+                    seen_ids[eid] = (pos, v)
+                positions.append(pos)
+                vs.append(v)
+                rec = next(records)
+                assert (rec.position, rec.stream, rec.type, list(rec.tags)) == (
+                    pos, e["stream"], e["type"], e.get("tags", []))
+                stored = msgpack.unpackb(rec.body, raw=False)
+                want = {"stream": e["stream"], "type": e["type"], "data": e.get("data"),
+                        "metadata": e.get("metadata", {}), "tags": e.get("tags", [])}
+                if eid is not None:
+                    want.update(id=eid, position=pos)
+                else:
+                    want.update(position=pos, id=generated_id(salt, pos))
+                want.update(version=v, timestamp=stored["timestamp"], attempt=1)
+                assert rec.body == msgpack.packb(want)
+            assert b.result == {"positions": positions, "versions": vs}
+        assert next(records, None) is None and log.head == pos
     log.close()
