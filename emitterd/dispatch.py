@@ -43,6 +43,14 @@ def stream_slot(stream: str, n: int) -> int:
     return zlib.crc32(stream.encode("utf-8", "surrogatepass")) % n
 
 
+def _cached_slot(slots: dict, stream: str, n: int) -> int:
+    """stream_slot() through a dispatcher's per-stream cache (Dispatcher._slot_table)."""
+    s = slots.get(stream)
+    if s is None:
+        s = slots[stream] = stream_slot(stream, n)
+    return s
+
+
 SLOT_CACHE_MAX = 100_000
 
 
@@ -145,10 +153,7 @@ class Dispatcher:
         out: dict = {}
 
         def check(stream: str, wid: int) -> None:
-            s = slots.get(stream)
-            if s is None:
-                s = slots[stream] = stream_slot(stream, n)
-            if routing[s] != wid:
+            if routing[_cached_slot(slots, stream, n)] != wid:
                 out[stream] = wid
         for wid, fw in self.flying.items():
             for rec in fw.values():
@@ -198,10 +203,7 @@ class Dispatcher:
             if pinned:
                 if stream in blocked:
                     return None
-                s = slot_of.get(stream)
-                if s is None:
-                    s = slot_of[stream] = stream_slot(stream, n_targets)
-                w = targets[s]
+                w = targets[_cached_slot(slot_of, stream, n_targets)]
                 if w is None or room[w.wid] <= 0:
                     return None
                 if misplaced:
@@ -220,20 +222,6 @@ class Dispatcher:
             open_ = [w for w in routable if room[w.wid] > 0]
             return random.choice(open_) if open_ else None
 
-        def add(w: Any, pos: int, data: bytes, fast: int) -> None:
-            """Put one encoded event in w's frame of this turn (sent when full); the
-            new-events loop below has this written out for first attempts: change both."""
-            b = batches.get(w.wid)
-            if b is not None and (len(b[1]) >= batch_size or b[2] + len(data) > frame_budget):
-                self._send(w, b)
-                b = None
-            if b is None:
-                b = batches[w.wid] = [w, [], 0, [], 0]
-            b[1].append(pos)
-            b[2] += len(data)
-            b[3].append(data)
-            b[4] += fast
-
         def assign(pos: int, e: Entry, w: Any) -> None:
             nonlocal free
             e.wid = w.wid
@@ -241,7 +229,8 @@ class Dispatcher:
             free -= 1
             per_worker[w.wid] = per_worker.get(w.wid, 0) + 1
             e.sent = w.consumers > 0
-            add(w, pos, e.rec.encoded(e.attempt), 0)
+            self._add_run(w, [pos], [e.rec.encoded(e.attempt)], batches, batch_size,
+                          frame_budget, fast=False)
 
         # 1. redeliveries and held events first, lowest position first
         held = []
@@ -263,7 +252,7 @@ class Dispatcher:
         more = False
         # 2. new events from the log: first attempts, on the fast path when the worker has
         # a consumer (the common case): no Entry, counters settled once per turn. This loop
-        # runs once per published event, so choose() and add() are written out in it for
+        # runs once per published event, so choose() and _add_run() are written out in it for
         # the pinned strategy (a call each per event was a third of the pump's time).
         hold_limit = max_if * max(1, len(routable)) * 2
         scanned = 0
@@ -332,7 +321,7 @@ class Dispatcher:
                     room[wid] -= 1
                     free -= 1
                     data = rec.body               # a first attempt: encoded(1) is the body
-                    b = batches.get(wid)          # add(w, pos, data, 1), written out
+                    b = batches.get(wid)          # _add_run() of one event, written out
                     if b is not None and (len(b[1]) >= batch_size
                                           or b[2] + len(data) > frame_budget):
                         self._send(w, b)
@@ -370,14 +359,8 @@ class Dispatcher:
         n = len(targets)
         streams = list(map(_streams, recs))
         ss = list(map(slot_of.get, streams))
-        if None in ss:
-            for i, s in enumerate(ss):
-                if s is None:
-                    stream = streams[i]
-                    s = slot_of.get(stream)
-                    if s is None:
-                        s = slot_of[stream] = stream_slot(stream, n)
-                    ss[i] = s
+        if None in ss:          # streams new to the cache
+            ss = [_cached_slot(slot_of, st, n) if s is None else s for s, st in zip(ss, streams)]
         if n == 1:
             groups = [recs]
         elif n == 2:      # two passes in C: a few µs against a loop's eight for 256 events
@@ -406,9 +389,11 @@ class Dispatcher:
         return len(recs)
 
     def _add_run(self, w: Any, positions: list, bodies: list, batches: dict, batch_size: int,
-                 frame_budget: int) -> None:
-        """First attempts for worker w into its frames of this turn, as the per-event loop's
-        add() would put them: a frame is sent once the next event would not fit."""
+                 frame_budget: int, fast: bool = True) -> None:
+        """Encoded events for worker w into its frames of this turn: a frame is sent once the
+        next event would not fit (an event over the budget goes alone). `fast`: first
+        attempts on the fast path, counted in per_worker when the frame is sent. The pump's
+        new-events loop has this written out for one event: change both."""
         wid = w.wid
         i = 0
         m = len(positions)
@@ -423,7 +408,7 @@ class Dispatcher:
                     b[1] += positions[i:i + take]
                     b[2] += len(run)
                     b[3].append(run)
-                    b[4] += take
+                    b[4] += take if fast else 0
                     i += take
                     continue
                 data = bodies[i]     # the frame fills before the batch does: one at a time
@@ -431,7 +416,7 @@ class Dispatcher:
                     b[1].append(positions[i])
                     b[2] += len(data)
                     b[3].append(data)
-                    b[4] += 1
+                    b[4] += 1 if fast else 0
                     i += 1
                     continue
             self._send(w, b)

@@ -29,6 +29,12 @@ def ev(stream, type="T", **kw):
     return dict(stream=stream, type=type, **kw)
 
 
+def as_if_preceded(log, head):
+    """Set the log's head as if `head` events preceded (the next append starts after it)."""
+    log.head = head
+    log._tail, log._tail_off, log._tail_start = [], 0, head + 1
+
+
 @pytest.mark.timeout(20)
 def test_positions_versions_and_full_event_maps(tmp_path):
     log = open_log(str(tmp_path))
@@ -361,8 +367,7 @@ def test_max_event_bytes_bounds_the_delivered_event(tmp_path):
 def test_generated_ids_in_stored_events(tmp_path):
     log = open_log(str(tmp_path))
     log.append([batch([ev("s")] * 5000)])
-    log.head = (1 << 48) - 2           # as if that many events preceded
-    log._tail, log._tail_off, log._tail_start = [], 0, log.head + 1
+    as_if_preceded(log, (1 << 48) - 2)
     log.append([batch([ev("s")] * 3)])
     salt = log._salt
     for p in (1, 4095, 4096, 4097, 5000, (1 << 48) - 1, 1 << 48, (1 << 48) + 1):
@@ -637,8 +642,7 @@ def test_every_stored_body_is_the_event_map_in_its_documented_order(tmp_path_fac
     # often just below a multiple of 4096, where a generated id's prefix changes
     start = data.draw(st.integers(0, 3)) * 4096 + data.draw(
         st.one_of(st.integers(0, 4095), st.integers(3600, 4095)))
-    log.head = start                    # as if that many events preceded
-    log._tail, log._tail_off, log._tail_start = [], 0, start + 1
+    as_if_preceded(log, start)
     salt = log._salt
     versions: dict = {}
     seen_ids: dict = {}
