@@ -12,6 +12,7 @@ from emitterd import settings
 from emitterd.control.events import validate_publish
 from emitterd.errors import ProtocolError
 from emitterd.eventlog import PublishBatch, open_log
+from emitterd.eventlog import sqlite as sqlite_log
 from emitterd.eventlog.sqlite import generated_id, generated_position
 
 HERE = os.path.dirname(__file__)
@@ -706,7 +707,6 @@ def test_cold_reads_give_what_the_appends_gave_in_any_order(tmp_path_factory, da
     """A cold read decodes each chunk whole (msgspec) and keeps the last few decoded: any
     range, read in any order (cache hits, misses, evictions; chunks of one publish, of
     several, split at CHUNK_EVENTS), gives exactly the records the appends returned."""
-    from emitterd.eventlog.sqlite import COLD_CHUNKS_KEPT
     tail_bytes = data.draw(st.sampled_from([1, 1 << 15]))    # 1: every event is cold
     log = open_log(str(tmp_path_factory.mktemp("cold")), tail_events=1024,
                    tail_bytes=tail_bytes)
@@ -727,12 +727,19 @@ def test_cold_reads_give_what_the_appends_gave_in_any_order(tmp_path_factory, da
             want[rec.position] = _fields(rec)
     head = log.head
     assert sorted(want) == list(range(1, head + 1))
-    for _ in range(data.draw(st.integers(1, 15))):
-        start = data.draw(st.integers(1, head))
-        limit = data.draw(st.integers(1, 1200))
-        got = log.read(start, limit)
-        assert [_fields(r) for r in got] == [want[p] for p in range(start, min(head, start + limit - 1) + 1)]
-        assert len(log._cold) <= COLD_CHUNKS_KEPT
+    # the byte bound as it is, and one that a chunk or two of these events pass
+    kept_bytes = data.draw(st.sampled_from([sqlite_log.COLD_BYTES_KEPT, 20_000]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sqlite_log, "COLD_BYTES_KEPT", kept_bytes)
+        for _ in range(data.draw(st.integers(1, 15))):
+            start = data.draw(st.integers(1, head))
+            limit = data.draw(st.integers(1, 1200))
+            got = log.read(start, limit)
+            assert [_fields(r) for r in got] == [
+                want[p] for p in range(start, min(head, start + limit - 1) + 1)]
+            assert len(log._cold) <= sqlite_log.COLD_CHUNKS_KEPT
+            assert log._cold_bytes == sum(size for _, _, size in log._cold.values())
+            assert log._cold_bytes <= kept_bytes or len(log._cold) == 1
     positions = data.draw(st.lists(st.integers(1, head), max_size=20))
     assert {p: _fields(r) for p, r in log.get(positions).items()} == {p: want[p] for p in positions}
     log.close()

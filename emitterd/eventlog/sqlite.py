@@ -148,8 +148,10 @@ _decode_heads = msgspec.msgpack.Decoder(list[_StoredHead]).decode
 _decode_spans = msgspec.msgpack.Decoder(list[msgspec.Raw]).decode
 # Chunks decoded for cold reads, kept because a pool catching up reads a chunk in several
 # parts (SCAN_CHUNK events at a time, from wherever its window let it stop): a few, so that
-# pools catching up at different positions do not evict each other's at every read.
+# pools catching up at different positions do not evict each other's at every read, and
+# bounded in bytes too (a chunk of one event may be as large as max_event_bytes allows).
 COLD_CHUNKS_KEPT = 4
+COLD_BYTES_KEPT = 4 << 20
 
 
 def _chunk_records(first: int, last: int, bodies: bytes) -> list:
@@ -251,7 +253,9 @@ class SqliteLog(EventLog):
         self._tail_max = max(1024, tail_events)
         self._tail_bytes_max = tail_bytes
         self._tail_bytes = 0
-        self._cold: OrderedDict = OrderedDict()   # first -> (last, records): see COLD_CHUNKS_KEPT
+        # first -> (last, records, bytes), least recently used first: see COLD_CHUNKS_KEPT
+        self._cold: OrderedDict = OrderedDict()
+        self._cold_bytes = 0
         if self._full and wal_bytes > 0:
             self._prefill_wal(wal_bytes)
 
@@ -629,7 +633,7 @@ class SqliteLog(EventLog):
     def _cold_chunk(self, position: int) -> tuple:
         """(first, last, records) of the chunk holding `position`; raises _damaged."""
         cold = self._cold
-        for first, (last, records) in cold.items():
+        for first, (last, records, _) in cold.items():
             if first <= position <= last:
                 cold.move_to_end(first)
                 return first, last, records
@@ -638,9 +642,11 @@ class SqliteLog(EventLog):
             raise _damaged(position, None)
         first, last, bodies = row
         records = _chunk_records(first, last, bodies)
-        cold[first] = (last, records)
-        if len(cold) > COLD_CHUNKS_KEPT:
-            cold.popitem(last=False)
+        cold[first] = (last, records, len(bodies))
+        self._cold_bytes += len(bodies)
+        while len(cold) > 1 and (len(cold) > COLD_CHUNKS_KEPT
+                                 or self._cold_bytes > COLD_BYTES_KEPT):
+            self._cold_bytes -= cold.popitem(last=False)[1][2]
         return first, last, records
 
     def read(self, start: int, limit: int) -> list:
