@@ -3,6 +3,7 @@ import heapq
 import random
 import struct
 import zlib
+from bisect import bisect_left
 from itertools import compress
 from operator import attrgetter
 from typing import Any, Callable, Optional
@@ -20,6 +21,21 @@ _packer = msgpack.Packer(use_bin_type=True)
 _positions = attrgetter("position")
 _bodies = attrgetter("body")
 _streams = attrgetter("stream")
+
+
+def _settling(room: dict, max_if: int) -> bool:
+    """Whether every worker of a pool has half its window or more in flight.
+
+    Then a pinned pool that is catching up routes a chunk only up to the first event whose
+    worker has no room left, and reads nothing while a worker is full: it waits for more acks
+    rather than hold that worker's share of the next events back, an Entry each, routed again
+    one by one on its ack (half of a backlog's events went that way). Every ack ends a loop
+    turn and every turn ends with a pump, so waiting costs no wake-up. A worker that runs
+    below half its window is refilled at once, the full worker's share held back for it as
+    before: one full worker never starves the rest."""
+    return max(room.values()) <= max_if // 2
+
+
 # bytes.translate tables: slot 0's events of a chunk, and slot 1's, as 1s among 0s
 _SLOT_IS = [bytes(i == j for j in range(256)) for i in range(2)]
 
@@ -264,22 +280,27 @@ class Dispatcher:
         # the whole chunk at once when every worker has a consumer and room for its share
         whole = (pinned and not misplaced and
                  all(w is not None and w.consumers > 0 for w in targets))
+        settling = whole and _settling(room, max_if)
+        if settling and min(room.values()) <= 0:
+            free = 0          # wait for more acks: see _settling
         while free > 0 and not stop:
             recs = read(cursor, SCAN_CHUNK)
             if not recs:
                 break
+            scanned += len(recs)
             if whole and not blocked:
                 todo = recs if matcher is None else [r for r in recs if matcher(r)]
                 routed = self._route_chunk(todo, targets, slot_of, room, batches, batch_size,
                                            frame_budget)
-                if routed >= 0:
-                    free -= routed
+                free -= routed
+                if routed == len(todo):
                     cursor = recs[-1].position + 1
-                    scanned += len(recs)
                     if scanned >= SCAN_LIMIT:
                         more = cursor <= self.log.head
                         break
                     continue
+                if routed:     # the rest from the first event whose worker has no room left
+                    recs = recs[bisect_left(recs, todo[routed].position, key=_positions):]
             for rec in recs:
                 if matcher is not None and not matcher(rec):
                     continue
@@ -303,7 +324,7 @@ class Dispatcher:
                             w = None    # its earlier events are still in flight elsewhere
                 pos = rec.position
                 if w is None:
-                    if pinned and free > 0 and len(ready) < hold_limit:
+                    if pinned and free > 0 and len(ready) < hold_limit and not settling:
                         entries[pos] = Entry(rec)
                         heapq.heappush(ready, pos)
                         blocked.add(stream)
@@ -338,7 +359,6 @@ class Dispatcher:
                 cursor = pos + 1
             else:
                 cursor = recs[-1].position + 1
-            scanned += len(recs)
             if scanned >= SCAN_LIMIT and not stop:
                 more = cursor <= self.log.head
                 break
@@ -349,11 +369,10 @@ class Dispatcher:
 
     def _route_chunk(self, recs: list, targets: list, slot_of: dict, room: dict,
                      batches: dict, batch_size: int, frame_budget: int) -> int:
-        """First attempts of a chunk, pinned, every target a worker with a consumer: if each
-        worker has room for all of its share, route them with per-chunk bookkeeping (the
-        per-event loop's result; a pump of 256 events to 2 workers in about 0.6 of the loop's
-        time, measured) and return how many; else -1, and nothing changed (the per-event
-        loop takes the chunk)."""
+        """First attempts of a chunk, pinned, every target a worker with a consumer: route
+        them with per-chunk bookkeeping (the per-event loop's result; a pump of 256 events
+        to 2 workers in about 0.6 of the loop's time, measured) up to the first event whose
+        worker has no room left, and return how many (the per-event loop takes the rest)."""
         if not recs:
             return 0
         n = len(targets)
@@ -371,13 +390,21 @@ class Dispatcher:
             adds = [g.append for g in groups]
             for r, s in zip(recs, ss):
                 adds[s](r)
+        cut = None        # the position of the first event whose worker has no room left
         for w, g in zip(targets, groups):
-            if g and len(g) > room[w.wid]:
-                return -1
+            r = room[w.wid]
+            if len(g) > r:
+                p = g[max(r, 0)].position
+                if cut is None or p < cut:
+                    cut = p
+        if cut is not None:
+            groups = [g[:bisect_left(g, cut, key=_positions)] for g in groups]
         flying = self.flying
+        routed = 0
         for w, g in zip(targets, groups):
             if g:
                 wid = w.wid
+                routed += len(g)
                 room[wid] -= len(g)
                 positions = list(map(_positions, g))
                 fw = flying.get(wid)
@@ -386,7 +413,7 @@ class Dispatcher:
                 fw.update(zip(positions, g))
                 self._add_run(w, positions, list(map(_bodies, g)), batches, batch_size,
                               frame_budget)
-        return len(recs)
+        return routed
 
     def _add_run(self, w: Any, positions: list, bodies: list, batches: dict, batch_size: int,
                  frame_budget: int, fast: bool = True) -> None:

@@ -270,7 +270,7 @@ def _run_steps(log: Any, matcher: Any, opts: dict, max_frame: int, shape: list, 
                    lambda rows: None, lambda ps: None)
     taken = [0]
     if not whole:
-        d._route_chunk = lambda *a: -1
+        d._route_chunk = lambda *a: 0
     else:
         real = d._route_chunk
 
@@ -307,7 +307,7 @@ def _run_steps(log: Any, matcher: Any, opts: dict, max_frame: int, shape: list, 
     return dict(sent), states, taken[0]
 
 
-@hypothesis.settings(max_examples=80, deadline=None,
+@hypothesis.settings(max_examples=300, deadline=None,
                      suppress_health_check=[hypothesis.HealthCheck.too_slow])
 @hypothesis.given(data=st.data())
 @pytest.mark.timeout(240)
@@ -362,4 +362,110 @@ def test_a_pool_with_room_takes_the_chunk_path(tmp_path: Any) -> None:
     assert whole[2] == 3 and each[2] == 0          # 1,200 events: chunks of 512, 512, 176
     assert whole[:2] == each[:2]
     assert sum(len(f[0]) for fs in whole[0].values() for f in fs) == 1200
+    log.close()
+
+
+def _two_streams() -> tuple:
+    """A stream pinned to slot 0 and one pinned to slot 1 of two."""
+    names = ["s-%d" % i for i in range(64)]
+    return (next(s for s in names if stream_slot(s, 2) == 0),
+            next(s for s in names if stream_slot(s, 2) == 1))
+
+
+def _alternating(tmp_path: Any, n: int, **kw: Any) -> tuple:
+    """A log of n events alternating between a stream of each of two workers, and a
+    dispatcher with a window of 8 and frames of 4."""
+    sa, sb = _two_streams()
+    log = open_log(str(tmp_path))
+    evs = [{"stream": (sa, sb)[i % 2], "type": "t", "data": i} for i in range(n)]
+    log.append([validate_publish({"events": evs}, CFG)])
+    d = Dispatcher("k", match_all, log, options(batch_size=4, max_in_flight=8, **kw), 0, 1 << 20,
+                   lambda when: None, lambda rows: None, lambda ps: None)
+    return log, d
+
+
+@pytest.mark.timeout(20)
+def test_a_pool_catching_up_waits_for_acks_instead_of_holding_events_back(tmp_path: Any) -> None:
+    """One worker full, the other with half its window or more in flight: nothing is read on
+    and nothing held back (an Entry each); once both have room the next events go out whole."""
+    log, d = _alternating(tmp_path, 200)
+    a, b = Recorder(1, 0, 1), Recorder(2, 1, 1)
+    d.pump([a, b], False)
+    assert [f[0] for f in a.frames] == [[1, 3, 5, 7], [9, 11, 13, 15]]
+    assert [f[0] for f in b.frames] == [[2, 4, 6, 8], [10, 12, 14, 16]]
+    assert d.entries == {} and d.cursor == 17
+    d.on_ack(a.wid, 0, a.unsettled.pop(0))
+    d.pump([a, b], False)               # a: 4 in flight of 8, b full: wait
+    assert len(a.frames) == 2 and d.entries == {} and d.cursor == 17
+    d.on_ack(b.wid, 1, b.unsettled.pop(0))
+    d.pump([a, b], False)
+    assert a.frames[2][0] == [17, 19, 21, 23] and b.frames[2][0] == [18, 20, 22, 24]
+    assert d.entries == {} and d.cursor == 25
+    log.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_worker_below_half_its_window_is_not_starved_by_a_full_one(tmp_path: Any) -> None:
+    """The other side of the wait: a worker that has acked below half its window gets its
+    events at once, and the full worker's share is held back for it, as before."""
+    log, d = _alternating(tmp_path, 200)
+    a, b = Recorder(1, 0, 1), Recorder(2, 1, 1)
+    d.pump([a, b], False)
+    d.on_ack(a.wid, 0, a.unsettled.pop(0))
+    d.on_ack(a.wid, 0, a.unsettled.pop(0))      # a: nothing in flight; b: full
+    d.pump([a, b], False)
+    assert [f[0] for f in a.frames[2:]] == [[17, 19, 21, 23], [25, 27, 29, 31]]
+    assert len(b.frames) == 2
+    assert sorted(d.entries) == list(range(18, 31, 2))     # b's, held for it in order
+    d.on_ack(b.wid, 1, b.unsettled.pop(0))
+    d.pump([a, b], False)
+    assert b.frames[2][0] == [18, 20, 22, 24]
+    log.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_balanced_catch_up_holds_nothing_back(tmp_path: Any) -> None:
+    """Two workers acking in turn through a backlog: every event leaves on the chunk path's
+    bookkeeping (no Entry ever), in order per stream, and the checkpoint reaches the head."""
+    log, d = _alternating(tmp_path, 600)
+    a, b = Recorder(1, 0, 1), Recorder(2, 1, 1)
+    for i in range(1000):
+        d.pump([a, b], False)
+        assert d.entries == {}
+        w = (a, b)[i % 2]
+        if w.unsettled:
+            d.on_ack(w.wid, w.index, w.unsettled.pop(0))
+        if d.checkpoint == 600:
+            break
+    assert d.checkpoint == 600
+    for w, parity in ((a, 1), (b, 0)):
+        got = [p for f in w.frames for p in f[0]]
+        assert got == [p for p in range(1, 601) if p % 2 == parity]
+    log.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_settling_pool_stops_at_the_first_event_of_a_full_worker(tmp_path: Any) -> None:
+    """Both workers half full or more: a chunk goes out up to the first event whose worker has
+    no room left, and the events after it wait in the log (not held back one by one), even
+    those of the worker with room: it still has half its window in flight."""
+    sa, sb = _two_streams()
+    log = open_log(str(tmp_path))
+    streams = [sa] * 8 + [sb] * 8 + [sa] * 6 + [sb] * 6
+    log.append([validate_publish({"events": [{"stream": s, "type": "t", "data": i}
+                                              for i, s in enumerate(streams)]}, CFG)])
+    d = Dispatcher("k", match_all, log, options(batch_size=4, max_in_flight=8), 0, 1 << 20,
+                   lambda when: None, lambda rows: None, lambda ps: None)
+    a, b = Recorder(1, 0, 1), Recorder(2, 1, 1)
+    d.pump([a, b], False)
+    assert [p for f in a.frames for p in f[0]] == list(range(1, 9))
+    assert [p for f in b.frames for p in f[0]] == list(range(9, 17))
+    d.on_ack(a.wid, 0, a.unsettled.pop(0))
+    d.on_ack(b.wid, 1, b.unsettled.pop(0))
+    d.pump([a, b], False)           # room 4 and 4: a's 17-20 go, then 21 (a full) stops it
+    assert a.frames[2][0] == [17, 18, 19, 20] and len(b.frames) == 2
+    assert d.entries == {} and d.cursor == 21
+    d.on_ack(b.wid, 1, b.unsettled.pop(0))      # b below half: refilled, a's share held
+    d.pump([a, b], False)
+    assert b.frames[2][0] == [23, 24, 25, 26] and sorted(d.entries) == [21, 22]
     log.close()
