@@ -130,9 +130,8 @@ class Dispatcher:
             if p < low and not e.replay:
                 low = p
         for fw in self.flying.values():
-            for p in fw:
-                low = min(low, p)
-                break                # a worker's first key is its lowest
+            if fw:
+                low = min(low, next(iter(fw)))     # a worker's first key is its lowest
         return low - 1
 
     @property

@@ -261,13 +261,17 @@ class Recorder:
         self.unsettled.append(list(positions))
 
 
+def _dispatcher(log: Any, opts: dict, matcher: Any = match_all, max_frame: int = 1 << 20) -> Any:
+    return Dispatcher("k", matcher, log, dict(opts), 0, max_frame, lambda when: None,
+                      lambda rows: None, lambda ps: None)
+
+
 def _run_steps(log: Any, matcher: Any, opts: dict, max_frame: int, shape: list, steps: list,
                whole: bool) -> tuple:
     """Drive one dispatcher through `steps`; with whole=False the chunk path is switched off
     (each chunk goes through the per-event loop). Returns what every slot was sent and the
     dispatcher's state after each step."""
-    d = Dispatcher("k", matcher, log, dict(opts), 0, max_frame, lambda when: None,
-                   lambda rows: None, lambda ps: None)
+    d = _dispatcher(log, opts, matcher, max_frame)
     taken = [0]
     if not whole:
         d._route_chunk = lambda *a: 0
@@ -372,16 +376,19 @@ def _two_streams() -> tuple:
             next(s for s in names if stream_slot(s, 2) == 1))
 
 
-def _alternating(tmp_path: Any, n: int, **kw: Any) -> tuple:
-    """A log of n events alternating between a stream of each of two workers, and a
-    dispatcher with a window of 8 and frames of 4."""
-    sa, sb = _two_streams()
+def _two_worker_pool(tmp_path: Any, slots: List[int]) -> tuple:
+    """A log with an event for each of `slots` (0 or 1) in a stream pinned to that slot of
+    two, and a dispatcher with a window of 8 and frames of 4."""
+    streams = _two_streams()
     log = open_log(str(tmp_path))
-    evs = [{"stream": (sa, sb)[i % 2], "type": "t", "data": i} for i in range(n)]
+    evs = [{"stream": streams[s], "type": "t", "data": i} for i, s in enumerate(slots)]
     log.append([validate_publish({"events": evs}, CFG)])
-    d = Dispatcher("k", match_all, log, options(batch_size=4, max_in_flight=8, **kw), 0, 1 << 20,
-                   lambda when: None, lambda rows: None, lambda ps: None)
-    return log, d
+    return log, _dispatcher(log, options(batch_size=4, max_in_flight=8))
+
+
+def _alternating(tmp_path: Any, n: int) -> tuple:
+    """n events alternating between the two workers' streams."""
+    return _two_worker_pool(tmp_path, [i % 2 for i in range(n)])
 
 
 @pytest.mark.timeout(20)
@@ -449,13 +456,7 @@ def test_a_settling_pool_stops_at_the_first_event_of_a_full_worker(tmp_path: Any
     """Both workers half full or more: a chunk goes out up to the first event whose worker has
     no room left, and the events after it wait in the log (not held back one by one), even
     those of the worker with room: it still has half its window in flight."""
-    sa, sb = _two_streams()
-    log = open_log(str(tmp_path))
-    streams = [sa] * 8 + [sb] * 8 + [sa] * 6 + [sb] * 6
-    log.append([validate_publish({"events": [{"stream": s, "type": "t", "data": i}
-                                              for i, s in enumerate(streams)]}, CFG)])
-    d = Dispatcher("k", match_all, log, options(batch_size=4, max_in_flight=8), 0, 1 << 20,
-                   lambda when: None, lambda rows: None, lambda ps: None)
+    log, d = _two_worker_pool(tmp_path, [0] * 8 + [1] * 8 + [0] * 6 + [1] * 6)
     a, b = Recorder(1, 0, 1), Recorder(2, 1, 1)
     d.pump([a, b], False)
     assert [p for f in a.frames for p in f[0]] == list(range(1, 9))

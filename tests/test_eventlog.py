@@ -30,6 +30,29 @@ def ev(stream, type="T", **kw):
     return dict(stream=stream, type=type, **kw)
 
 
+# the property tests below: each example opens a log of its own in a fresh temp dir
+PROPERTY = dict(deadline=None, suppress_health_check=[
+    hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.function_scoped_fixture])
+NAMES = st.sampled_from(["a", "b", "c", "ü-d"])
+
+
+def event_maps(ints, ids):
+    """Events as publishers send them: any mix of the optional fields."""
+    return st.fixed_dictionaries({"stream": NAMES, "type": NAMES}, optional={
+        "data": st.one_of(st.none(), ints, st.text(max_size=20),
+                          st.dictionaries(st.text(max_size=5), ints, max_size=3)),
+        "metadata": st.dictionaries(st.text(max_size=5), ints, max_size=2),
+        "tags": st.lists(NAMES, max_size=3),
+        "id": ids})
+
+
+def draw_publishes(data, event, max_events):
+    """Up to 3 publishes, each a drawn pattern of events repeated up to a drawn length."""
+    return [[pattern[i % len(pattern)] for i in range(n)] for pattern, n in data.draw(
+        st.lists(st.tuples(st.lists(event, min_size=1, max_size=6),
+                           st.integers(1, max_events)), min_size=1, max_size=3))]
+
+
 def as_if_preceded(log, head):
     """Set the log's head as if `head` events preceded (the next append starts after it)."""
     log.head = head
@@ -630,9 +653,7 @@ def test_the_wal_prefill_is_capped(tmp_path, monkeypatch):
     log.close()
 
 
-@hypothesis.settings(max_examples=40, deadline=None,
-                     suppress_health_check=[hypothesis.HealthCheck.too_slow,
-                                            hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.settings(max_examples=40, **PROPERTY)
 @hypothesis.given(data=st.data())
 @pytest.mark.timeout(240)
 def test_every_stored_body_is_the_event_map_in_its_documented_order(tmp_path_factory, data):
@@ -648,19 +669,10 @@ def test_every_stored_body_is_the_event_map_in_its_documented_order(tmp_path_fac
     versions: dict = {}
     seen_ids: dict = {}
     pos = start
-    names = st.sampled_from(["a", "b", "c", "ü-d"])
-    small = st.integers(-(1 << 40), 1 << 40)
-    event = st.fixed_dictionaries({"stream": names, "type": names}, optional={
-        "data": st.one_of(st.none(), small, st.text(max_size=20),
-                          st.dictionaries(st.text(max_size=5), small, max_size=3)),
-        "metadata": st.dictionaries(st.text(max_size=5), small, max_size=2),
-        "tags": st.lists(names, max_size=3),
-        "id": st.sampled_from(["id-1", "id-2", "id-3", "id-4"])})
+    event = event_maps(st.integers(-(1 << 40), 1 << 40),
+                       st.sampled_from(["id-1", "id-2", "id-3", "id-4"]))
     for _ in range(data.draw(st.integers(1, 3))):
-        # each publish repeats a drawn pattern of events up to a drawn length (up to 600)
-        publishes = [[pattern[i % len(pattern)] for i in range(n)] for pattern, n in data.draw(
-            st.lists(st.tuples(st.lists(event, min_size=1, max_size=6), st.integers(1, 600)),
-                     min_size=1, max_size=3))]
+        publishes = draw_publishes(data, event, 600)
         batches = [batch(evs) for evs in publishes]
         records = iter(log.append(batches))
         for evs, b in zip(publishes, batches):
@@ -698,9 +710,7 @@ def _fields(rec):
     return rec.position, rec.stream, rec.type, list(rec.tags), rec.body
 
 
-@hypothesis.settings(max_examples=30, deadline=None,
-                     suppress_health_check=[hypothesis.HealthCheck.too_slow,
-                                            hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.settings(max_examples=30, **PROPERTY)
 @hypothesis.given(data=st.data())
 @pytest.mark.timeout(240)
 def test_cold_reads_give_what_the_appends_gave_in_any_order(tmp_path_factory, data):
@@ -710,19 +720,10 @@ def test_cold_reads_give_what_the_appends_gave_in_any_order(tmp_path_factory, da
     tail_bytes = data.draw(st.sampled_from([1, 1 << 15]))    # 1: every event is cold
     log = open_log(str(tmp_path_factory.mktemp("cold")), tail_events=1024,
                    tail_bytes=tail_bytes)
-    names = st.sampled_from(["a", "b", "ü-c"])
-    ints = st.integers(-(1 << 63), (1 << 64) - 1)
-    event = st.fixed_dictionaries({"stream": names, "type": names}, optional={
-        "data": st.one_of(st.none(), ints, st.text(max_size=30),
-                          st.dictionaries(st.text(max_size=5), ints, max_size=3)),
-        "metadata": st.dictionaries(st.text(max_size=5), ints, max_size=2),
-        "tags": st.lists(names, max_size=3),
-        "id": st.text(min_size=1, max_size=8)})
+    event = event_maps(st.integers(-(1 << 63), (1 << 64) - 1), st.text(min_size=1, max_size=8))
     want = {}
     for _ in range(data.draw(st.integers(1, 4))):
-        publishes = [[pattern[i % len(pattern)] for i in range(n)] for pattern, n in data.draw(
-            st.lists(st.tuples(st.lists(event, min_size=1, max_size=5), st.integers(1, 1500)),
-                     min_size=1, max_size=3))]
+        publishes = draw_publishes(data, event, 1500)     # chunks split at 1,024 events
         for rec in log.append([batch(evs) for evs in publishes]):
             want[rec.position] = _fields(rec)
     head = log.head

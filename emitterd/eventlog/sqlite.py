@@ -4,7 +4,6 @@ import functools
 import os
 import secrets
 import sqlite3
-import struct
 import time
 import uuid
 from collections import OrderedDict
@@ -73,7 +72,8 @@ COMMIT;
 """
 
 log = logs.get("eventlog")
-_pack = msgpack.Packer(use_bin_type=True).pack
+_packer = msgpack.Packer(use_bin_type=True)
+_pack = _packer.pack
 
 
 def _find_sync_file_range() -> Optional[Callable[[int], Any]]:
@@ -143,7 +143,6 @@ class _StoredHead(msgspec.Struct, gc=False):
     tags: list = []
 
 
-_ARRAY32 = struct.Struct(">BI")
 _decode_heads = msgspec.msgpack.Decoder(list[_StoredHead]).decode
 _decode_spans = msgspec.msgpack.Decoder(list[msgspec.Raw]).decode
 # Chunks decoded for cold reads, kept because a pool catching up reads a chunk in several
@@ -158,7 +157,7 @@ def _chunk_records(first: int, last: int, bodies: bytes) -> list:
     """The EventRecords of one chunk row, decoded by msgspec in two passes of C code (the
     headers, then each body's bytes); raises _damaged if the row does not hold exactly
     the events first..last."""
-    buf = _ARRAY32.pack(0xDD, last - first + 1) + bodies
+    buf = _packer.pack_array_header(last - first + 1) + bodies     # the chunk as one array
     try:
         heads = _decode_heads(buf)
         spans = _decode_spans(buf)
