@@ -11,7 +11,6 @@ Anything this path is unsure of (another op, a nil that means a default, an even
 max_event_bytes, any error) goes to the generic path, which decides and words the error as for
 every other request: the fast path never answers an error itself.
 """
-import struct
 from typing import Annotated, Any, Literal, Optional
 
 import msgpack
@@ -28,7 +27,7 @@ ClientId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
 _NIL = Raw(b"\xc0")
 _EMPTY_MAP = Raw(b"\x80")
 _GUARD = b"\xa7publish"          # the op's value as any msgpack encoder writes it
-_ARRAY32 = struct.Struct(">BI")
+_array_header = msgpack.Packer().pack_array_header
 
 
 class _Event(Struct, forbid_unknown_fields=True):
@@ -91,7 +90,7 @@ class RequestDecoder:
             add_raw(e.metadata)
         try:
             # one C call checks them all as framing.decode_payload would
-            values = msgpack.unpackb(_ARRAY32.pack(0xDD, len(raws)) + b"".join(raws),
+            values = msgpack.unpackb(_array_header(len(raws)) + b"".join(raws),
                                      raw=False, strict_map_key=False, use_list=True)
         except Exception:
             return None
