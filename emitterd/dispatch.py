@@ -287,6 +287,8 @@ class Dispatcher:
             if not recs:
                 break
             scanned += len(recs)
+            rest = recs
+            check = matcher
             if whole and not blocked:
                 todo = recs if matcher is None else [r for r in recs if matcher(r)]
                 routed = self._route_chunk(todo, targets, slot_of, room, batches, batch_size,
@@ -298,10 +300,11 @@ class Dispatcher:
                         more = cursor <= self.log.head
                         break
                     continue
-                if routed:     # the rest from the first event whose worker has no room left
-                    recs = recs[bisect_left(recs, todo[routed].position, key=_positions):]
-            for rec in recs:
-                if matcher is not None and not matcher(rec):
+                # the rest from the first event whose worker has no room left, matched already
+                rest = todo[routed:]
+                check = None
+            for rec in rest:
+                if check is not None and not check(rec):
                     continue
                 stream = rec.stream
                 if free <= 0:
