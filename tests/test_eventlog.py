@@ -765,3 +765,20 @@ def test_a_chunk_with_other_events_or_cut_short_is_reported_as_damage(tmp_path):
         log.read(12, 2)
     assert "damaged: position 11 is not in its chunk 11..15" in str(err.value)
     log.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_cold_read_of_an_event_in_no_chunk_is_reported_as_damage(tmp_path):
+    """An event at or below the head whose chunk row is gone is a damaged log
+    (sqlite3.DatabaseError naming the position), never a short or shifted read; get() leaves
+    such a position out."""
+    log = open_log(str(tmp_path), tail_events=1024, tail_bytes=1)    # every read is cold
+    for i in range(3):
+        log.append([batch([ev("s", data=i) for _ in range(5)])])
+    log._db.execute("DELETE FROM chunks WHERE first = 6")
+    assert [r.position for r in log.read(11, 5)] == [11, 12, 13, 14, 15]
+    with pytest.raises(sqlite3.DatabaseError) as err:
+        log.read(4, 4)
+    assert "damaged: position 6 is in no chunk" in str(err.value)
+    assert sorted(log.get([5, 7, 11])) == [5, 11]
+    log.close()

@@ -177,7 +177,7 @@ def _record(event: dict, body: bytes) -> EventRecord:
 
 
 def _damaged(position: int, chunk: Optional[tuple]) -> sqlite3.DatabaseError:
-    where = "no chunk holds it" if chunk is None else "not in its chunk %d..%d" % chunk
+    where = "in no chunk" if chunk is None else "not in its chunk %d..%d" % chunk
     return sqlite3.DatabaseError("the event log is damaged: position %d is %s" % (position, where))
 
 
@@ -582,11 +582,16 @@ class SqliteLog(EventLog):
             self._db.execute(_upsert_streams(n), flat[i:i + 2 * n])
             i += 2 * n
 
+    def _chunk_row(self, position: int) -> Optional[tuple]:
+        """The row (first, last, bodies) of the chunk holding `position`, or None."""
+        row = self._db.execute(_CHUNK_AT, (position,)).fetchone()
+        return None if row is None or row[1] < position else row
+
     def _chunk_at(self, position: int) -> Optional[tuple]:
         """(first, last, unpacker, bodies) of the chunk holding `position`, or None; the
         unpacker stands at that position."""
-        row = self._db.execute(_CHUNK_AT, (position,)).fetchone()
-        if row is None or row[1] < position:
+        row = self._chunk_row(position)
+        if row is None:
             return None
         first, last, bodies = row
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=False,
@@ -636,8 +641,8 @@ class SqliteLog(EventLog):
             if first <= position <= last:
                 cold.move_to_end(first)
                 return first, last, records
-        row = self._db.execute(_CHUNK_AT, (position,)).fetchone()
-        if row is None or row[1] < position:
+        row = self._chunk_row(position)
+        if row is None:
             raise _damaged(position, None)
         first, last, bodies = row
         records = _chunk_records(first, last, bodies)
