@@ -5,6 +5,7 @@ import json
 import math
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -249,8 +250,36 @@ def test_selector_parsing(daemon: Any) -> None:
     assert r["subscription"]["options"]["strategy"] == "random"
     rc, out, err = daemon.ctl("start", "bad", "--type", "event_payload", "--selector", "{x")
     assert rc == 2, (rc, out, err)
+    assert "not valid JSON" in err and "map form" not in err, err
     rc, _, err = daemon.ctl("start", "bad", "--type", "event_payload", "--selector", '{"a": {"$zz": 1}}')
     assert rc == 1 and "invalid" in err and "subscription.selector" in err, err
+
+
+@pytest.mark.timeout(90)
+def test_a_pattern_that_starts_with_a_bracket_is_pointed_to_the_map_form(daemon: Any) -> None:
+    """PROTOCOL §6 reads a --selector that starts with [ as JSON, so "[eu]-*" (a glob whose
+    [ is a literal character) is a usage error; its message names the map form, which works."""
+    rc, out, err = daemon.ctl("start", "br", "--type", "event_pattern", "--selector", "[eu]-*")
+    assert rc == 2 and out == "", (rc, out, err)
+    hint = re.search(r"--selector '(\{.*\})'", err)
+    assert hint, err
+    selector = hint.group(1)
+    assert json.loads(selector) == {"stream": "[eu]-*"}
+    c = daemon.client()
+    assert c.list()["subscriptions"] == []          # the usage error created nothing
+    proc = daemon.ctl_popen("--json", "tail", "--type", "event_pattern", "--selector", selector)
+    try:
+        reader = LineReader(proc)
+        wait_for(lambda: any(sum(w["consumers"] for w in p["workers"]) == 1
+                             for p in c.list()["subscriptions"]), 15, "the tail consumer")
+        positions = c.publish([{"stream": "eu-1", "type": "t"}, {"stream": "[eu]-1", "type": "t"},
+                               {"stream": "e-1", "type": "t"}])["positions"]
+        (line,) = reader.lines(1, 15)
+        assert json.loads(line)["position"] == positions[1]
+        assert json.loads(line)["stream"] == "[eu]-1"
+    finally:
+        rc = _finish(proc)
+    assert rc == 0
 
 
 @pytest.mark.timeout(60)

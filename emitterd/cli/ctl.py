@@ -81,9 +81,18 @@ def parse_selector(ctx: click.Context, param: click.Parameter, value: Optional[s
     """JSON when it starts with { or [ (bad JSON: usage error), else the string itself."""
     if value is None:
         return None
-    if value.lstrip().startswith(("{", "[")):
+    if not value.lstrip().startswith(("{", "[")):
+        return value
+    try:
         return parse_json_param(value, "--selector")
-    return value
+    except click.BadParameter as e:
+        if not value.lstrip().startswith("["):
+            raise
+        # PROTOCOL §6 reads "[x]-*" as JSON; an event_pattern has the map form left
+        raise click.BadParameter(
+            "%s; an event_pattern that starts with [ can be given in the map form: "
+            "--selector '{\"stream\": %s}'" % (e.message, json.dumps(value)),
+            param_hint="--selector") from None
 
 
 def parse_options(ctx: click.Context, param: click.Parameter,
