@@ -2,10 +2,11 @@
 import os
 import signal
 import socket
+import sqlite3
 import time
 from typing import Any, Optional
 
-from emitterd import logs, monitor, procs, subscription
+from emitterd import datalock, logs, monitor, procs, subscription
 from emitterd import systemd as sd
 from emitterd.control.events import Committer
 from emitterd.control.ops import OPS
@@ -59,6 +60,7 @@ class Daemon:
         self.exit_code = 0
         self.exporter: Any = None
         self.checkpointer: Any = None
+        self._lock_fd = -1
 
     def start(self) -> None:
         ctx = self.ctx
@@ -68,6 +70,7 @@ class Daemon:
         os.umask(0o077)
         ctx.notifier = sd.Notifier()
         inherited = sd.listen_fds()
+        self._lock_fd = datalock.lock(cfg.data_dir)     # before anything opens the log
         ctx.log = open_log(cfg.data_dir, cfg.synchronous, wal_bytes=cfg.wal_rewind_bytes)
         self.checkpointer = Checkpointer(ctx, ctx.log.path)
         ctx.committer = Committer(ctx)
@@ -193,7 +196,15 @@ class Daemon:
             self.ctx.loop.running = False
 
     def run(self) -> int:
-        self.start()
+        try:
+            self.start()
+        except (RuntimeError, OSError, sqlite3.Error) as e:
+            self.close()
+            log.error("cannot start", error=_why_not(e, self.ctx.cfg))
+            return 1
+        except BaseException:
+            self.close()
+            raise
         try:
             self.ctx.loop.run()
         finally:
@@ -220,6 +231,9 @@ class Daemon:
             self.exporter.close()
         if ctx.log is not None:
             ctx.log.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)     # the last thing: the log is closed
+            self._lock_fd = -1
         signal.set_wakeup_fd(-1)
 
 
@@ -227,11 +241,16 @@ def _ignore(signum: int, frame: Optional[Any]) -> None:
     """Python-level handler so the C handler writes the signal number to the wakeup fd."""
 
 
+def _why_not(e: BaseException, cfg: Any) -> str:
+    """A start failure in words: the path and the reason, without a traceback."""
+    if isinstance(e, sqlite3.Error):
+        return "the event log in %s cannot be opened: %s" % (cfg.data_dir, e)
+    if isinstance(e, OSError) and e.strerror:
+        return "%s%s" % (e.strerror, " (%s)" % e.filename if e.filename else "")
+    return str(e)
+
+
 def run(cfg: Any) -> int:
-    """Run the daemon in the foreground until SIGTERM/SIGINT; return the exit status."""
-    try:
-        daemon = Daemon(cfg)
-        return daemon.run()
-    except RuntimeError as e:
-        log.error("cannot start", error=str(e))
-        return 1
+    """Run the daemon in the foreground until SIGTERM/SIGINT; return the exit status
+    (1 when it cannot start, with the reason logged)."""
+    return Daemon(cfg).run()

@@ -161,6 +161,7 @@ SETTINGS: tuple[Setting, ...] = (
     # -- storage
     _s("data_dir", PATH, "", S, False, """
         Directory of the event log and the checkpoints (created with mode 0700).
+        One daemon at a time: it is locked (emitterd.lock) while a daemon runs.
         Empty: derive it: $XDG_STATE_HOME/emitterd when XDG_STATE_HOME is set,
         else /var/lib/emitterd for root, else ~/.local/state/emitterd."""),
     _s("store_id", STR, "default", S, False, """

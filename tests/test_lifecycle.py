@@ -211,6 +211,71 @@ def test_second_daemon_on_the_same_socket_refuses(make_daemon: Any) -> None:
     assert d1.client().ping()["pid"] == d1.proc.pid
 
 
+# ---- the data directory --------------------------------------------------------------------
+
+@pytest.mark.timeout(40)
+def test_second_daemon_on_the_same_data_dir_refuses(make_daemon: Any) -> None:
+    """Two daemons on one log would reuse positions and run the same pools twice: the
+    second one names the first and exits before it opens the log or binds its socket."""
+    d1 = make_daemon()
+    c = d1.client()
+    key = c.start(sub("kept", start_from="origin"))["key"]
+    first = c.publish([{"stream": "orders", "type": "t"}])["positions"]
+    d2 = make_daemon(start=False)
+    d2.data_dir = d1.data_dir
+    r = run_refused(d2)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "in use by another emitterd (pid %d)" % d1.proc.pid in out, out
+    assert d1.data_dir in out and "Traceback" not in out, out
+    assert not os.path.exists(d2.socket)
+    # the first one is untouched: it publishes on from where it was, its pool runs on
+    assert d1.proc.poll() is None
+    assert c.publish([{"stream": "orders", "type": "t"}])["positions"] == [first[0] + 1]
+    assert [s["key"] for s in c.list()["subscriptions"]] == [key]
+    assert c.status(key)["state"] == "running" and c.ping()["head"] == first[0] + 1
+
+
+@pytest.mark.timeout(40)
+def test_a_killed_daemons_lock_is_not_kept_by_a_child_that_outlives_it(make_daemon: Any) -> None:
+    """The lock goes with the daemon, however it dies, even while a child of its lives on
+    (a worker SIGSTOPped, so it cannot notice the death and exit): a restart after a crash
+    never waits on a stray child. (No child has the lock file open today, since the helpers
+    are exec'd and close their fds; a record lock would not pass to one that had.)"""
+    d1 = make_daemon()
+    c = d1.client()
+    key = c.start(sub("a"))["key"]
+    (worker,) = [w["pid"] for w in ready_status(d1, c, key, 1)["workers"]]
+    os.kill(worker, signal.SIGSTOP)
+    c.close()
+    d1.proc.send_signal(signal.SIGKILL)
+    d1.proc.wait(5)
+    assert alive(worker)
+    d2 = make_daemon(start=False)
+    d2.socket, d2.data_dir = d1.socket, d1.data_dir
+    d2.start()                         # fails (the log says why) if the lock stayed behind
+    assert d2.client().ping()["pid"] == d2.proc.pid
+    assert alive(worker)               # the stray child was there all along
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("where", ["data_dir", "socket"])
+def test_a_path_that_cannot_be_used_is_one_line_not_a_traceback(make_daemon: Any,
+                                                                 where: str) -> None:
+    d = make_daemon(start=False)
+    blocker = os.path.join(d.root, "a-file")
+    with open(blocker, "w") as f:
+        f.write("not a directory\n")
+    bad = os.path.join(blocker, "data") if where == "data_dir" else os.path.join(blocker, "s.sock")
+    setattr(d, where, bad)
+    r = run_refused(d)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "cannot start" in out and blocker in out and "Not a directory" in out, out
+    assert "Traceback" not in out, out
+    assert out.count("\n") == 1, out
+
+
 @pytest.mark.timeout(30)
 def test_regular_file_at_the_socket_path_is_not_replaced(make_daemon: Any) -> None:
     d = make_daemon(start=False)

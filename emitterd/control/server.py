@@ -230,7 +230,16 @@ class ControlServer:
 
 
 def bind_control_socket(path: str, mode: int) -> socket.socket:
-    """Bind the control socket; replace a stale file, refuse when a daemon answers there."""
+    """Bind the control socket; replace a stale file, refuse when a daemon answers there.
+    RuntimeError, with the path and the reason, when it cannot."""
+    try:
+        return _bind(path, mode)
+    except OSError as e:
+        raise RuntimeError("cannot create the control socket %s: %s"
+                           % (path, e.strerror or e)) from None
+
+
+def _bind(path: str, mode: int) -> socket.socket:
     ensure_private_dir(os.path.dirname(path) or ".")
     try:
         st = os.lstat(path)
@@ -252,11 +261,15 @@ def bind_control_socket(path: str, mode: int) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)          # never exposed wider than 0600 before the chmod below
     try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    os.chmod(path, mode)
-    sock.listen(128)
+        old = os.umask(0o177)      # never exposed wider than 0600 before the chmod below
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
     return sock
