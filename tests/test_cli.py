@@ -106,6 +106,39 @@ def test_usage_errors_exit_2_before_connecting(short_tmp: str, args: List[str]) 
 
 
 @pytest.mark.timeout(60)
+def test_an_unanswered_publish_says_it_may_have_been_stored(daemon: Any) -> None:
+    """A publish that was sent but got no answer (here: the daemon SIGSTOPped past
+    --timeout) may still be stored; emitterctl says so, and what a retry would do."""
+    path = os.path.join(daemon.root, "ids.jsonl")
+    with open(path, "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"stream": "s", "type": "t", "id": "ev-%d" % i}) + "\n")
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        rc, out, err = daemon.ctl("--timeout", "1", "publish", "--stream", "s", "--type", "t")
+        assert rc == 3 and out == "", (rc, out, err)
+        assert "no answer to 'publish'" in err, err
+        assert "the event may or may not have been stored: publishing it again may store " \
+               "it twice" in err, err
+        rc, out, err = daemon.ctl("--timeout", "1", "publish", "--stream", "s", "--type", "t",
+                                  "--id", "one")
+        assert rc == 3 and "it has an id, so publishing it again stores it once" in err, err
+        rc, out, err = daemon.ctl("--timeout", "1", "publish", "--file", path, "--batch-size", "4")
+        assert rc == 3, (rc, out, err)
+        assert "0 events were published before this batch" in err, err
+        assert "this batch (lines 1..4 of %s) may or may not have been stored: its events " \
+               "all have ids" % path in err, err
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    # they were stored once the daemon ran again: the warning was due; lines 5.. never left
+    c = daemon.client()
+    wait_for(lambda: c.ping()["head"] == 6, 15, "the three unanswered publishes stored")
+    r = jdoc(daemon.ctl("--json", "publish", "--file", path, "--batch-size", "4"))
+    assert r == {"published": 10, "first": 3, "last": 12}
+    assert c.ping()["head"] == 12
+
+
+@pytest.mark.timeout(60)
 def test_bad_jsonl_file_is_a_usage_error(short_tmp: str) -> None:
     path = os.path.join(short_tmp, "bad.jsonl")
     with open(path, "w") as f:

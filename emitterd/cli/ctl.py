@@ -383,12 +383,29 @@ def _batches(items: Iterator[Tuple[int, Dict[str, Any]]],
         yield batch
 
 
+def _maybe_stored(what: str, retry: str) -> None:
+    """After a publish sent but not answered (the daemon may have stored it before the
+    connection went): say so, and what publishing it again would do."""
+    click.echo("%s may or may not have been stored: %s" % (what, retry), err=True)
+
+
+def _where(e: EmitterError, batch: list, path: str) -> str:
+    """The file line (and field) an error's details.field points at, if any."""
+    field = e.details.get("field") if isinstance(e.details, dict) else None
+    if isinstance(field, str) and field.startswith("events."):
+        idx, _, rest = field[len("events."):].partition(".")
+        if idx.isdigit() and int(idx) < len(batch):
+            return " (line %d of %s%s)" % (batch[int(idx)][0], path,
+                                           ", field " + rest if rest else "")
+    return ""
+
+
 def _publish_file(ctx: click.Context, st: State, path: str, batch_size: int) -> None:
     total: Optional[int] = None
     if path != "-":
         # first pass: validate every line before anything is published, and count
         total = sum(1 for _ in _read_jsonl(path))
-    client = st.client()
+    client = st.client().connect()      # a failure here is plain: nothing was sent
     published = 0
     first: Optional[int] = None
     last: Optional[int] = None
@@ -409,21 +426,26 @@ def _publish_file(ctx: click.Context, st: State, path: str, batch_size: int) -> 
                 raise
             try:
                 r = client.publish([e for _, e in batch])
-            except EmitterError as e:
+            except (EmitterError, Unreachable, TimeoutError) as e:
                 if bar_cm is not None:
                     bar_cm.__exit__(None, None, None)
                     bar_cm = None
-                where = ""
-                field = e.details.get("field") if isinstance(e.details, dict) else None
-                if isinstance(field, str) and field.startswith("events."):
-                    idx, _, rest = field[len("events."):].partition(".")
-                    if idx.isdigit() and int(idx) < len(batch):
-                        where = " (line %d of %s%s)" % (batch[int(idx)][0], path,
-                                                        ", field " + rest if rest else "")
-                click.echo("error: %s: %s%s%s" % (e.code, e.message, _details_suffix(e), where),
-                           err=True)
+                if isinstance(e, EmitterError):
+                    click.echo("error: %s: %s%s%s" % (e.code, e.message, _details_suffix(e),
+                                                      _where(e, batch, path)), err=True)
+                else:
+                    click.echo("error: daemon unreachable: %s" % e, err=True)
                 click.echo("%d events were published before this batch" % published, err=True)
-                ctx.exit(EXIT_DAEMON_ERROR)
+                if isinstance(e, EmitterError):
+                    ctx.exit(EXIT_DAEMON_ERROR)
+                if all("id" in ev for _, ev in batch):
+                    retry = "its events all have ids, so publishing them again stores each once"
+                else:
+                    retry = ("publishing them again may store some twice (an event with an "
+                             "\"id\" would be stored once)")
+                _maybe_stored("this batch (lines %d..%d of %s)" % (
+                    batch[0][0], batch[-1][0], "standard input" if path == "-" else path), retry)
+                ctx.exit(EXIT_UNREACHABLE)
             positions = r.get("positions") or []
             if positions:
                 if first is None:
@@ -497,7 +519,15 @@ def publish(ctx: click.Context, stream: Optional[str], event_type: Optional[str]
         event["tags"] = list(tags)
     if event_id is not None:
         event["id"] = event_id
-    r = st.client().publish([event], expected_version=expected_version)
+    client = st.client().connect()      # a failure here is plain: nothing was sent
+    try:
+        r = client.publish([event], expected_version=expected_version)
+    except (Unreachable, TimeoutError) as e:
+        click.echo("error: daemon unreachable: %s" % e, err=True)
+        _maybe_stored("the event", "it has an id, so publishing it again stores it once"
+                      if event_id is not None else
+                      "publishing it again may store it twice (with an --id it would not)")
+        ctx.exit(EXIT_UNREACHABLE)
 
     def human() -> str:
         pos = (r.get("positions") or [None])[0]
