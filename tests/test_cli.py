@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 import msgpack
 import pytest
 
-from daemon_fixture import clean_env, run_ctl
+from daemon_fixture import clean_env, ctl_argv, run_ctl
 from emitterd.cli import render
 from waits import wait_for  # noqa: E402
 
@@ -481,6 +481,31 @@ def test_tail_human_lines(daemon: Any) -> None:
     finally:
         rc = _finish(proc)
     assert rc == 0
+
+
+@pytest.mark.timeout(60)
+def test_tail_ends_when_its_reader_goes_with_no_event_to_write(daemon: Any) -> None:
+    """`emitterctl tail ... | head -2`: once head exits and no more events come, there is
+    no EPIPE to end tail; it must notice the reader is gone anyway (exit 0), and its
+    ephemeral subscription goes with it."""
+    c = daemon.client()
+    c.publish([{"stream": "h", "type": "t", "data": {"i": i}} for i in range(3)])
+    r, w = os.pipe()
+    proc = subprocess.Popen(ctl_argv() + ["--socket", daemon.socket, "tail", "--type", "stream",
+                                          "--selector", "h", "--start-from", "origin"],
+                            stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.DEVNULL,
+                            env=daemon.env, cwd=daemon.root)
+    os.close(w)
+    try:
+        with os.fdopen(r) as reader:           # `head -2`
+            got = [reader.readline(), reader.readline()]
+        assert [line.split()[0] for line in got] == ["1", "2"], got
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    wait_for(lambda: c.list()["subscriptions"] == [], 15, "the ephemeral subscription deleted")
 
 
 @pytest.mark.timeout(90)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import select
 import signal
 import sys
 import time
@@ -568,7 +569,8 @@ Examples:
 def tail(ctx: click.Context, key: Optional[str], sub_type: Optional[str], selector: Any,
          start_from: Any) -> None:
     """Attach to KEY (a subscription without subscriber) and print events as
-    they arrive, acking each batch once printed. Ctrl-C stops (exit 0).
+    they arrive, acking each batch once printed. Ctrl-C stops (exit 0), and so
+    does the reader of a pipe going away (`tail KEY | head -5`).
 
     With --type and --selector instead of KEY, a new ephemeral subscription
     named tail-<random> is started; the daemon deletes it when tail exits.
@@ -607,7 +609,7 @@ def tail(ctx: click.Context, key: Optional[str], sub_type: Optional[str], select
                        err=True)
         # the SIGTERM handler raises _Terminated; should that land where it is swallowed (in
         # a __del__, say) the flag it sets still ends the loop within TAIL_POLL seconds
-        while not _terminated and not consumer.closed:
+        while not _terminated and not consumer.closed and not _reader_gone():
             for batch in consumer.batches(timeout=TAIL_POLL):
                 lines = [render.compact(e) if st.as_json else render.event_line(e) for e in batch]
                 sys.stdout.write("\n".join(lines) + "\n")
@@ -626,6 +628,18 @@ def tail(ctx: click.Context, key: Optional[str], sub_type: Optional[str], select
         signal.signal(signal.SIGTERM, old_term)
         if consumer is not None:
             consumer.close()
+
+
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has exited (`tail KEY | head -3`): with no
+    event to write there is no EPIPE to end tail, so ask poll(), as coreutils' tail -f
+    does (a pipe's write end reports POLLERR once its read end is closed)."""
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), 0)      # errors and hang-ups are reported anyway
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _quiet_stdout() -> None:
