@@ -570,7 +570,10 @@ def tail(ctx: click.Context, key: Optional[str], sub_type: Optional[str], select
          start_from: Any) -> None:
     """Attach to KEY (a subscription without subscriber) and print events as
     they arrive, acking each batch once printed. Ctrl-C stops (exit 0), and so
-    does the reader of a pipe going away (`tail KEY | head -5`).
+    does the reader of a pipe going away (`tail KEY | head -5`). Printed means
+    written to stdout: lines a reader leaves unread in the pipe count as
+    delivered: a program that must see every event attaches with the client
+    library (Client.attach) and acks what it has handled.
 
     With --type and --selector instead of KEY, a new ephemeral subscription
     named tail-<random> is started; the daemon deletes it when tail exits.
