@@ -508,7 +508,13 @@ class Client:
 
     def publish(self, events: List[Dict[str, Any]],
                 expected_version: Optional[int] = None) -> Dict[str, Any]:
-        """Append events atomically; ``{"positions": [...], "versions": [...]}``."""
+        """Append events atomically; ``{"positions": [...], "versions": [...]}``.
+
+        The answer comes once they are on disk. Should it not come (TimeoutError,
+        or :class:`Unreachable` after the request went out) they may or may not
+        be stored: publishing them again stores twice those without an ``id``,
+        and once those with one (an event whose id is stored gets its first
+        position back)."""
         args: Dict[str, Any] = {"events": events}
         if expected_version is not None:
             args["expected_version"] = expected_version
