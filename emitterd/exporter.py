@@ -22,9 +22,14 @@ class Exporter:
         host, port = parse_hostport(listen)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(16)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host, port))
+            self.sock.listen(16)
+        except OSError as e:
+            self.sock.close()
+            raise RuntimeError("cannot listen for metrics on %s: %s"
+                               % (listen, e.strerror or e)) from None
         self.sock.setblocking(False)
         self.address = "%s:%d" % (host if family == socket.AF_INET else "[%s]" % host,
                                   self.sock.getsockname()[1])

@@ -394,6 +394,25 @@ def _families(text):
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
+@pytest.mark.timeout(30)
+def test_a_metrics_address_in_use_is_one_line_not_a_traceback(make_daemon):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        listen = "127.0.0.1:%d" % taken.getsockname()[1]
+        d = make_daemon("--metrics-listen", listen, start=False)
+        r = subprocess.run(d.argv(), env=d.env, cwd=d.root, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=20)
+    finally:
+        taken.close()
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "cannot start" in out and "cannot listen for metrics on %s" % listen in out, out
+    assert "Traceback" not in out, out
+    assert not os.path.exists(d.socket), out     # the control socket went with it
+
+
 @pytest.mark.timeout(45)
 def test_metrics_op_and_http_exporter(make_daemon, short_tmp):
     d = make_daemon("--metrics-listen", "127.0.0.1:0")
