@@ -565,6 +565,18 @@ def _short(obj: Any, limit: int = 300) -> str:
 
 # ---- attached consumer -------------------------------------------------------
 
+def _positions(positions: Sequence[int]) -> List[int]:
+    """Positions as ints, checked here: int() would turn 7.9 into 7 (acking an event that
+    was never handled) and an event map into a puzzling message."""
+    out = list(positions)
+    for p in out:
+        if type(p) is not int:
+            raise TypeError("positions must be ints, got %s" % (
+                "an event map: pass event[\"position\"]" if isinstance(p, dict)
+                else "%s %r" % (type(p).__name__, p)))
+    return out
+
+
 class Consumer:
     """An attached consumer connection (PROTOCOL §3), made by :meth:`Client.attach`.
 
@@ -636,12 +648,12 @@ class Consumer:
 
     def ack(self, positions: Sequence[int]) -> None:
         """Acknowledge events by position (one ack frame)."""
-        self._send({"op": "ack", "positions": [int(p) for p in positions]})
+        self._send({"op": "ack", "positions": _positions(positions)})
 
     def nack(self, positions: Sequence[int], action: str = "retry",
              reason: Optional[str] = None) -> None:
         """Refuse events: ``action`` is ``retry``, ``park`` or ``skip``."""
-        msg: Dict[str, Any] = {"op": "nack", "positions": [int(p) for p in positions],
+        msg: Dict[str, Any] = {"op": "nack", "positions": _positions(positions),
                                "action": action}
         if reason is not None:
             msg["reason"] = reason

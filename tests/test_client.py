@@ -472,6 +472,27 @@ def test_consumer_nack_retry_comes_back(daemon: Any) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_consumer_acks_take_only_int_positions(daemon: Any) -> None:
+    """int() would have acked position 7 for 7.9, an event the program never handled."""
+    c = daemon.client()
+    key = start_sub(c, "strict")["key"]
+    wait_ready(c, key)
+    pos = c.publish(events(1))["positions"][0]
+    with c.attach(key) as consumer:
+        ev = next(iter(consumer))
+        assert ev["position"] == pos
+        for bad in ([pos + 0.9], [str(pos)], [ev], [True]):
+            with pytest.raises(TypeError, match="positions must be ints"):
+                consumer.ack(bad)
+            with pytest.raises(TypeError, match="positions must be ints"):
+                consumer.nack(bad, "skip")
+        st = c.status(key)                 # nothing went out: the event is still in flight
+        assert st["in_flight"] == 1 and st["checkpoint"] == pos - 1, st
+        consumer.ack([pos])
+        wait_checkpoint(c, key, pos)
+
+
+@pytest.mark.timeout(60)
 def test_attach_errors(daemon: Any, short_tmp: str) -> None:
     c = daemon.client()
     with pytest.raises(NotFound):
