@@ -1,5 +1,6 @@
 """The parent process: one thread, one selector loop; this module only wires the parts."""
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -68,6 +69,7 @@ class Daemon:
         # files we create (log, WAL, SHM) are private from their first byte; the socket's
         # mode is set explicitly
         os.umask(0o077)
+        _raise_fd_limit(cfg.max_connections)
         ctx.notifier = sd.Notifier()
         inherited = sd.listen_fds()
         self._lock_fd = datalock.lock(cfg.data_dir)     # before anything opens the log
@@ -239,6 +241,28 @@ class Daemon:
 
 def _ignore(signum: int, frame: Optional[Any]) -> None:
     """Python-level handler so the C handler writes the signal number to the wakeup fd."""
+
+
+FD_RESERVE = 256     # descriptors besides connections: log files, workers' sockets, helpers
+
+
+def _raise_fd_limit(max_connections: int) -> None:
+    """Raise the soft open-files limit to the hard one (a shell's soft 1024 is less than
+    max_connections' default alone), as Redis does for maxclients; warn if even that is
+    short. Past it, accept() pauses instead of failing in a loop (loop.pause_reader)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open-files limit", soft=soft, hard=hard,
+                        error=str(e))
+    if soft != resource.RLIM_INFINITY and soft < max_connections + FD_RESERVE:
+        log.warning("the open-files limit is low for max_connections: past about %d "
+                    "connections new ones wait" % max(0, soft - FD_RESERVE),
+                    limit=soft, max_connections=max_connections)
 
 
 def _why_not(e: BaseException, cfg: Any) -> str:

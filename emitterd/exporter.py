@@ -8,10 +8,12 @@ import socket
 from typing import Any, Callable
 
 from emitterd import logs
+from emitterd.loop import ACCEPT_PAUSE, OUT_OF_FDS
 from emitterd.settings import parse_hostport
 
 log = logs.get("metrics")
 MAX_REQUEST = 8192
+MAX_SCRAPES = 16         # connections served at once; more are closed at accept
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -19,6 +21,7 @@ class Exporter:
     def __init__(self, loop: Any, listen: str, render: Callable[[], str]) -> None:
         self.loop = loop
         self.render = render
+        self.conns: set = set()        # scrapes being read or answered
         host, port = parse_hostport(listen)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
@@ -41,6 +44,20 @@ class Exporter:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as e:
+            if e.errno in OUT_OF_FDS:
+                log.warning("out of file descriptors: not accepting metrics scrapes for "
+                            "%.1fs" % ACCEPT_PAUSE, error=e.strerror)
+                self.loop.pause_reader(self.sock, ACCEPT_PAUSE)
+            else:
+                log.error("metrics accept failed", error=str(e))
+            return
+        if len(self.conns) >= MAX_SCRAPES:
+            # anyone on the machine can connect here (no peer check on TCP): a flood of
+            # idle connections must not take the file descriptors the daemon lives on
+            conn.close()
+            return
+        self.conns.add(conn)
         conn.setblocking(False)
         buf = bytearray()
         timer = self.loop.call_later(5.0, lambda: self._drop(conn))
@@ -95,6 +112,7 @@ class Exporter:
         self.loop.set_events(conn, selectors.EVENT_WRITE, writable)
 
     def _drop(self, conn: socket.socket) -> None:
+        self.conns.discard(conn)
         self.loop.remove(conn)
         try:
             conn.close()
@@ -102,5 +120,7 @@ class Exporter:
             pass
 
     def close(self) -> None:
+        for conn in list(self.conns):
+            self._drop(conn)
         self.loop.remove(self.sock)
         self.sock.close()

@@ -1,4 +1,5 @@
 """A single-threaded selector loop with timers and end-of-turn hooks (parent and workers)."""
+import errno
 import gc
 import heapq
 import itertools
@@ -7,6 +8,10 @@ import time
 from typing import Any, Callable, Optional
 
 from emitterd import logs
+
+# accept() errors that mean "no file descriptor (or memory) for now", not a broken socket
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_PAUSE = 0.5      # seconds a listener rests after one of them
 
 log = logs.get("loop")
 
@@ -70,6 +75,21 @@ class Loop:
             self.selector.unregister(fileobj)
         except (KeyError, ValueError):
             pass
+
+    def pause_reader(self, fileobj: Any, seconds: float) -> None:
+        """Stop watching fileobj for `seconds`, then watch it again with the same callback:
+        a listening socket whose accept() fails for want of file descriptors stays readable,
+        and retrying at once would spin the loop (and fill the log) until one is freed."""
+        try:
+            callback = self.selector.get_key(fileobj).data
+        except (KeyError, ValueError):
+            return
+        self.remove(fileobj)
+
+        def resume() -> None:
+            if fileobj.fileno() >= 0:          # not closed meanwhile (shutdown)
+                self.set_events(fileobj, selectors.EVENT_READ, callback)
+        self.call_later(seconds, resume)
 
     # timers
     def call_at(self, when: float, callback: Callable[[], Any]) -> Timer:

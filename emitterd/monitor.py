@@ -15,7 +15,7 @@ def sample(ctx: Any) -> None:
                 with h.proc.oneshot():
                     h.rss = h.proc.memory_info().rss
                     h.cpu = h.proc.cpu_percent(None)
-            except psutil.Error:
+            except (psutil.Error, OSError):     # gone, or no fd to read /proc with now
                 continue
             if limit and h.rss > limit and h.state == "ready":
                 pool.recycle(h, "rss %d > max_worker_rss %d" % (h.rss, limit))

@@ -413,6 +413,80 @@ def test_a_metrics_address_in_use_is_one_line_not_a_traceback(make_daemon):
     assert not os.path.exists(d.socket), out     # the control socket went with it
 
 
+def _with_fd_limit(d, n):
+    """Run d's `emitterd run` under an open-files limit of n, soft and hard (so the
+    daemon cannot raise it)."""
+    argv = d.argv()
+    code = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
+            "os.execv(sys.executable, [sys.executable] + sys.argv[1:])" % (n, n))
+    d.argv = lambda: [argv[0], "-c", code] + argv[1:]
+
+
+def _exhaust_fds_with_control_connections(d, most=300):
+    """Open control connections until the daemon stops taking them (it is out of file
+    descriptors and its backlog stays full for a second); the caller closes them."""
+    held = []
+    refused_since = None
+    while len(held) < most:
+        so = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        so.setblocking(False)
+        try:
+            so.connect(d.socket)
+        except BlockingIOError:                   # the backlog is full for now
+            so.close()
+            refused_since = refused_since or time.monotonic()
+            if time.monotonic() - refused_since > 1.0:
+                break
+            time.sleep(0.01)
+            continue
+        refused_since = None
+        held.append(so)
+    return held
+
+
+@pytest.mark.timeout(60)
+def test_connection_floods_cannot_take_the_daemons_file_descriptors(make_daemon):
+    """The metrics port takes anyone on the machine: idle connections there stay bounded.
+    Control connections past the open-files limit make accept() pause (a few warnings),
+    where it used to fail in a tight loop; the daemon serves again once they go."""
+    d = make_daemon("--metrics-listen", "127.0.0.1:0", start=False)
+    _with_fd_limit(d, 160)
+    d.start()
+    line = wait_log(d.log_path, r"metrics exporter listening address=127\.0\.0\.1:\d+", timeout=5)[0]
+    port = int(re.search(r"address=127\.0\.0\.1:(\d+)", line).group(1))
+    assert "the open-files limit is low for max_connections" in read_log(d.log_path)
+    daemon_proc = psutil.Process(d.proc.pid)
+    base = daemon_proc.num_fds()
+    held = []
+    try:
+        for _ in range(300):                      # twice the daemon's whole limit
+            so = socket.socket()
+            so.settimeout(2)
+            so.connect(("127.0.0.1", port))
+            held.append(so)
+        time.sleep(0.5)
+        assert daemon_proc.num_fds() <= base + 16, (base, daemon_proc.num_fds())
+        assert d.client().ping()["pid"] == d.proc.pid
+    finally:
+        for so in held:
+            so.close()
+    held = _exhaust_fds_with_control_connections(d)
+    try:
+        assert len(held) > 160, len(held)         # more than the daemon's whole limit
+        wait_log(d.log_path, "out of file descriptors: not accepting control connections",
+                 timeout=10)
+        time.sleep(1.0)
+    finally:
+        for so in held:
+            so.close()
+    wait_until(lambda: Client(d.socket, timeout=2).ping()["pid"] == d.proc.pid, 15,
+               "ping answered again")
+    log_text = read_log(d.log_path)
+    assert log_text.count("out of file descriptors") < 20, log_text[-2000:]
+    assert "accept failed" not in log_text and "Traceback" not in log_text, log_text[-2000:]
+    assert d.proc.poll() is None
+
+
 @pytest.mark.timeout(45)
 def test_metrics_op_and_http_exporter(make_daemon, short_tmp):
     d = make_daemon("--metrics-listen", "127.0.0.1:0")

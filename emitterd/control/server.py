@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 from emitterd import framing, logs
 from emitterd.channel import Channel
+from emitterd.loop import ACCEPT_PAUSE, OUT_OF_FDS
 from emitterd.paths import ensure_private_dir
 from emitterd.errors import (INTERNAL, INVALID, PERMISSION_DENIED, UNAVAILABLE, UNKNOWN_OP,
                              ProtocolError)
@@ -168,7 +169,13 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.error("accept failed", error=str(e))
+                if e.errno in OUT_OF_FDS:
+                    log.warning("out of file descriptors: not accepting control connections "
+                                "for %.1fs" % ACCEPT_PAUSE, error=e.strerror,
+                                connections=len(self.conns))
+                    self.ctx.loop.pause_reader(self.sock, ACCEPT_PAUSE)
+                else:
+                    log.error("accept failed", error=str(e))
                 return
             self._admit(sock)
 
