@@ -15,6 +15,8 @@ from emitterd.worker import main as worker_main
 log = logs.get("pool")
 PIPE_MAX_FRAME = worker_main.PIPE_MAX_FRAME
 EPHEMERAL_IDLE = 60.0       # PROTOCOL §3: an ephemeral subscription nobody attached to
+SPAWN_RETRY = 0.5           # seconds before a slot whose worker could not start tries again,
+SPAWN_RETRY_MAX = 30.0      # doubling per failure in a row up to this
 
 
 class WorkerHandle:
@@ -92,6 +94,7 @@ class Pool:
         self._backoffs = 0
         self._backoff_timer = None
         self._last_backoff_end = 0.0
+        self._spawn_failures = 0       # in a row; backs the next try off
         self.stopping: Optional[dict] = None
         self.parked_count = ctx.log.parked_count(key)
         self.ever_attached = False
@@ -174,7 +177,12 @@ class Pool:
             pid, sock = spare
         else:
             title = "emitterd: %s #%d" % (self.name, index)
-            pid, sock = self.ctx.forkserver.spawn(title, "worker", spec)
+            try:
+                pid, sock = self.ctx.forkserver.spawn(title, "worker", spec)
+            except OSError as e:
+                self._spawn_failed(index, replacement, e)
+                return
+        self._spawn_failures = 0
         h.pid = pid
         h.channel = Channel(self.ctx.loop, sock, PIPE_MAX_FRAME,
                             lambda msg: self._on_worker_msg(h, msg), lambda reason: None)
@@ -185,6 +193,21 @@ class Pool:
         self.ctx.children[pid] = lambda status: self.on_exit(h, status)
         log.debug("worker spawned", pool=self.name, index=index, pid=pid,
                   fork_ms=round((time.perf_counter() - t0) * 1000, 2))
+
+    def _spawn_failed(self, index: int, replacement: bool, e: OSError) -> None:
+        """No worker for the slot (out of file descriptors or processes, say): try again
+        later, backing off, so a passing shortage does not leave the slot empty for good
+        (its events wait, as while a worker restarts)."""
+        self._spawn_failures += 1
+        delay = min(SPAWN_RETRY * 2 ** (self._spawn_failures - 1), SPAWN_RETRY_MAX)
+        log.error("could not start a worker, trying again", pool=self.name, index=index,
+                  error=e.strerror or str(e), retry_in=delay)
+
+        def retry() -> None:
+            if (self.state == "running" and self.stopping is None
+                    and index < self.spec["pool_size"] and index not in self.slots):
+                self._spawn(index, replacement)
+        self.ctx.loop.call_later(delay, retry)
 
     def _on_worker_msg(self, h: WorkerHandle, msg: dict) -> None:
         h.last_seen = monotonic()

@@ -445,6 +445,38 @@ def _exhaust_fds_with_control_connections(d, most=300):
 
 
 @pytest.mark.timeout(60)
+def test_a_worker_that_cannot_be_respawned_for_now_is_tried_again(make_daemon):
+    """A worker dies while the daemon has no file descriptor to spare: the respawn fails;
+    it used to leave the slot empty for good (an unhandled error), now it is retried,
+    backing off, until the descriptors are back."""
+    d = make_daemon(start=False)
+    _with_fd_limit(d, 160)
+    d.start()
+    c = d.client()
+    key = c.start(_sub("respawned"))["key"]
+    wait_until(lambda: [w["state"] for w in c.status(key)["workers"]] == ["ready"], 15,
+               "one ready worker")
+    (old,) = [w["pid"] for w in c.status(key)["workers"]]
+    c.close()
+    held = _exhaust_fds_with_control_connections(d)
+    try:
+        assert len(held) > 100, len(held)
+        os.kill(old, signal.SIGKILL)
+        wait_log(d.log_path, "could not start a worker, trying again", timeout=10)
+    finally:
+        for so in held:
+            so.close()
+    c = Client(d.socket, timeout=5)
+    try:
+        wait_until(lambda: [(w["state"], w["pid"] != old) for w in c.status(key)["workers"]]
+                   == [("ready", True)], 20, "a new worker in the slot")
+        assert c.status(key)["state"] == "running"
+    finally:
+        c.close()
+    assert "Traceback" not in read_log(d.log_path)
+
+
+@pytest.mark.timeout(60)
 def test_connection_floods_cannot_take_the_daemons_file_descriptors(make_daemon):
     """The metrics port takes anyone on the machine: idle connections there stay bounded.
     Control connections past the open-files limit make accept() pause (a few warnings),
