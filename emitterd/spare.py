@@ -27,7 +27,12 @@ class Spare:
         if self.sock is not None or self.ctx.shutting_down:
             return
         title = procs.SERVICE_TITLES["spare"]
-        self.pid, self.sock = self.ctx.forkserver.spawn(title, "spare")
+        try:
+            self.pid, self.sock = self.ctx.forkserver.spawn(title, "spare")
+        except OSError as e:
+            # only a head start: the next respawn forks its own, and asks for a spare again
+            log.warning("could not fork a spare worker", error=e.strerror or str(e))
+            return
         pid = self.pid
         self.ctx.children[pid] = lambda status: self.lost(pid, status)
 
