@@ -244,6 +244,7 @@ def _ignore(signum: int, frame: Optional[Any]) -> None:
 
 
 FD_RESERVE = 256     # descriptors besides connections: log files, workers' sockets, helpers
+FD_LIMIT_MAX = 1 << 20   # Linux's default fs.nr_open; no need for more
 
 
 def _raise_fd_limit(max_connections: int) -> None:
@@ -251,7 +252,7 @@ def _raise_fd_limit(max_connections: int) -> None:
     max_connections' default alone), as Redis does for maxclients; warn if even that is
     short. Past it, accept() pauses instead of failing in a loop (loop.pause_reader)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    want = FD_LIMIT_MAX if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT_MAX)
     if soft != resource.RLIM_INFINITY and soft < want:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))

@@ -413,13 +413,22 @@ def test_a_metrics_address_in_use_is_one_line_not_a_traceback(make_daemon):
     assert not os.path.exists(d.socket), out     # the control socket went with it
 
 
-def _with_fd_limit(d, n):
-    """Run d's `emitterd run` under an open-files limit of n, soft and hard (so the
-    daemon cannot raise it)."""
+def _with_fd_limit(d, n, hard=None):
+    """Run d's `emitterd run` under an open-files limit of n (soft; hard the same unless
+    given, so that the daemon cannot raise it)."""
     argv = d.argv()
     code = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
-            "os.execv(sys.executable, [sys.executable] + sys.argv[1:])" % (n, n))
+            "os.execv(sys.executable, [sys.executable] + sys.argv[1:])" % (n, hard or n))
     d.argv = lambda: [argv[0], "-c", code] + argv[1:]
+
+
+@pytest.mark.timeout(30)
+def test_the_soft_open_files_limit_is_raised_to_the_hard_one(make_daemon):
+    d = make_daemon(start=False)
+    _with_fd_limit(d, 512, hard=4096)
+    d.start()
+    assert psutil.Process(d.proc.pid).rlimit(psutil.RLIMIT_NOFILE) == (4096, 4096)
+    assert "open-files limit" not in read_log(d.log_path)      # 4096 >= 1024 + 256
 
 
 def _exhaust_fds_with_control_connections(d, most=300):
