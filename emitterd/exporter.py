@@ -8,7 +8,6 @@ import socket
 from typing import Any, Callable
 
 from emitterd import logs
-from emitterd.loop import ACCEPT_PAUSE, OUT_OF_FDS
 from emitterd.settings import parse_hostport
 
 log = logs.get("metrics")
@@ -40,17 +39,8 @@ class Exporter:
         log.info("metrics exporter listening", address=self.address)
 
     def _accept(self, mask: int) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            if e.errno in OUT_OF_FDS:
-                log.warning("out of file descriptors: not accepting metrics scrapes for "
-                            "%.1fs" % ACCEPT_PAUSE, error=e.strerror)
-                self.loop.pause_reader(self.sock, ACCEPT_PAUSE)
-            else:
-                log.error("metrics accept failed", error=str(e))
+        conn = self.loop.accept(self.sock, "metrics scrapes", log)
+        if conn is None:
             return
         if len(self.conns) >= MAX_SCRAPES:
             # anyone on the machine can connect here (no peer check on TCP): a flood of

@@ -91,6 +91,23 @@ class Loop:
                 self.set_events(fileobj, selectors.EVENT_READ, callback)
         self.call_later(seconds, resume)
 
+    def accept(self, listener: Any, what: str, log: Any) -> Any:
+        """listener.accept()'s connection, or None: nothing waiting, or an error. Out of
+        file descriptors, the listener rests ACCEPT_PAUSE seconds (one warning each time)
+        instead of failing again at every turn; another error is logged."""
+        try:
+            return listener.accept()[0]
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            if e.errno in OUT_OF_FDS:
+                log.warning("out of file descriptors: not accepting %s for %.1fs"
+                            % (what, ACCEPT_PAUSE), error=e.strerror)
+                self.pause_reader(listener, ACCEPT_PAUSE)
+            else:
+                log.error("accept failed", listener=what, error=str(e))
+            return None
+
     # timers
     def call_at(self, when: float, callback: Callable[[], Any]) -> Timer:
         t = Timer(when, callback)

@@ -9,7 +9,6 @@ from typing import Any, Callable, Optional
 
 from emitterd import framing, logs
 from emitterd.channel import Channel
-from emitterd.loop import ACCEPT_PAUSE, OUT_OF_FDS
 from emitterd.paths import ensure_private_dir
 from emitterd.errors import (INTERNAL, INVALID, PERMISSION_DENIED, UNAVAILABLE, UNKNOWN_OP,
                              ProtocolError)
@@ -164,18 +163,8 @@ class ControlServer:
 
     def _on_accept(self, mask: int) -> None:
         for _ in range(64):
-            try:
-                sock, _addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in OUT_OF_FDS:
-                    log.warning("out of file descriptors: not accepting control connections "
-                                "for %.1fs" % ACCEPT_PAUSE, error=e.strerror,
-                                connections=len(self.conns))
-                    self.ctx.loop.pause_reader(self.sock, ACCEPT_PAUSE)
-                else:
-                    log.error("accept failed", error=str(e))
+            sock = self.ctx.loop.accept(self.sock, "control connections", log)
+            if sock is None:
                 return
             self._admit(sock)
 
