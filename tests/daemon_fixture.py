@@ -97,6 +97,12 @@ class Daemon:
         self.collect_children()
         return self
 
+    def run_refused(self, timeout: float = 15.0) -> subprocess.CompletedProcess:
+        """Run `emitterd run` in the foreground, expecting it to refuse to start."""
+        return subprocess.run(self.argv(), env=self.env, cwd=self.root,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout)
+
     def wait_ping(self, timeout: float = 20.0) -> Dict[str, Any]:
         """Poll ping until it answers; AssertionError (with the log) otherwise."""
         assert self.proc is not None

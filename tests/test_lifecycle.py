@@ -42,12 +42,6 @@ def sub(name: str, **kw: Any) -> Dict[str, Any]:
     return s
 
 
-def run_refused(d: Daemon, timeout: float = 15.0) -> subprocess.CompletedProcess:
-    """Run `emitterd run` for d in the foreground, expecting it to refuse to start."""
-    return subprocess.run(d.argv(), env=d.env, cwd=d.root, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def read_frame(sock: socket.socket, timeout: float = 5.0) -> Optional[dict]:
     """One frame from a raw socket, or None on EOF."""
     dec = Decoder(0xFFFFFFFF)
@@ -201,7 +195,7 @@ def test_second_daemon_on_the_same_socket_refuses(make_daemon: Any) -> None:
     ino = os.stat(d1.socket).st_ino
     d2 = make_daemon(start=False)
     d2.socket = d1.socket
-    r = run_refused(d2)
+    r = d2.run_refused()
     out = r.stdout + r.stderr
     assert r.returncode != 0, out
     assert d1.socket in out or "already" in out.lower(), out
@@ -223,7 +217,7 @@ def test_second_daemon_on_the_same_data_dir_refuses(make_daemon: Any) -> None:
     first = c.publish([{"stream": "orders", "type": "t"}])["positions"]
     d2 = make_daemon(start=False)
     d2.data_dir = d1.data_dir
-    r = run_refused(d2)
+    r = d2.run_refused()
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
     assert "in use by another emitterd (pid %d)" % d1.proc.pid in out, out
@@ -268,7 +262,7 @@ def test_a_path_that_cannot_be_used_is_one_line_not_a_traceback(make_daemon: Any
         f.write("not a directory\n")
     bad = os.path.join(blocker, "data") if where == "data_dir" else os.path.join(blocker, "s.sock")
     setattr(d, where, bad)
-    r = run_refused(d)
+    r = d.run_refused()
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
     assert "cannot start" in out and blocker in out and "Not a directory" in out, out
@@ -281,7 +275,7 @@ def test_regular_file_at_the_socket_path_is_not_replaced(make_daemon: Any) -> No
     d = make_daemon(start=False)
     with open(d.socket, "w") as f:
         f.write("precious\n")
-    r = run_refused(d)
+    r = d.run_refused()
     out = r.stdout + r.stderr
     assert r.returncode != 0, out
     assert d.socket in out, out

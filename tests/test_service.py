@@ -402,8 +402,7 @@ def test_a_metrics_address_in_use_is_one_line_not_a_traceback(make_daemon):
     try:
         listen = "127.0.0.1:%d" % taken.getsockname()[1]
         d = make_daemon("--metrics-listen", listen, start=False)
-        r = subprocess.run(d.argv(), env=d.env, cwd=d.root, stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True, timeout=20)
+        r = d.run_refused()
     finally:
         taken.close()
     out = r.stdout + r.stderr
