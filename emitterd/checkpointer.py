@@ -35,6 +35,8 @@ HOLD_MAX = 0.2                 # publishes are never held back longer than this
 CATCH_UP_FRAMES = 64           # a round that copied at most this much: hold and finish
 CATCH_UP_ROUNDS = 8
 MAX_FRAME = 1 << 16
+STUCK_WARN_AFTER = 5.0         # the WAL not rewound for this long: a warning, and then
+STUCK_WARN_EVERY = 60.0        # every this many seconds while it lasts
 
 
 def _main(sock: socket.socket, path: str) -> None:
@@ -86,6 +88,8 @@ class Checkpointer:
         self._rounds = 0
         self._last_frames = 0
         self._held_at = 0.0
+        self._stuck_since = 0.0   # since when rewinds find frames they may not copy (a reader)
+        self._stuck_warned: Optional[float] = None
 
     def start(self) -> None:
         cfg = self.ctx.cfg
@@ -121,9 +125,35 @@ class Checkpointer:
             self.ctx.committer.hold(HOLD_MAX, self._release)
             self._ask()
         else:
-            self._release()           # all copied (frames == done): the next commit rewinds
-            log.debug("WAL rewound", frames=frames, checkpointed=msg.get("done"),
+            self._release()
+            done = msg.get("done", -1)
+            if 0 <= done < frames:
+                self._not_rewound(frames * msg.get("frame_bytes", 0))
+                return
+            # all copied (frames == done): the next commit rewinds
+            if self._stuck_warned is not None:
+                log.info("WAL rewound again: the read transaction that held it has ended",
+                         stuck_s=round(monotonic() - self._stuck_since, 1))
+            self._stuck_since, self._stuck_warned = 0.0, None
+            log.debug("WAL rewound", frames=frames, checkpointed=done,
                       rounds=self._rounds, held_ms=round((monotonic() - self._held_at) * 1e3, 2))
+
+    def _not_rewound(self, wal_bytes: int) -> None:
+        """The last round could not copy every frame: SQLite copies none that a reader of an
+        older snapshot may still need, and such a reader can only be another process with the
+        database open (an sqlite3 shell left in a transaction, a long backup). The WAL then
+        grows with every publish until it ends, so say so, now and then, not at every try."""
+        now = monotonic()
+        if not self._stuck_since:
+            self._stuck_since = now
+        if now - self._stuck_since < STUCK_WARN_AFTER or (
+                self._stuck_warned is not None and now - self._stuck_warned < STUCK_WARN_EVERY):
+            return
+        self._stuck_warned = now
+        log.warning("the WAL cannot be rewound: another process holds a read transaction open "
+                    "on the event log (an sqlite3 shell, a backup?); the WAL grows until it ends",
+                    wal=self.path + "-wal", wal_mib=round(wal_bytes / (1 << 20), 1),
+                    for_s=round(now - self._stuck_since, 1))
 
     def _ask(self) -> None:
         if self.channel is not None:

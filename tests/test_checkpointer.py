@@ -6,6 +6,7 @@ reordering a publish.
 from __future__ import annotations
 
 import os
+import sqlite3
 from typing import Any, List
 
 import pytest
@@ -56,3 +57,36 @@ def test_wal_is_rewound_under_a_steady_stream_of_publishes(make_daemon: Any) -> 
     # arrives in the half second between the checkpointer's reports and during the rewind
     # (40-50 MiB on a 2-core VM publishing flat out)
     assert biggest < 96 * MIB, "WAL grew to %.1f MiB" % (biggest / MIB)
+
+
+@pytest.mark.timeout(120)
+def test_a_reader_holding_the_wal_is_named_and_its_end_noticed(make_daemon: Any) -> None:
+    """Another process in a read transaction on the event log (an sqlite3 shell, a backup)
+    keeps SQLite from copying the WAL's newer frames, so it cannot be rewound and grows with
+    every publish: the daemon says so (after a few seconds, not at the first try), goes on
+    storing publishes, and says when the WAL is rewound again."""
+    d = make_daemon("--wal-rewind-bytes", str(MIB))
+    c = d.client()
+    path = os.path.join(d.data_dir, "emitterd.db")
+    c.publish(batch(16, 0))
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM chunks").fetchone()[0] >= 1  # a snapshot
+        positions: List[int] = []
+        for k in range(1, 41):            # ~2.5 MiB of WAL past the reader's snapshot
+            positions += c.publish(batch(64, k * 64))["positions"]
+        assert positions == list(range(17, 17 + 40 * 64))
+        wait_for(lambda: "the WAL cannot be rewound" in open(d.log_path).read(), 30,
+                 "a warning that the WAL cannot be rewound; log:\n" + d.log_tail())
+        line = [ln for ln in open(d.log_path) if "the WAL cannot be rewound" in ln][0]
+        assert "emitterd.db-wal" in line and "wal_mib=" in line
+        # publishes are still stored and answered while the reader holds on
+        assert c.publish(batch(4, 9000))["positions"] == list(range(17 + 40 * 64, 21 + 40 * 64))
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    wait_for(lambda: "WAL rewound again" in open(d.log_path).read(), 30,
+             "the end of the reader noticed; log:\n" + d.log_tail())
+    assert open(d.log_path).read().count("the WAL cannot be rewound") == 1, \
+        "warned more than once in well under STUCK_WARN_EVERY"
