@@ -1,4 +1,5 @@
-"""The `emitterd` command: `run` (the daemon, in the foreground) and `config` (PROTOCOL §6, §7).
+"""The `emitterd` command: `run` (the daemon, in the foreground) and `config` (PROTOCOL §6, §7),
+and `backup` / `restore` of the event log (emitterd.backup).
 
 Every flag of `emitterd run` is generated from emitterd.settings.SETTINGS; the
 flags take strings and hand them to settings.load() untouched, so a bad value
@@ -119,6 +120,71 @@ def config_command(config_path: Optional[str], effective: bool, as_toml: bool) -
             click.echo("emitterd: warning: %s" % warning, err=True)
         return
     click.echo(settings.render_table(), nl=False)
+
+
+def _data_dir_options(f: Any) -> Any:
+    f = click.option("--data-dir", "data_dir", type=str, default=None, metavar="DIR",
+                     help="Data directory; default: the daemon's (data_dir from --config, "
+                          "$EMITTERD_DATA_DIR, else derived as for `emitterd run`).")(f)
+    return click.option("--config", "config_path", type=str, default=None, metavar="FILE",
+                        help="TOML config file the daemon runs with (for its data_dir); "
+                             "default $EMITTERD_CONFIG, else none.")(f)
+
+
+def _mib(n: int) -> str:
+    return "%.1f MiB" % (n / (1 << 20))
+
+
+@cli.command("backup", context_settings=CONTEXT,
+             short_help="Copy the event log to a new file, while the daemon runs or not.")
+@click.argument("dest", metavar="DEST")
+@_data_dir_options
+def backup_command(dest: str, config_path: Optional[str], data_dir: Optional[str]) -> None:
+    """Copy the event log (events, subscriptions with their checkpoints, parked events) to
+    the new file DEST, as of one commit, while the daemon runs or not.
+
+    Copying the data directory's files with cp while the daemon runs gives a damaged log;
+    this does not. DEST gets mode 0600 and is on disk (fsynced) when the command exits 0.
+    `emitterd restore DEST` puts it back. Exit status: 0 done, 1 failed (nothing written),
+    2 usage error.
+    """
+    from emitterd import backup
+    cfg = _load(config_path, {"data_dir": data_dir})
+    try:
+        info = backup.backup(cfg.data_dir, dest)
+    except backup.BackupError as e:
+        click.echo("emitterd: %s" % e, err=True)
+        sys.exit(1)
+    click.echo("backed up %s to %s: head %d, %d subscription(s), %s"
+               % (cfg.data_dir, dest, info["head"], info["subscriptions"], _mib(info["bytes"])))
+
+
+@cli.command("restore", context_settings=CONTEXT,
+             short_help="Make a backup the event log again (the daemon stopped).")
+@click.argument("source", metavar="BACKUP")
+@_data_dir_options
+def restore_command(source: str, config_path: Optional[str], data_dir: Optional[str]) -> None:
+    """Make BACKUP (made by `emitterd backup`) the event log of the data directory. The
+    daemon must be stopped: the directory's lock is taken first.
+
+    The log already there is moved into a replaced-<time> directory inside it, never
+    deleted. Events published after the backup are not in it, and their positions are given
+    out again; ids the daemon generates are not (a restore draws a new id salt). Subscribers
+    that remember positions past the backup's head must be told. Exit status: 0 done,
+    1 failed (the data directory unchanged, or its old log in the directory named), 2 usage
+    error.
+    """
+    from emitterd import backup
+    cfg = _load(config_path, {"data_dir": data_dir})
+    try:
+        info = backup.restore(source, cfg.data_dir)
+    except backup.BackupError as e:
+        click.echo("emitterd: %s" % e, err=True)
+        sys.exit(1)
+    click.echo("restored %s into %s: head %d, %d subscription(s)"
+               % (source, cfg.data_dir, info["head"], info["subscriptions"]))
+    if info["replaced"]:
+        click.echo("the log it replaced is in %s" % info["replaced"])
 
 
 def main(argv: Optional[list] = None) -> Any:

@@ -236,6 +236,11 @@ class SqliteLog(EventLog):
             salt = secrets.randbits(60).to_bytes(8, "big")
             self._db.execute("INSERT INTO meta (name, value) VALUES ('id_salt', ?)", (salt,))
         self._salt = int.from_bytes(salt, "big")
+        # the salts of this log before a restore drew a new one (emitterd.backup), with the
+        # last position each gave ids to
+        before = self.meta("id_salts_before")
+        self._salts_before = [(int.from_bytes(s, "big"), last)
+                              for s, last in (msgpack.unpackb(before) if before else [])]
         # chunks are in position order: the last one ends at the head (MAX(last) would scan)
         row = self._db.execute("SELECT last FROM chunks ORDER BY first DESC LIMIT 1").fetchone()
         self.head = row[0] if row else 0
@@ -322,6 +327,12 @@ class SqliteLog(EventLog):
 
     def _lookup_id(self, event_id: str) -> Optional[tuple]:
         pos = generated_position(self._salt, event_id)
+        for salt, last in self._salts_before if pos is None else ():
+            pos = generated_position(salt, event_id)
+            if pos is not None:
+                if pos > last:
+                    pos = None     # given out after the backup a restore went back to: lost
+                break
         if pos is not None and pos <= self.head:
             if pos >= self._tail_start:
                 version = self._tail[pos - self._tail_start + self._tail_off].decode()["version"]

@@ -1,0 +1,218 @@
+"""`emitterd backup` and `emitterd restore`: a consistent copy of the event log, taken while the
+daemon runs, and its return into a data directory while no daemon runs.
+
+The copy is SQLite's VACUUM INTO: one read transaction, so it is the log as of one commit
+(events, subscriptions with their checkpoints, parked events), whatever the daemon commits
+meanwhile. Copying the files with cp is not: the database and its WAL change between the two
+reads. A restore goes through a second VACUUM INTO (which checks every page on the way) into
+the data directory, never over files a daemon might have open: it takes the directory's lock
+first, and moves the log it replaces aside rather than deleting it.
+
+Restoring rewinds the log to the backup's head, so the positions after it are given out again.
+The ids the daemon generates are derived from the position and a per-store salt; a restore
+draws a new salt, so no new event gets the generated id of an event the restore dropped, and
+keeps the old one with the last position it covers, so a republished event of the backup is
+still recognised by its generated id (eventlog.sqlite.SqliteLog._lookup_id).
+"""
+import os
+import secrets
+import sqlite3
+import time
+from typing import Any, Dict
+
+import msgpack
+
+from emitterd import datalock
+from emitterd.paths import ensure_private_dir
+
+LOG_NAME = "emitterd.db"
+LOG_FILES = (LOG_NAME, LOG_NAME + "-wal", LOG_NAME + "-shm")
+# what makes a file an emitterd event log (and a restore refuse anything else)
+_REQUIRED_TABLES = {"meta", "chunks", "streams", "event_ids", "subscriptions", "parked"}
+
+
+class BackupError(Exception):
+    """A backup or restore that cannot be done; the message says why and what is untouched."""
+
+
+def _open_existing(path: str) -> sqlite3.Connection:
+    """A connection to an existing database file: never creates one where none is."""
+    if not os.path.isfile(path):
+        raise BackupError("no event log at %s" % path)
+    try:
+        db = sqlite3.connect("file:%s?mode=rw" % _uri_path(path), uri=True, isolation_level=None)
+        db.execute("PRAGMA busy_timeout=5000")
+    except sqlite3.Error as e:
+        raise BackupError("cannot open %s: %s" % (path, e)) from None
+    return db
+
+
+def _uri_path(path: str) -> str:
+    return os.path.abspath(path).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+
+
+def summary(db: sqlite3.Connection, path: str) -> Dict[str, Any]:
+    """Head, subscriptions and salt of an event log; BackupError if it is not one."""
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not _REQUIRED_TABLES <= tables:
+            raise BackupError("%s is not an emitterd event log (tables missing: %s)"
+                              % (path, ", ".join(sorted(_REQUIRED_TABLES - tables))))
+        row = db.execute("SELECT last FROM chunks ORDER BY first DESC LIMIT 1").fetchone()
+        subs = db.execute("SELECT count(*) FROM subscriptions").fetchone()[0]
+        salt = db.execute("SELECT value FROM meta WHERE name = 'id_salt'").fetchone()
+        before = db.execute("SELECT value FROM meta WHERE name = 'id_salts_before'").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise BackupError("%s is not an emitterd event log: %s" % (path, e)) from None
+    return {"head": row[0] if row else 0, "subscriptions": subs,
+            "salt": salt[0] if salt else None,
+            "salts_before": msgpack.unpackb(before[0]) if before else []}
+
+
+def _vacuum_into(db: sqlite3.Connection, dest: str) -> None:
+    """One consistent copy of `db` at `dest` (which must not exist), on disk when it returns,
+    mode 0600 from its first byte."""
+    old = os.umask(0o077)
+    try:
+        db.execute("VACUUM INTO ?", (dest,))
+    finally:
+        os.umask(old)
+    # VACUUM INTO does not sync what it wrote: a backup must survive a power loss too
+    fd = os.open(dest, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(os.path.dirname(os.path.abspath(dest)))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def backup(data_dir: str, dest: str) -> Dict[str, Any]:
+    """Copy the event log of `data_dir` to the new file `dest`; works while a daemon runs."""
+    if os.path.lexists(dest):
+        raise BackupError("%s exists; name a new file (a backup never overwrites one)" % dest)
+    src = os.path.join(data_dir, LOG_NAME)
+    db = _open_existing(src)
+    try:
+        info = summary(db, src)
+        tmp = "%s.partial-%d" % (dest, os.getpid())
+        try:
+            _vacuum_into(db, tmp)
+            os.rename(tmp, dest)
+        except (sqlite3.Error, OSError) as e:
+            _unlink_quietly(tmp)
+            raise BackupError("backup to %s failed: %s" % (dest, e)) from None
+    finally:
+        db.close()
+    # the head of the copy, not of the log (which the daemon may have moved on since)
+    copy = sqlite3.connect("file:%s?mode=ro" % _uri_path(dest), uri=True)
+    try:
+        info = summary(copy, dest)
+    finally:
+        copy.close()
+    info["bytes"] = os.path.getsize(dest)
+    return info
+
+
+def restore(source: str, data_dir: str) -> Dict[str, Any]:
+    """Make the backup `source` the event log of `data_dir`, which no daemon may be using; a
+    log already there is moved aside into a replaced-<time> directory, never deleted."""
+    src = _open_existing(source)
+    try:
+        info = summary(src, source)
+        if info["salt"] is None:
+            raise BackupError("%s is not an emitterd event log (no id salt)" % source)
+        try:
+            lock_fd = datalock.lock(data_dir)
+        except RuntimeError as e:
+            raise BackupError("%s; stop it before restoring (nothing was changed)" % e) from None
+        try:
+            info["replaced"] = _replace(src, info, data_dir)
+        finally:
+            os.close(lock_fd)
+    finally:
+        src.close()
+    return info
+
+
+def _replace(src: sqlite3.Connection, info: Dict[str, Any], data_dir: str) -> str:
+    """restore() with the directory locked: the path the old log went to, or ""."""
+    moved = ""
+    tmp = os.path.join(data_dir, "%s.restoring" % LOG_NAME)
+    try:
+        _owned_like(os.path.join(data_dir, datalock.LOCK_NAME), data_dir)
+        _unlink_quietly(tmp)
+        moved = _move_aside(data_dir)
+        _vacuum_into(src, tmp)
+        _new_salt(tmp, info)
+        _owned_like(tmp, data_dir)
+        os.rename(tmp, os.path.join(data_dir, LOG_NAME))
+        _fsync_dir(data_dir)
+    except (sqlite3.Error, OSError) as e:
+        _unlink_quietly(tmp)
+        raise BackupError("restore into %s failed: %s%s" % (
+            data_dir, e, "; the log it replaced is in %s" % moved if moved else "")) from None
+    return moved
+
+
+def _move_aside(data_dir: str) -> str:
+    """Move the log files in `data_dir` (database, WAL, shared memory: together, or SQLite
+    would replay a WAL onto the wrong database) into a new subdirectory; its path, or ""."""
+    present = [n for n in LOG_FILES if os.path.lexists(os.path.join(data_dir, n))]
+    if not present:
+        return ""
+    aside = os.path.join(data_dir, "replaced-%s" % time.strftime("%Y%m%dT%H%M%S"))
+    n = 1
+    while os.path.lexists(aside + ("" if n == 1 else "-%d" % n)):
+        n += 1
+    aside += "" if n == 1 else "-%d" % n
+    ensure_private_dir(aside)
+    _owned_like(aside, data_dir)
+    for name in present:
+        os.rename(os.path.join(data_dir, name), os.path.join(aside, name))
+    _fsync_dir(data_dir)
+    return aside
+
+
+def _owned_like(path: str, data_dir: str) -> None:
+    """Give what a restore creates the data directory's owner: root restores, but the daemon
+    runs as its own user (systemd's StateDirectory) and could not open a root-owned log."""
+    st = os.stat(data_dir)
+    if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
+        os.chown(path, st.st_uid, st.st_gid)
+
+
+def _new_salt(path: str, info: Dict[str, Any]) -> None:
+    """Give the restored log a new id salt, keeping the old ones with the last position each
+    covers (see the module's docstring)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        history = [list(s) for s in info["salts_before"]]
+        history.append([info["salt"], info["head"]])
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('id_salts_before', ?)",
+                   (msgpack.packb(history),))
+        db.execute("UPDATE meta SET value = ? WHERE name = 'id_salt'",
+                   (secrets.randbits(60).to_bytes(8, "big"),))
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

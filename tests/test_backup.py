@@ -1,0 +1,206 @@
+"""`emitterd backup` / `emitterd restore` (emitterd/backup.py) against a real daemon and
+SQLite file: a backup taken while publishes go on is the log as of one commit; a restore
+brings back its events, subscriptions and checkpoints, keeps the log it replaces, refuses
+while a daemon runs, and gives no new event the generated id of an event it dropped."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from typing import Any, Dict, List, Tuple
+
+import pytest
+
+from waits import wait_for
+
+BATCH = 50
+
+
+def emitterd(*args: Any, timeout: float = 60) -> Tuple[int, str, str]:
+    r = subprocess.run([sys.executable, "-m", "emitterd"] + [str(a) for a in args],
+                       capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                       env={k: v for k, v in os.environ.items() if not k.startswith("EMITTERD_")})
+    return r.returncode, r.stdout, r.stderr
+
+
+def events(n: int, start: int) -> List[dict]:
+    return [{"stream": "s-%d" % ((start + i) % 7), "type": "t", "data": {"n": start + i}}
+            for i in range(n)]
+
+
+def read_events(d: Any, first: int, last: int) -> Dict[int, dict]:
+    """Events first..last as delivered (with their ids), through a new attached pool."""
+    c = d.client()
+    key = c.start({"name": "read-%d-%d" % (first, last), "type": "stream", "selector": "$all",
+                   "start_from": first})["key"]
+    wait_for(lambda: any(w["state"] == "ready" for w in c.status(key)["workers"]), 20,
+             "a ready worker in the reading pool")
+    got: Dict[int, dict] = {}
+    with c.attach(key) as consumer:
+        for batch in consumer.batches(timeout=10):
+            consumer.ack([e["position"] for e in batch])
+            got.update((e["position"], e) for e in batch if e["position"] <= last)
+            if len(got) == last - first + 1:
+                break
+    c.stop(key, delete=True)
+    assert sorted(got) == list(range(first, last + 1)), "events %d..%d not all read" % (first, last)
+    return got
+
+
+@pytest.mark.timeout(120)
+def test_backup_while_publishing_then_restore(make_daemon: Any, short_tmp: str) -> None:
+    d = make_daemon()
+    c = d.client()
+    key = c.start({"name": "audit", "type": "stream", "selector": "$all", "start_from": "origin"})["key"]
+    c.publish(events(BATCH, 0))
+    done = threading.Event()
+    published: List[List[int]] = []
+
+    def publisher() -> None:
+        with d.client() as pc:
+            k = 1
+            while not done.is_set():
+                published.append(pc.publish(events(BATCH, k * BATCH))["positions"])
+                k += 1
+
+    t = threading.Thread(target=publisher)
+    t.start()
+    dest = os.path.join(short_tmp, "backup.db")
+    try:
+        rc, out, err = emitterd("backup", "--data-dir", d.data_dir, dest)
+    finally:
+        done.set()
+        t.join(30)
+    assert rc == 0, err
+    assert len(published) >= 1
+    assert os.stat(dest).st_mode & 0o777 == 0o600
+    with sqlite3.connect("file:%s?mode=ro" % dest, uri=True) as b:
+        head = b.execute("SELECT max(last) FROM chunks").fetchone()[0]
+        subs = [r[0] for r in b.execute("SELECT key FROM subscriptions")]
+    # one commit's log: whole publishes only, and what the command said
+    assert head % BATCH == 0 and head >= BATCH
+    assert "head %d, 1 subscription(s)" % head in out, out
+    assert subs == [key]
+
+    extra = c.publish(events(3, 10_000))["positions"]     # after the backup: dropped by restore
+    before = read_events(d, head, head + 1)
+    lost = before[head + 1]          # the first event the restore drops
+    assert d.stop() == 0
+
+    # while a daemon runs on the directory, restore refuses and changes nothing
+    d.start()
+    listing = sorted(os.listdir(d.data_dir))
+    rc, out, err = emitterd("restore", "--data-dir", d.data_dir, dest)
+    assert rc == 1 and "in use by another emitterd" in err and "nothing was changed" in err, err
+    assert sorted(os.listdir(d.data_dir)) == listing
+    assert d.client().ping()["head"] >= extra[-1]
+    assert d.stop() == 0
+
+    rc, out, err = emitterd("restore", "--data-dir", d.data_dir, dest)
+    assert rc == 0, err
+    assert "head %d, 1 subscription(s)" % head in out
+    aside = [n for n in os.listdir(d.data_dir) if n.startswith("replaced-")]
+    assert len(aside) == 1 and aside[0] in out
+    with sqlite3.connect("file:%s?mode=ro" % os.path.join(d.data_dir, aside[0], "emitterd.db"),
+                         uri=True) as old:
+        assert old.execute("SELECT max(last) FROM chunks").fetchone()[0] == extra[-1]
+
+    d.start()
+    c = d.client()
+    assert c.ping()["head"] == head
+    st = c.status(key)
+    assert st["subscription"]["name"] == "audit" and st["checkpoint"] <= head
+    # a new event takes the dropped event's position, not its generated id
+    new = c.publish(events(1, 20_000))["positions"][0]
+    assert new == head + 1
+    now = read_events(d, head, new)
+    assert now[new]["id"] != lost["id"]
+    # an event of the backup, republished with its generated id, is recognised...
+    kept = before[head]
+    again = {"stream": kept["stream"], "type": kept["type"], "data": kept["data"], "id": kept["id"]}
+    assert c.publish([again])["positions"] == [head]
+    # ...and the dropped one, republished with its id, is stored again, once
+    lost_again = {"stream": lost["stream"], "type": lost["type"], "data": lost["data"],
+                  "id": lost["id"]}
+    assert c.publish([lost_again])["positions"] == [head + 2]
+    assert c.publish([lost_again])["positions"] == [head + 2]
+    assert c.ping()["head"] == head + 2
+
+
+def test_backup_and_restore_refuse_bad_paths(short_tmp: str) -> None:
+    data = os.path.join(short_tmp, "data")
+    os.mkdir(data)
+    rc, _, err = emitterd("backup", "--data-dir", data, os.path.join(short_tmp, "b.db"))
+    assert rc == 1 and "no event log at %s" % os.path.join(data, "emitterd.db") in err, err
+    assert os.listdir(data) == [] and not os.path.exists(os.path.join(short_tmp, "b.db"))
+
+    taken = os.path.join(short_tmp, "taken.db")
+    with open(taken, "w") as f:
+        f.write("mine")
+    rc, _, err = emitterd("backup", "--data-dir", data, taken)
+    assert rc == 1 and "exists" in err
+    assert open(taken).read() == "mine"
+
+    not_a_log = os.path.join(short_tmp, "other.db")
+    with sqlite3.connect(not_a_log) as db:
+        db.execute("CREATE TABLE meta (name TEXT, value BLOB)")
+    for bad, why in ((taken, "not an emitterd event log"), (not_a_log, "not an emitterd event log"),
+                     (os.path.join(short_tmp, "missing.db"), "no event log at")):
+        rc, _, err = emitterd("restore", "--data-dir", data, bad)
+        assert rc == 1 and why in err, (bad, err)
+        assert os.listdir(data) == [], "restore of %s changed %s" % (bad, data)
+
+    rc, _, err = emitterd("backup", "--data-dir", data)
+    assert rc == 2 and "DEST" in err
+
+
+NOBODY = 65534
+
+
+@pytest.mark.timeout(60)
+def test_a_restore_by_root_leaves_the_log_to_the_daemons_user(make_daemon: Any, short_tmp: str) -> None:
+    """The daemon runs as its own user (systemd's StateDirectory); root restores. What the
+    restore creates belongs to the data directory's owner, so that daemon can open it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the test chowns the data directory to uid 65534")
+    d = make_daemon()
+    head = d.client().publish(events(10, 0))["positions"][-1]
+    dest = os.path.join(short_tmp, "b.db")
+    assert emitterd("backup", "--data-dir", d.data_dir, dest)[0] == 0
+    assert d.stop() == 0
+    for root, dirs, files in os.walk(d.data_dir):
+        for name in dirs + files + ["."]:
+            os.chown(os.path.join(root, name), NOBODY, NOBODY)
+    rc, out, err = emitterd("restore", "--data-dir", d.data_dir, dest)
+    assert rc == 0, err
+    for root, dirs, files in os.walk(d.data_dir):
+        for name in dirs + files:
+            st = os.stat(os.path.join(root, name))
+            assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY), os.path.join(root, name)
+    # and that user can do what its daemon does there: lock the directory, write the log
+    # (a forked child: this machine's interpreter may be out of that user's reach to exec)
+    os.chmod(d.root, 0o755)               # mkdtemp's 0700 would stop uid 65534 on the way
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            from emitterd import datalock
+            os.close(datalock.lock(d.data_dir))
+            db = sqlite3.connect(os.path.join(d.data_dir, "emitterd.db"), isolation_level=None)
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO meta (name, value) VALUES ('restore-test', x'00')")
+            db.execute("COMMIT")
+            assert db.execute("SELECT max(last) FROM chunks").fetchone()[0] == head
+            db.close()
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - reported through the exit status
+            os.write(2, ("as uid %d: %r\n" % (NOBODY, e)).encode())
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "uid 65534 cannot use the restored log"
