@@ -342,6 +342,36 @@ def test_human_tables(daemon: Any) -> None:
     assert rc == 0 and "stopped" in out, err
 
 
+@pytest.mark.timeout(60)
+def test_status_says_when_workers_are_not_connected_to_the_subscriber(daemon: Any,
+                                                                        short_tmp: str) -> None:
+    """A worker that cannot reach its unix: subscriber retries and holds its events; status
+    says so on the subscriber line (the log says why), and stops saying it once connected."""
+    from subscriber_helper import Subscriber
+    path = os.path.join(short_tmp, "later.sock")
+    key = start_json(daemon, "later", "--pool-size", "2", "--subscriber", "unix:" + path)["key"]
+    wait_status(daemon, key, lambda s: sum(w["state"] == "ready" for w in s["workers"]) == 2,
+                "2 ready workers")
+    rc, out, err = daemon.ctl("status", key)
+    assert rc == 0, err
+    line = [ln for ln in out.splitlines() if ln.startswith("subscriber:")][0]
+    assert "unix:%s (NOT CONNECTED from 2 of 2 ready workers" % path in line, out
+    sub = Subscriber(path)
+    try:
+        wait_status(daemon, key, lambda s: all(w["consumers"] == 1 for w in s["workers"]), "both "
+                    "workers connected (they retry with a backoff of up to 5 s)", timeout=20)
+        rc, out, err = daemon.ctl("status", key)
+        line = [ln for ln in out.splitlines() if ln.startswith("subscriber:")][0]
+        assert line.split() == ["subscriber:", "unix:" + path], out
+    finally:
+        sub.close()
+    key2 = start_json(daemon, "nobody-attached")["key"]
+    wait_status(daemon, key2, lambda s: any(w["state"] == "ready" for w in s["workers"]),
+                "a ready worker")
+    out = daemon.ctl("status", key2)[1]
+    assert "- (attached consumers; none attached: events wait for one)" in out, out
+
+
 @pytest.mark.timeout(90)
 def test_publish_single_and_file(daemon: Any) -> None:
     r = jdoc(daemon.ctl("--json", "publish", "--stream", "user-1", "--type", "created",

@@ -208,6 +208,22 @@ def _block(pairs: Sequence[tuple]) -> str:
     return "\n".join("%s  %s" % ((k + ":").ljust(width + 1), v) for k, v in pairs)
 
 
+def _subscriber_text(subscriber: Any, workers: List[Dict[str, Any]]) -> str:
+    """The subscriber, and who is not connected to it: a worker that cannot reach its
+    subscriber retries and holds its events, which status otherwise only shows as lag."""
+    ready = [w for w in workers if w.get("state") == "ready"]
+    connected = sum(1 for w in ready if isinstance(w.get("consumers"), int) and w["consumers"] > 0)
+    if not subscriber:
+        if ready and not connected:
+            return "- (attached consumers; none attached: events wait for one)"
+        return "- (attached consumers)"
+    if connected < len(ready):
+        return ("%s (NOT CONNECTED from %d of %d ready workers: they retry, and their events "
+                "wait; the daemon's log says why)" % (subscriber, len(ready) - connected,
+                                                       len(ready)))
+    return str(subscriber)
+
+
 def pool_block(p: Dict[str, Any]) -> str:
     """`status`, `start`, `stop`, `update`: the pool, then its workers."""
     sub = p.get("subscription") or {}
@@ -219,7 +235,7 @@ def pool_block(p: Dict[str, Any]) -> str:
         ("name", "%s (pool %s)" % (sub.get("name", ""), p.get("name", ""))),
         ("type", sub.get("type", "")),
         ("selector", selector_text(sub.get("selector"))),
-        ("subscriber", sub.get("subscriber") or "- (attached consumers)"),
+        ("subscriber", _subscriber_text(sub.get("subscriber"), p.get("workers") or [])),
         ("state", p.get("state", "")),
         ("pool size", "%s (%s ready)" % (num(sub.get("pool_size")), _workers_summary(p))),
         ("start from", num(sub.get("start_from")) if not isinstance(sub.get("start_from"), str)
