@@ -145,11 +145,13 @@ class Daemon:
                                  % (list(args), e, out)) from None
 
     def ctl_popen(self, *args: Any, **kw: Any) -> subprocess.Popen:
-        """Start `emitterctl --socket S *args` (text mode pipes); the caller ends it."""
+        """Start `emitterctl --socket S *args` (text mode pipes; stdin /dev/null unless `kw`
+        says otherwise); the caller ends it."""
+        opts: Dict[str, Any] = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=self.env, cwd=self.root)
+        opts.update(kw)
         return subprocess.Popen(ctl_argv() + ["--socket", self.socket] + [str(a) for a in args],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=self.env, cwd=self.root,
-                                **kw)
+                                **opts)
 
     # -- processes
     def track(self, pid: int) -> None:

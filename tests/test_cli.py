@@ -427,6 +427,51 @@ def test_publish_file_errors(daemon: Any) -> None:
     assert rc == 1 and "invalid" in err and "line 2" in err, (rc, out, err)
 
 
+@pytest.mark.timeout(60)
+def test_publish_from_a_pipe_publishes_each_line_as_it_comes(daemon: Any) -> None:
+    """A generator behind a pipe (stdin, or a FIFO named by --file) may write a line a
+    minute or never end: what has arrived is published when the input pauses, not held
+    back until --batch-size events are there or the input ends (where a kill would lose
+    them)."""
+    c = daemon.client()
+    head = c.ping()["head"]
+    line = json.dumps({"stream": "gen", "type": "tick"}) + "\n"
+    p = daemon.ctl_popen("--json", "publish", "--file", "-", stdin=subprocess.PIPE)
+    try:
+        p.stdin.write(line * 2)
+        p.stdin.flush()
+        wait_for(lambda: c.ping()["head"] == head + 2, 10,
+                 "the first 2 lines published while the pipe stays open")
+        assert p.poll() is None
+        p.stdin.write(line)
+        p.stdin.flush()
+        wait_for(lambda: c.ping()["head"] == head + 3, 10, "the third line published")
+        p.stdin.close()
+        out = p.stdout.read()
+        assert p.wait(10) == 0
+        assert json.loads(out) == {"published": 3, "first": head + 1, "last": head + 3}
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+    fifo = os.path.join(daemon.root, "events.fifo")
+    os.mkfifo(fifo)
+    p = daemon.ctl_popen("--json", "publish", "--file", fifo)
+    try:
+        with open(fifo, "w") as w:      # opens once emitterctl opens it for reading
+            w.write(line * 2)
+            w.flush()
+            wait_for(lambda: c.ping()["head"] == head + 5, 10,
+                     "a FIFO's lines published while it stays open")
+        out = p.stdout.read()
+        assert p.wait(10) == 0
+        assert json.loads(out) == {"published": 2, "first": head + 4, "last": head + 5}
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+
+
 class LineReader:
     """Reads a subprocess's stdout lines on a thread."""
 

@@ -11,6 +11,7 @@ import os
 import secrets
 import select
 import signal
+import stat
 import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -348,36 +349,92 @@ def status(ctx: click.Context, key: str) -> None:
 
 # ---- publish -----------------------------------------------------------------
 
-def _read_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    """(line number, event) for each non-blank line; BadParameter on bad lines."""
-    f = sys.stdin if path == "-" else open(path, "r", encoding="utf-8")
+def _event_of(lineno: int, text: str) -> Dict[str, Any]:
+    """The event on one (non-blank) line; BadParameter naming the line otherwise."""
     try:
-        for lineno, line in enumerate(f, 1):
-            s = line.strip()
-            if not s:
-                continue
-            try:
-                obj = json.loads(s)
-            except ValueError as e:
-                raise click.BadParameter("line %d: not valid JSON (%s)" % (lineno, e),
-                                         param_hint="--file") from None
-            if not isinstance(obj, dict):
-                raise click.BadParameter("line %d: an event must be a JSON object" % lineno,
-                                         param_hint="--file")
-            yield lineno, obj
+        obj = json.loads(text)
+    except ValueError as e:
+        raise click.BadParameter("line %d: not valid JSON (%s)" % (lineno, e),
+                                 param_hint="--file") from None
+    if not isinstance(obj, dict):
+        raise click.BadParameter("line %d: an event must be a JSON object" % lineno,
+                                 param_hint="--file")
+    return obj
+
+
+def _read_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any], bool]]:
+    """(line number, event, more) for each non-blank line; BadParameter on bad lines.
+    `more` is false where the input has nothing more to give right now: standard input
+    is read as it comes (a generator may write a line a minute, or never end), and what
+    has arrived is published then instead of waiting for a full batch."""
+    if path == "-":
+        lines: Iterator[Tuple[int, bytes, bool]] = _stream_lines(sys.stdin.fileno())
+    elif _is_stream(path):
+        lines = _fifo_lines(path)
+    else:
+        lines = _file_lines(path)
+    try:
+        for lineno, raw, more in lines:
+            text = raw.decode("utf-8").strip()
+            if text:
+                yield lineno, _event_of(lineno, text), more
     except UnicodeDecodeError as e:
         raise click.BadParameter("not UTF-8 text (%s)" % e, param_hint="--file") from None
+
+
+def _file_lines(path: str) -> Iterator[Tuple[int, bytes, bool]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, raw, True
+
+
+def _is_stream(path: str) -> bool:
+    """Standard input, or a path that is not a regular file (a FIFO, /dev/stdin): read once,
+    as it comes, never checked in a first pass."""
+    try:
+        return path == "-" or not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False            # open() then says what is wrong with it
+
+
+def _fifo_lines(path: str) -> Iterator[Tuple[int, bytes, bool]]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        yield from _stream_lines(fd)
     finally:
-        if f is not sys.stdin:
-            f.close()
+        os.close(fd)
 
 
-def _batches(items: Iterator[Tuple[int, Dict[str, Any]]],
+def _stream_lines(fd: int) -> Iterator[Tuple[int, bytes, bool]]:
+    """The lines of a pipe or terminal as they arrive, each with whether another complete
+    line is already there to read."""
+    buf = b""
+    lineno = 0
+    while True:
+        data = os.read(fd, 1 << 16)
+        if not data:
+            if buf:
+                yield lineno + 1, buf, False
+            return
+        buf += data
+        lines = buf.split(b"\n")
+        buf = lines.pop()
+        if not lines:
+            continue            # the middle of a long line
+        waiting = bool(select.select([fd], [], [], 0)[0])
+        last = len(lines) - 1
+        for i, raw in enumerate(lines):
+            lineno += 1
+            yield lineno, raw, waiting or i < last
+
+
+def _batches(items: Iterator[Tuple[int, Dict[str, Any], bool]],
              size: int) -> Iterator[List[Tuple[int, Dict[str, Any]]]]:
+    """Batches of up to `size` events; one ends early where the input pauses."""
     batch: List[Tuple[int, Dict[str, Any]]] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
+    for lineno, event, more in items:
+        batch.append((lineno, event))
+        if len(batch) >= size or not more:
             yield batch
             batch = []
     if batch:
@@ -403,7 +460,7 @@ def _where(e: EmitterError, batch: list, path: str) -> str:
 
 def _publish_file(ctx: click.Context, st: State, path: str, batch_size: int) -> None:
     total: Optional[int] = None
-    if path != "-":
+    if not _is_stream(path):
         # first pass: validate every line before anything is published, and count
         total = sum(1 for _ in _read_jsonl(path))
     client = st.client().connect()      # a failure here is plain: nothing was sent
@@ -422,7 +479,7 @@ def _publish_file(ctx: click.Context, st: State, path: str, batch_size: int) -> 
             except StopIteration:
                 break
             except click.BadParameter as e:
-                if published:   # only from stdin: a file is checked before anything is sent
+                if published:   # only from a stream: a file is checked before anything is sent
                     e.message += " (%d events were published before it)" % published
                 raise
             try:
@@ -483,7 +540,8 @@ A line of EVENTS.jsonl is one event object:
               help="Fail with conflict unless the stream's last version is N (-1: must not exist).")
 @click.option("--file", "file_path", type=click.Path(exists=True, dir_okay=False, allow_dash=True),
               default=None, metavar="EVENTS.jsonl",
-              help="Publish every event of a JSON-lines file (- for stdin), in batches.")
+              help="Publish every event of a JSON-lines file (- for stdin, read as it "
+                   "comes), in batches.")
 @click.option("--batch-size", type=click.IntRange(1, 10000), default=PUBLISH_BATCH,
               show_default=True, help="Events per publish request with --file.")
 @click.pass_context
@@ -495,8 +553,12 @@ def publish(ctx: click.Context, stream: Optional[str], event_type: Optional[str]
 
     The answer comes once the events are durable. With --json a single
     event prints {"positions": [...], "versions": [...]} and --file prints
-    {"published": n, "first": pos, "last": pos}. A file is checked line by
-    line before anything is sent; a progress bar is shown on a terminal.
+    {"published": n, "first": pos, "last": pos}. A regular file is checked
+    line by line before anything is sent; a progress bar is shown on a
+    terminal. Standard input (and a pipe or FIFO) is published as it comes:
+    a batch goes out once it has --batch-size events or the input pauses, so
+    a generator that writes a line a minute, or never ends, is published
+    line by line, not held back.
     """
     st = state(ctx)
     if file_path is not None:
