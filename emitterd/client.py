@@ -167,6 +167,12 @@ class Unreachable(ConnectionError):
         self.results = results if results is not None else []
 
 
+class EncodeError(ValueError):
+    """A request that cannot be encoded as msgpack (an integer outside -2**63..2**64-1, a
+    string that is not valid Unicode, a value of no msgpack type, nesting too deep); nothing
+    was sent."""
+
+
 class _Closed(Exception):
     """Internal: EOF or reset on a connection."""
 
@@ -292,6 +298,36 @@ class _Conn:
             self._read_some()
 
 
+def _encode_request(msg: dict) -> bytes:
+    try:
+        return encode(msg)
+    except (TypeError, OverflowError, UnicodeEncodeError, ValueError, RecursionError) as e:
+        raise EncodeError("the request to %r cannot be encoded as msgpack: %s"
+                          % (msg.get("op"), e)) from None
+
+
+def _parting_error(conn: "_Conn") -> Optional["EmitterError"]:
+    """The connection-level error (id 0) a daemon sent before it closed the connection under
+    a request still being sent (frame_too_large: the frame was refused whole, nothing of it
+    was done), if one is there to read; else None."""
+    deadline = time.monotonic() + 1.0
+    try:
+        # conn.eof may be set by the failed send: the answer can still be unread
+        while time.monotonic() < deadline:
+            if not conn._wait(selectors.EVENT_READ, deadline):
+                break
+            conn._read_some()
+    except (_Closed, OSError):
+        pass
+    try:
+        frame = conn._next_frame()
+    except EmitterError:
+        return None
+    if frame is not None and frame.get("id") == 0 and frame.get("ok") is False:
+        return error_from_wire(frame.get("error"), 0)
+    return None
+
+
 def _deadline(timeout: Optional[float]) -> Optional[float]:
     return None if timeout is None else time.monotonic() + timeout
 
@@ -360,7 +396,7 @@ class Client:
         msg: Dict[str, Any] = {"id": rid, "op": op}
         if args is not None:
             msg["args"] = args
-        return rid, encode(msg)
+        return rid, _encode_request(msg)
 
     def _read_response(self, conn: _Conn, rid: int, deadline: Optional[float]) -> Any:
         """The result of request `rid`, or an EmitterError instance for a failure.
@@ -402,6 +438,10 @@ class Client:
             conn.send(data, deadline)
             res = self._read_response(conn, rid, deadline)
         except _Closed as e:
+            parting = _parting_error(conn)
+            if parting is not None:
+                self.close()
+                raise parting from None
             raise self._lost(str(e)) from None
         except TimeoutError:
             self.close()
@@ -481,6 +521,8 @@ class Client:
         args = _target(key) if key is not None else {"subscription": subscription}
         args["delete"] = bool(delete)
         if drain_timeout is not None:
+            if not 0 <= float(drain_timeout) < float("inf"):
+                raise ValueError("drain_timeout must be a finite number of seconds >= 0")
             args["drain_timeout"] = drain_timeout
         wait = (10.0 if drain_timeout is None else float(drain_timeout)) + 30.0
         timeout = None if self.timeout is None else max(self.timeout, wait)

@@ -94,7 +94,16 @@ def test_default_socket_from_environment(short_tmp: str) -> None:
     ["tail", "--type", "stream"],
     ["parked", UNKNOWN_KEY, "--replay", "--purge"],
     ["top", "--interval", "0"],
+    ["top", "--interval", "nan"],
     ["stop"],
+    ["stop", UNKNOWN_KEY, "--drain-timeout", "inf"],
+    ["--timeout", "inf", "ping"],
+    ["--timeout", "nan", "ping"],
+    ["--socket", "", "ping"],
+    ["start", "x", "--type", "stream", "--selector", "a", "--start-from", "+7"],
+    ["start", "x", "--type", "stream", "--selector", "a", "--start-from", "1_000"],
+    ["publish", "--stream", "a", "--type", "t", "--data", "NaN"],
+    ["publish", "--stream", "a", "--type", "t", "--data", "[" * 5000 + "]" * 5000],
 ])
 def test_usage_errors_exit_2_before_connecting(short_tmp: str, args: List[str]) -> None:
     """Usage errors are found before the daemon is contacted (none runs here)."""
@@ -470,6 +479,147 @@ def test_publish_from_a_pipe_publishes_each_line_as_it_comes(daemon: Any) -> Non
         if p.poll() is None:
             p.kill()
             p.wait(5)
+
+
+@pytest.mark.timeout(60)
+def test_arguments_msgpack_cannot_carry_are_usage_errors(daemon: Any) -> None:
+    """An integer past 64 bits or text that is not Unicode (argv bytes that are not UTF-8)
+    cannot be sent: exit 2 with a message, nothing sent, no traceback."""
+    head = daemon.client().ping()["head"]
+    for args in (["start", "x", "--type", "stream", "--selector", "a",
+                  "--pool-size", "99999999999999999999999"],
+                 ["publish", "--stream", "a", "--type", "t", "--data", "-99999999999999999999"],
+                 ["publish", "--stream", "\udcff\udcfe", "--type", "t"]):
+        rc, out, err = daemon.ctl(*args)
+        assert rc == 2 and out == "" and "cannot be encoded as msgpack" in err, (args, rc, err)
+        assert "Traceback" not in err
+    assert daemon.client().ping()["head"] == head
+    assert daemon.client().list()["subscriptions"] == []
+
+
+@pytest.mark.timeout(90)
+def test_publish_file_splits_a_batch_whose_frame_is_too_large(make_daemon: Any) -> None:
+    """The daemon refuses a frame over max_frame_bytes whole (nothing stored) and closes the
+    connection: emitterctl sends the batch again in halves; an event too large alone is an
+    error naming its line, not an unreachable daemon that may have stored it."""
+    d = make_daemon("--max-frame-bytes", "262144", "--max-event-bytes", "65536")
+    path = os.path.join(d.root, "fat.jsonl")
+    with open(path, "w") as f:
+        for i in range(200):             # 200 x 4 KB: one batch of 800 KB, over 256 KiB
+            f.write(json.dumps({"stream": "fat", "type": "t", "id": "fat-%d" % i,
+                                "data": "y" * 4000}) + "\n")
+    for source in ("file", "stdin"):
+        rc, out, err = (d.ctl("--json", "publish", "--file", path) if source == "file" else
+                        d.ctl("--json", "publish", "--file", "-", input=open(path).read()))
+        assert rc == 0, (source, err)
+        assert json.loads(out) == {"published": 200, "first": 1, "last": 200}, (source, out)
+    assert d.client().ping()["head"] == 200, "the ids keep the second run from storing again"
+    huge = os.path.join(d.root, "huge.jsonl")
+    with open(huge, "w") as f:
+        f.write(json.dumps({"stream": "fat", "type": "t", "data": "y" * 300_000}) + "\n")
+    rc, out, err = d.ctl("publish", "--file", huge)
+    assert rc == 1 and "frame_too_large" in err and "(line 1 of %s)" % huge in err, (rc, err)
+    assert "may or may not" not in err
+    assert d.client().ping()["head"] == 200
+    # the client library says the same: a typed error, not a lost connection
+    from emitterd.client import FrameTooLarge
+    with pytest.raises(FrameTooLarge):
+        d.client().publish([{"stream": "fat", "type": "t", "data": "y" * 60_000}] * 8)
+    assert d.client().ping()["head"] == 200
+
+
+@pytest.mark.timeout(60)
+def test_publish_from_a_stream_ends_cleanly_on_sigint_and_a_file_says_what_was_left(
+        daemon: Any) -> None:
+    c = daemon.client()
+    head = c.ping()["head"]
+    line = json.dumps({"stream": "gen", "type": "tick"}) + "\n"
+    p = daemon.ctl_popen("--json", "publish", "--file", "-", stdin=subprocess.PIPE)
+    try:
+        p.stdin.write(line * 2)
+        p.stdin.flush()
+        wait_for(lambda: c.ping()["head"] == head + 2, 10, "2 lines published")
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+    assert p.returncode == 0, err
+    assert json.loads(out) == {"published": 2, "first": head + 1, "last": head + 2}
+    assert "Aborted" not in err and "Traceback" not in err
+    # a file stopped part way: 130, the summary, and the last line published
+    path = os.path.join(daemon.root, "many.jsonl")
+    with open(path, "w") as f:
+        f.write(line * 200_000)
+    p = daemon.ctl_popen("--json", "publish", "--file", path, "--batch-size", "50")
+    try:
+        wait_for(lambda: c.ping()["head"] > head + 1000, 30, "the file being published")
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+    assert p.returncode == 130, (p.returncode, err)
+    doc = json.loads(out)
+    stored = c.ping()["head"] - head - 2
+    assert doc["published"] == stored and 1000 <= stored < 200_000, (doc, stored)
+    assert "after line %d were not sent" % stored in err, err
+
+
+@pytest.mark.timeout(60)
+def test_no_progress_bar_in_json_on_a_terminal(daemon: Any) -> None:
+    """--json promises one JSON document on stdout, even when stdout is a terminal."""
+    import pty
+    path = os.path.join(daemon.root, "few.jsonl")
+    with open(path, "w") as f:
+        f.write((json.dumps({"stream": "s", "type": "t"}) + "\n") * 3)
+    master, slave = pty.openpty()
+    try:
+        p = daemon.ctl_popen("--json", "publish", "--file", path, stdout=slave)
+        os.close(slave)
+        slave = -1
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:          # EIO: the other side closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert p.wait(10) == 0
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    text = b"".join(chunks).decode().replace("\r\n", "\n")
+    assert json.loads(text)["published"] == 3, text
+    assert "publishing" not in text and "\x1b" not in text
+
+
+@pytest.mark.timeout(60)
+def test_parked_purge_and_replay_take_every_parked_event(daemon: Any) -> None:
+    """The protocol's limit (default 100) is for a listing; `--purge` means all of them."""
+    c = daemon.client()
+    key = c.start({"name": "parker", "type": "stream", "selector": "$all"})["key"]
+    wait_for(lambda: any(w["state"] == "ready" for w in c.status(key)["workers"]), 15,
+             "a ready worker")
+    c.publish([{"stream": "p", "type": "t"}] * 150)
+    parked = 0
+    with c.attach(key) as consumer:
+        for batch in consumer.batches(timeout=10):
+            consumer.nack([e["position"] for e in batch], action="park", reason="test")
+            parked += len(batch)
+            if parked >= 150:
+                break
+    wait_for(lambda: c.status(key)["parked"] == 150, 15, "150 parked events")
+    rc, out, err = daemon.ctl("--json", "parked", key)
+    assert rc == 0 and len(json.loads(out)["events"]) == 100, "a listing shows 100 by default"
+    rc, out, err = daemon.ctl("--json", "parked", key, "--purge")
+    assert rc == 0 and json.loads(out) == {"count": 150}, (out, err)
+    assert c.status(key)["parked"] == 0
 
 
 class LineReader:

@@ -7,6 +7,7 @@ Exit status: 0 success, 1 an error answered by the daemon (``error: <code>:
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import select
@@ -20,13 +21,19 @@ import click
 
 from emitterd import __version__
 from emitterd.cli import render
-from emitterd.client import Client, EmitterError, Unavailable, Unreachable
+from emitterd.client import (Client, EmitterError, EncodeError, FrameTooLarge, Unavailable,
+                             Unreachable)
 
 SUB_TYPES = ("stream", "event_type", "event_pattern", "event_payload", "tags")
 STRATEGIES = ("pinned", "round_robin", "random")
 PUBLISH_BATCH = 1000
+PARKED_LIST, PARKED_MAX = 100, 100_000      # parked: the protocol's default limit, its maximum
+# --file batches stay near this much JSON, so their frames keep well below the daemon's
+# default max_frame_bytes (8 MiB); one that is still too large is split in two and sent again
+BATCH_BYTES = 4 << 20
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_STOPPED = 130     # publish --file stopped by SIGINT/SIGTERM with lines read but not sent
 
 
 # ---- shared state ------------------------------------------------------------
@@ -69,13 +76,27 @@ def emit(st: State, result: Any, human: Any) -> None:
 
 # ---- parameter parsing -------------------------------------------------------
 
+def _not_json(name: str) -> Any:
+    raise ValueError("%s is not JSON" % name)
+
+
+def _json_loads(text: str) -> Any:
+    """json.loads for JSON only: Python's also takes NaN and Infinity, which no JSON parser
+    downstream would; and nesting too deep for it is a ValueError, not a crash."""
+    try:
+        return json.loads(text, parse_constant=_not_json)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def parse_json_param(value: Optional[str], param_hint: str) -> Any:
     if value is None:
         return None
     try:
-        return json.loads(value)
+        return _json_loads(value)
     except ValueError as e:
-        raise click.BadParameter("not valid JSON (%s): %r" % (e, value), param_hint=param_hint) \
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        raise click.BadParameter("not valid JSON (%s): %r" % (e, shown), param_hint=param_hint) \
             from None
 
 
@@ -107,10 +128,28 @@ def parse_options(ctx: click.Context, param: click.Parameter,
         if not sep or not k:
             raise click.BadParameter("expected KEY=VALUE, got %r" % item, ctx=ctx, param=param)
         try:
-            opts[k] = json.loads(v)
+            opts[k] = _json_loads(v)
         except ValueError:
             opts[k] = v
     return opts
+
+
+class Seconds(click.FloatRange):
+    """A finite number of seconds within bounds (click's FloatRange takes inf and nan, which
+    the clock cannot wait for)."""
+
+    def __init__(self, low: float, high: float, low_open: bool = False) -> None:
+        super().__init__(min=low, max=high, min_open=low_open)
+
+    def convert(self, value: Any, param: Optional[click.Parameter],
+                ctx: Optional[click.Context]) -> Any:
+        v = super().convert(value, param, ctx)
+        if math.isnan(v):
+            self.fail("%r is not a number of seconds" % (value,), param, ctx)
+        return v
+
+
+MAX_WAIT = 10_000_000.0          # seconds (115 days): more is a typo, or "forever"
 
 
 class StartFrom(click.ParamType):
@@ -122,10 +161,10 @@ class StartFrom(click.ParamType):
                 ctx: Optional[click.Context]) -> Any:
         if isinstance(value, int) or value in ("origin", "now"):
             return value
-        try:
+        # ASCII digits only: int() also takes "+7", "1_000", " 9" and other scripts' digits
+        if isinstance(value, str) and value.isascii() and value.isdigit():
             return int(value)
-        except (TypeError, ValueError):
-            self.fail("%r is not origin, now or a position (integer)" % (value,), param, ctx)
+        self.fail("%r is not origin, now or a position (digits)" % (value,), param, ctx)
 
 
 class Subscriber(click.ParamType):
@@ -183,7 +222,7 @@ message on stderr), 2 usage error, 3 the daemon could not be reached.""")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as one JSON document on stdout (bytes as base64 strings; "
                    "tail: one JSON event per line).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+@click.option("--timeout", type=Seconds(0, MAX_WAIT, low_open=True), default=30.0,
               show_default=True, metavar="SECONDS", help="How long to wait for each answer.")
 @click.version_option(__version__, "--version", prog_name="emitterctl")
 @click.pass_context
@@ -194,6 +233,9 @@ def cli(ctx: click.Context, socket_path: Optional[str], as_json: bool, timeout: 
     Group options (--socket, --json, --timeout) come before the command.
     KEY is the 16-hex-digit key of a subscription, as printed by `start` and `list`.
     """
+    if socket_path is not None and not socket_path.strip():
+        # `--socket "$UNSET"` must not fall back to another daemon's socket
+        raise click.BadParameter("an empty path (an unset variable?)", param_hint="--socket")
     st = State(socket_path, as_json, timeout)
     ctx.obj = st
     ctx.call_on_close(st.close)
@@ -273,8 +315,9 @@ def start(ctx: click.Context, name: str, sub_type: str, selector: Any, subscribe
 @cli.command()
 @click.argument("key")
 @click.option("--delete", is_flag=True, help="Also forget the subscription and its checkpoint.")
-@click.option("--drain-timeout", type=click.FloatRange(min=0), default=None, metavar="S",
-              help="Seconds to wait for in-flight events to be acked (daemon default 10).")
+@click.option("--drain-timeout", type=Seconds(0, MAX_WAIT), default=None, metavar="S",
+              help="Seconds to wait for in-flight events to be acked (daemon default 10). "
+                   "The stop's answer is awaited this long plus 30 s, --timeout or not.")
 @click.pass_context
 def stop(ctx: click.Context, key: str, delete: bool, drain_timeout: Optional[float]) -> None:
     """Stop the pool of KEY: wait for in-flight acks, save the checkpoint,
@@ -349,10 +392,13 @@ def status(ctx: click.Context, key: str) -> None:
 
 # ---- publish -----------------------------------------------------------------
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def _event_of(lineno: int, text: str) -> Dict[str, Any]:
     """The event on one (non-blank) line; BadParameter naming the line otherwise."""
     try:
-        obj = json.loads(text)
+        obj = _json_loads(text)
     except ValueError as e:
         raise click.BadParameter("line %d: not valid JSON (%s)" % (lineno, e),
                                  param_hint="--file") from None
@@ -362,24 +408,29 @@ def _event_of(lineno: int, text: str) -> Dict[str, Any]:
     return obj
 
 
-def _read_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any], bool]]:
-    """(line number, event, more) for each non-blank line; BadParameter on bad lines.
+def _read_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any], bool, int]]:
+    """(line number, event, more, bytes) for each non-blank line; BadParameter on bad lines.
     `more` is false where the input has nothing more to give right now: standard input
     is read as it comes (a generator may write a line a minute, or never end), and what
     has arrived is published then instead of waiting for a full batch."""
     if path == "-":
+        if sys.stdin is None:
+            raise click.BadParameter("standard input is closed", param_hint="--file")
         lines: Iterator[Tuple[int, bytes, bool]] = _stream_lines(sys.stdin.fileno())
     elif _is_stream(path):
         lines = _fifo_lines(path)
     else:
         lines = _file_lines(path)
-    try:
-        for lineno, raw, more in lines:
+    for lineno, raw, more in lines:
+        if lineno == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]       # a UTF-8 byte order mark, as some editors write
+        try:
             text = raw.decode("utf-8").strip()
-            if text:
-                yield lineno, _event_of(lineno, text), more
-    except UnicodeDecodeError as e:
-        raise click.BadParameter("not UTF-8 text (%s)" % e, param_hint="--file") from None
+        except UnicodeDecodeError as e:
+            raise click.BadParameter("line %d: not UTF-8 text (%s)" % (lineno, e),
+                                     param_hint="--file") from None
+        if text:
+            yield lineno, _event_of(lineno, text), more, len(raw)
 
 
 def _file_lines(path: str) -> Iterator[Tuple[int, bytes, bool]]:
@@ -428,15 +479,21 @@ def _stream_lines(fd: int) -> Iterator[Tuple[int, bytes, bool]]:
             yield lineno, raw, waiting or i < last
 
 
-def _batches(items: Iterator[Tuple[int, Dict[str, Any], bool]],
-             size: int) -> Iterator[List[Tuple[int, Dict[str, Any]]]]:
-    """Batches of up to `size` events; one ends early where the input pauses."""
+def _batches(items: Iterator[Tuple[int, Dict[str, Any], bool, int]], size: int,
+             max_bytes: int = BATCH_BYTES) -> Iterator[List[Tuple[int, Dict[str, Any]]]]:
+    """Batches of up to `size` events and about `max_bytes` of input; one ends early where
+    the input pauses."""
     batch: List[Tuple[int, Dict[str, Any]]] = []
-    for lineno, event, more in items:
+    nbytes = 0
+    for lineno, event, more, n in items:
+        if batch and nbytes + n > max_bytes:
+            yield batch
+            batch, nbytes = [], 0
         batch.append((lineno, event))
+        nbytes += n
         if len(batch) >= size or not more:
             yield batch
-            batch = []
+            batch, nbytes = [], 0
     if batch:
         yield batch
 
@@ -458,66 +515,141 @@ def _where(e: EmitterError, batch: list, path: str) -> str:
     return ""
 
 
+class _Stopped(Exception):
+    """SIGINT or SIGTERM during `publish --file`, at a point where no publish is unanswered."""
+
+
+class _StopBetweenPublishes:
+    """SIGINT / SIGTERM handlers for `publish --file`: a signal that arrives while a publish
+    is unanswered is held until its answer is in (so its outcome is known), one that arrives
+    while input is read stops at once (all that was read and answered is counted)."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.pending = False
+        self._old: Dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopBetweenPublishes":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.busy:
+            self.pending = True
+        else:
+            raise _Stopped()
+
+    def publish(self, client: Client, events: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """client.publish() with a signal held until the answer is in; the caller counts
+        the answer, then calls stop_if_asked()."""
+        self.busy = True
+        try:
+            return client.publish(events)
+        finally:
+            self.busy = False
+
+    def stop_if_asked(self) -> None:
+        if self.pending:
+            self.pending = False
+            raise _Stopped()
+
+
 def _publish_file(ctx: click.Context, st: State, path: str, batch_size: int) -> None:
     total: Optional[int] = None
     if not _is_stream(path):
         # first pass: validate every line before anything is published, and count
         total = sum(1 for _ in _read_jsonl(path))
     client = st.client().connect()      # a failure here is plain: nothing was sent
+    where = "standard input" if path == "-" else path
     published = 0
-    first: Optional[int] = None
-    last: Optional[int] = None
-    show_bar = sys.stdout.isatty() and total is not None and total > 0
+    low: Optional[int] = None
+    high: Optional[int] = None
+    unsent: List[Tuple[int, Dict[str, Any]]] = []     # of the batch being published
+    sending: List[Tuple[int, Dict[str, Any]]] = []    # the request in flight
+    last_line = 0                                     # of the last event answered
+    # no bar with --json: stdout is for the one JSON document, even on a terminal
+    show_bar = sys.stdout.isatty() and not st.as_json and total is not None and total > 0
     bar_cm = click.progressbar(length=total, label="publishing", file=sys.stdout,
                                show_pos=True) if show_bar else None
     bar = bar_cm.__enter__() if bar_cm is not None else None
     batches = _batches(_read_jsonl(path), batch_size)
+    stopped = False
     try:
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            except click.BadParameter as e:
-                if published:   # only from a stream: a file is checked before anything is sent
-                    e.message += " (%d events were published before it)" % published
-                raise
-            try:
-                r = client.publish([e for _, e in batch])
-            except (EmitterError, Unreachable, TimeoutError) as e:
-                if bar_cm is not None:
-                    bar_cm.__exit__(None, None, None)
-                    bar_cm = None
-                if isinstance(e, EmitterError):
-                    click.echo("error: %s: %s%s%s" % (e.code, e.message, _details_suffix(e),
-                                                      _where(e, batch, path)), err=True)
-                else:
-                    click.echo("error: daemon unreachable: %s" % e, err=True)
-                click.echo("%d events were published before this batch" % published, err=True)
-                if isinstance(e, EmitterError):
-                    ctx.exit(EXIT_DAEMON_ERROR)
-                if all("id" in ev for _, ev in batch):
-                    retry = "its events all have ids, so publishing them again stores each once"
-                else:
-                    retry = ("publishing them again may store some twice (an event with an "
-                             "\"id\" would be stored once)")
-                _maybe_stored("this batch (lines %d..%d of %s)" % (
-                    batch[0][0], batch[-1][0], "standard input" if path == "-" else path), retry)
-                ctx.exit(EXIT_UNREACHABLE)
-            positions = r.get("positions") or []
-            if positions:
-                if first is None:
-                    first = positions[0]
-                last = positions[-1]
-            published += len(batch)
-            if bar is not None:
-                bar.update(len(batch))
+        with _StopBetweenPublishes() as guard:
+            while True:
+                try:
+                    unsent = next(batches)
+                except StopIteration:
+                    break
+                except click.BadParameter as e:
+                    if published:   # only from a stream: a file is checked before anything is sent
+                        e.message += " (%d events were published before it)" % published
+                    raise
+                while unsent:
+                    # a frame too large is refused whole (nothing of it stored): halve it
+                    sending = unsent
+                    while True:
+                        try:
+                            r = guard.publish(client, [e for _, e in sending])
+                            break
+                        except FrameTooLarge:
+                            if len(sending) == 1:
+                                raise
+                            sending = sending[:len(sending) // 2]
+                    unsent = unsent[len(sending):]
+                    last_line = sending[-1][0]
+                    positions = r.get("positions") or []
+                    if positions:
+                        lo, hi = min(positions), max(positions)
+                        low = lo if low is None else min(low, lo)
+                        high = hi if high is None else max(high, hi)
+                    published += len(sending)
+                    if bar is not None:
+                        bar.update(len(sending))
+                    guard.stop_if_asked()
+    except _Stopped:
+        stopped = True
+    except (EmitterError, Unreachable, TimeoutError) as e:
+        if bar_cm is not None:
+            bar_cm.__exit__(None, None, None)
+            bar_cm = None
+        batch = sending
+        if isinstance(e, EmitterError):
+            at = _where(e, batch, path)
+            if isinstance(e, FrameTooLarge) and len(batch) == 1:
+                at = " (line %d of %s)" % (batch[0][0], where)
+            click.echo("error: %s: %s%s%s" % (e.code, e.message, _details_suffix(e), at),
+                       err=True)
+        else:
+            click.echo("error: daemon unreachable: %s" % e, err=True)
+        click.echo("%d events were published before this batch" % published, err=True)
+        if isinstance(e, EmitterError):
+            ctx.exit(EXIT_DAEMON_ERROR)
+        if all("id" in ev for _, ev in batch):
+            retry = "its events all have ids, so publishing them again stores each once"
+        else:
+            retry = ("publishing them again may store some twice (an event with an "
+                     "\"id\" would be stored once)")
+        _maybe_stored("this batch (lines %d..%d of %s)" % (batch[0][0], batch[-1][0], where),
+                      retry)
+        ctx.exit(EXIT_UNREACHABLE)
     finally:
         if bar_cm is not None:
             bar_cm.__exit__(None, None, None)
-    result = {"published": published, "first": first, "last": last}
+    result = {"published": published, "first": low, "last": high}
     emit(st, result, lambda: "published %d events%s" % (
-        published, "" if first is None else " (positions %d..%d)" % (first, last)))
+        published, "" if low is None else " (positions %d..%d)" % (low, high)))
+    if stopped and (unsent or (total is not None and published < total)):
+        # lines read (or, in a file, left) and not sent; a stream stopped between its
+        # publishes has none: everything it gave was published
+        click.echo("stopped by a signal: the lines of %s after line %d were not sent"
+                   % (where, last_line), err=True)
+        ctx.exit(EXIT_STOPPED)
 
 
 @cli.command(epilog="""\b
@@ -553,12 +685,20 @@ def publish(ctx: click.Context, stream: Optional[str], event_type: Optional[str]
 
     The answer comes once the events are durable. With --json a single
     event prints {"positions": [...], "versions": [...]} and --file prints
-    {"published": n, "first": pos, "last": pos}. A regular file is checked
-    line by line before anything is sent; a progress bar is shown on a
-    terminal. Standard input (and a pipe or FIFO) is published as it comes:
-    a batch goes out once it has --batch-size events or the input pauses, so
-    a generator that writes a line a minute, or never ends, is published
-    line by line, not held back.
+    {"published": n, "first": pos, "last": pos}: the events answered (those
+    whose id was already in the log included) and the lowest and highest
+    position among them.
+
+    A regular file is checked line by line for JSON objects before anything
+    is sent (a progress bar is shown on a terminal). An event the daemon
+    refuses (invalid, conflict) stops the run at its batch: the batches
+    before it stay published, and the message names the line and how many
+    events went before. Standard input (and a pipe or FIFO) is published as
+    it comes: a batch goes out once it has --batch-size events or the input
+    pauses, so a generator that writes a line a minute, or never ends, is
+    published line by line. SIGINT or SIGTERM ends it after the publish in
+    flight is answered: exit 0 with the summary when every line read was
+    published, else 130 naming the last line published.
     """
     st = state(ctx)
     if file_path is not None:
@@ -723,16 +863,21 @@ def _quiet_stdout() -> None:
 @click.argument("key")
 @click.option("--replay", is_flag=True, help="Deliver the parked events again (attempt 1).")
 @click.option("--purge", is_flag=True, help="Forget the parked events.")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Most events to list.")
+@click.option("--limit", type=click.IntRange(1, PARKED_MAX), default=None,
+              help="Most events to list (default 100), or to replay or purge (default: all, "
+                   "up to %s), the oldest first." % format(PARKED_MAX, ","))
 @click.pass_context
-def parked(ctx: click.Context, key: str, replay: bool, purge: bool, limit: int) -> None:
+def parked(ctx: click.Context, key: str, replay: bool, purge: bool,
+           limit: Optional[int]) -> None:
     """List the events of KEY parked after too many retries (or a nack park),
     or --replay them, or --purge them."""
     st = state(ctx)
     if replay and purge:
         raise click.UsageError("--replay and --purge are exclusive", ctx=ctx)
     action = "replay" if replay else "purge" if purge else "list"
+    if limit is None:
+        # the protocol's default (100) suits a listing; `--purge` means all of them
+        limit = PARKED_LIST if action == "list" else PARKED_MAX
     r = st.client().parked(key, action=action, limit=limit)
     if action == "list":
         emit(st, r, lambda: render.parked_table(r.get("events") or []))
@@ -796,7 +941,7 @@ def top_frame(prev: Optional[Tuple[float, Dict[Any, int]]], t: float, ping_r: Di
 
 
 @cli.command()
-@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+@click.option("--interval", type=Seconds(0.1, 86400.0), default=2.0, show_default=True,
               metavar="S", help="Seconds between refreshes.")
 @click.option("--once", is_flag=True, help="Print one frame and exit (rates show as -).")
 @click.pass_context
@@ -804,7 +949,8 @@ def top(ctx: click.Context, interval: float, once: bool) -> None:
     """A live view of pools and workers, refreshed every --interval seconds:
     delivered/s (between refreshes), lag (head - checkpoint), in flight,
     RSS, CPU% and restarts. Ctrl-C exits. With --json, one JSON document
-    per frame, one per line."""
+    per frame, one per line (with --once, one indented document, as the other
+    commands print)."""
     st = state(ctx)
     client = st.client()
     tty = sys.stdout.isatty()
@@ -863,6 +1009,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     except TimeoutError as e:
         click.echo("error: daemon unreachable: %s" % e, err=True)
         sys.exit(EXIT_UNREACHABLE)
+    except EncodeError as e:
+        # an argument msgpack has no form for (an integer past 64 bits, text that is not
+        # Unicode): nothing was sent, so it is the command line's fault
+        click.echo("error: %s" % e, err=True)
+        sys.exit(EXIT_USAGE)
     except BrokenPipeError:
         _quiet_stdout()
         sys.exit(EXIT_OK)
