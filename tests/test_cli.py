@@ -434,6 +434,17 @@ def test_publish_file_errors(daemon: Any) -> None:
         f.write('{"stream": "s", "type": "t"}\n{"stream": "", "type": "t"}\n')
     rc, out, err = daemon.ctl("--json", "publish", "--file", invalid)
     assert rc == 1 and "invalid" in err and "line 2" in err, (rc, out, err)
+    head = daemon.client().ping()["head"]
+    not_utf8 = os.path.join(daemon.root, "latin1.jsonl")
+    with open(not_utf8, "wb") as f:
+        f.write(b'{"stream": "s", "type": "t"}\n{"stream": "caf\xe9", "type": "t"}\n')
+    rc, out, err = daemon.ctl("publish", "--file", not_utf8)
+    assert rc == 2 and "line 2: not UTF-8" in err, (rc, err)
+    assert daemon.client().ping()["head"] == head
+    bom = os.path.join(daemon.root, "bom.jsonl")
+    with open(bom, "wb") as f:      # as some editors save "UTF-8"
+        f.write(b'\xef\xbb\xbf{"stream": "s", "type": "t"}\n')
+    assert jdoc(daemon.ctl("--json", "publish", "--file", bom))["published"] == 1
 
 
 @pytest.mark.timeout(60)
