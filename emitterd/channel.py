@@ -93,6 +93,14 @@ class Channel:
         self.reading = False
         self._update_events()
 
+    def resume(self) -> None:
+        """Read again after pause(), starting with any frames already buffered."""
+        if self.closed or self.reading:
+            return
+        self.reading = True
+        self._update_events()
+        self.process()
+
     # ---- writing ---------------------------------------------------------------
     def send(self, obj: Any) -> None:
         self.send_raw(framing.encode(obj))

@@ -432,6 +432,25 @@ def test_publish_expected_version_conflict(daemon: Any) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_attach_right_after_start_waits_for_the_first_worker(daemon: Any) -> None:
+    """start answers with the pool running; an attach sent at once waits for a worker to be
+    ready instead of failing (PROTOCOL §2: unavailable is for a pool that is not running),
+    and a request pipelined behind a refused attach is still answered."""
+    c = daemon.client()
+    for i in range(5):
+        key = start_sub(c, "eager-%d" % i, selector="e-%d" % i)["key"]
+        c.publish(events(2, stream="e-%d" % i))
+        with c.attach(key) as consumer:
+            batch = next(consumer.batches(timeout=10))
+            consumer.ack([e["position"] for e in batch])
+            assert {e["stream"] for e in batch} == {"e-%d" % i}, batch
+    stopped = start_sub(c, "stopped")["key"]
+    c.stop(stopped)
+    res = c.pipeline([("attach", {"key": stopped}), ("ping", None)])
+    assert isinstance(res[0], cl.Unavailable) and res[1]["head"] >= 10, res
+
+
+@pytest.mark.timeout(60)
 def test_consumer_acks_move_the_checkpoint(daemon: Any) -> None:
     c = daemon.client()
     key = start_sub(c, "attached")["key"]

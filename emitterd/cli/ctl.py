@@ -21,7 +21,7 @@ import click
 
 from emitterd import __version__
 from emitterd.cli import render
-from emitterd.client import (Client, EmitterError, EncodeError, FrameTooLarge, Unavailable,
+from emitterd.client import (Client, EmitterError, EncodeError, FrameTooLarge,
                              Unreachable)
 
 SUB_TYPES = ("stream", "event_type", "event_pattern", "event_payload", "tags")
@@ -797,17 +797,8 @@ def tail(ctx: click.Context, key: Optional[str], sub_type: Optional[str], select
             sub = {"name": "tail-" + secrets.token_hex(4), "type": sub_type, "selector": selector,
                    "options": {"ephemeral": True}, "start_from": start_from}
             key = client.start(sub)["key"]
-            deadline = time.monotonic() + 10
-            while True:   # the new pool may need a moment to be running
-                try:
-                    consumer = client.attach(key)
-                    break
-                except Unavailable:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-        else:
-            consumer = client.attach(key)
+        # the daemon holds the attach until the new pool's first worker is ready
+        consumer = client.attach(key)
         client.close()
         if not st.as_json:
             click.echo("tailing %s (worker %s); Ctrl-C to stop" % (consumer.key, consumer.worker),

@@ -4,11 +4,15 @@ from typing import Any
 from emitterd import framing, logs, subscription
 from emitterd.errors import NOT_FOUND, UNAVAILABLE, ProtocolError, invalid
 from emitterd.control.common import describe, only_keys
+from emitterd.control.server import DEFERRED
+from emitterd.loop import monotonic
 
 log = logs.get("control")
+ATTACH_WAIT = 10.0      # at least this long (else worker_timeout) for a worker to get ready
+ATTACH_POLL = 0.01
 
 
-def attach(ctx: Any, req: Any) -> dict:
+def attach(ctx: Any, req: Any) -> Any:
     only_keys(req.args, ("key",))
     key = req.args.get("key")
     if not subscription.is_key(key):
@@ -16,28 +20,56 @@ def attach(ctx: Any, req: Any) -> dict:
     pool = ctx.registry.pools.get(key)
     if pool is None:
         raise ProtocolError(NOT_FOUND, "no subscription with key %s" % key)
-    if pool.spec["subscriber"] is not None:
-        raise invalid("key", "subscription %s delivers to %s; attach is only for subscriptions "
-                      "without subscriber" % (key, pool.spec["subscriber"]))
-    if pool.state != "running" or pool.stopping is not None:
-        raise ProtocolError(UNAVAILABLE, "pool %s is %s" % (key, pool.state))
-    ready = [h for h in pool.slots.values() if h.state == "ready"]
-    if not ready:
-        raise ProtocolError(UNAVAILABLE, "pool %s has no ready worker yet" % key)
-    h = min(ready, key=lambda w: (w.consumers + w.pending_consumers, w.index))
-    h.pending_consumers += 1
+    _check_attachable(pool)
     conn = req.conn
     conn.channel.pause()      # every later byte on this connection belongs to the consumer
+    deadline = monotonic() + max(ctx.cfg.worker_timeout, ATTACH_WAIT)
 
-    def handoff() -> None:
-        if h.channel is None or h.channel.closed or h.planned:
-            h.pending_consumers = max(0, h.pending_consumers - 1)
-            conn.channel.close("worker gone before handoff")
+    def try_now() -> None:
+        if conn.channel.closed:
             return
-        rest = conn.channel.decoder.take_rest()
-        sock = ctx.server.detach(conn)
-        h.channel.send_raw(framing.encode({"op": "consumer", "pending": rest}), fds=[sock.fileno()])
-        h.channel.after_flush(sock.close)
-        log.info("consumer attached", pool=pool.name, worker=h.index, peer_pid=conn.peer[0])
-    conn.after_reply = handoff
-    return {"key": key, "worker": h.index}
+        try:
+            if ctx.registry.pools.get(key) is not pool:
+                raise ProtocolError(NOT_FOUND, "no subscription with key %s" % key)
+            _check_attachable(pool)
+            ready = [h for h in pool.slots.values() if h.state == "ready"]
+            if not ready and monotonic() >= deadline:
+                raise ProtocolError(UNAVAILABLE, "pool %s has had no ready worker for %.0f s"
+                                    % (key, max(ctx.cfg.worker_timeout, ATTACH_WAIT)))
+        except ProtocolError as e:
+            conn.channel.resume()     # still a control connection: its next requests
+            req.fail(e)
+            return
+        if not ready:
+            # a pool just started (or respawning its last worker) is running, so the
+            # attach waits for a worker instead of failing (PROTOCOL §2: only a pool that
+            # is not running is unavailable)
+            ctx.loop.call_later(ATTACH_POLL, try_now)
+            return
+        h = min(ready, key=lambda w: (w.consumers + w.pending_consumers, w.index))
+        h.pending_consumers += 1
+
+        def handoff() -> None:
+            if h.channel is None or h.channel.closed or h.planned:
+                h.pending_consumers = max(0, h.pending_consumers - 1)
+                conn.channel.close("worker gone before handoff")
+                return
+            rest = conn.channel.decoder.take_rest()
+            sock = ctx.server.detach(conn)
+            h.channel.send_raw(framing.encode({"op": "consumer", "pending": rest}),
+                               fds=[sock.fileno()])
+            h.channel.after_flush(sock.close)
+            log.info("consumer attached", pool=pool.name, worker=h.index, peer_pid=conn.peer[0])
+        conn.after_reply = handoff
+        req.reply({"key": key, "worker": h.index})
+
+    try_now()
+    return DEFERRED
+
+
+def _check_attachable(pool: Any) -> None:
+    if pool.spec["subscriber"] is not None:
+        raise invalid("key", "subscription %s delivers to %s; attach is only for subscriptions "
+                      "without subscriber" % (pool.key, pool.spec["subscriber"]))
+    if pool.state != "running" or pool.stopping is not None:
+        raise ProtocolError(UNAVAILABLE, "pool %s is %s" % (pool.key, pool.state))
