@@ -471,6 +471,29 @@ def test_expected_version(daemon: Daemon) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_retried_publish_with_ids_gets_its_positions_back_not_a_conflict(daemon: Daemon) -> None:
+    """Optimistic concurrency plus ids: the retry of a publish whose answer was lost finds
+    the stream moved on by that very publish; every event's id is in the log, so it is a
+    duplicate (its positions returned), not a conflict. A batch with one new event still
+    conflicts."""
+    c = daemon.client()
+    evs = [{"stream": "acct-1", "type": "Deposited", "id": "dep-%d" % i} for i in range(3)]
+    first = c.publish(evs, expected_version=-1)
+    assert c.publish(evs, expected_version=-1) == first
+    assert c.publish(evs[1:], expected_version=-1) == {"positions": first["positions"][1:],
+                                                        "versions": [1, 2]}
+    head = c.ping()["head"]
+    with pytest.raises(Conflict):
+        c.publish(evs + [{"stream": "acct-1", "type": "Deposited", "id": "dep-new"}],
+                  expected_version=-1)
+    with pytest.raises(Conflict):
+        c.publish([{"stream": "acct-1", "type": "Deposited"}], expected_version=-1)
+    assert c.ping()["head"] == head
+    assert c.publish([{"stream": "acct-1", "type": "Deposited", "id": "dep-3"}],
+                     expected_version=2)["versions"] == [3]
+
+
+@pytest.mark.timeout(30)
 def test_a_conflict_in_a_pipelined_burst_does_not_affect_the_others(daemon: Daemon) -> None:
     c = daemon.client()
     c.publish([{"stream": "s2", "type": "t"}])            # s2 is at version 0

@@ -325,6 +325,11 @@ class SqliteLog(EventLog):
             self._stream_versions[stream] = v
         return v
 
+    def _all_stored(self, events: list, ids: dict) -> bool:
+        """Every event has an id already in the log (or earlier in this transaction)."""
+        return all(ev.id is not None and (ev.id in ids or self._lookup_id(ev.id) is not None)
+                   for ev in events)
+
     def _lookup_id(self, event_id: str) -> Optional[tuple]:
         pos = generated_position(self._salt, event_id)
         for salt, last in self._salts_before if pos is None else ():
@@ -369,7 +374,9 @@ class SqliteLog(EventLog):
             if b.expected_version is not None:
                 stream = b.events[0].stream
                 current = self._stream_version(stream, overlay)
-                if current != b.expected_version:
+                # a retry of a publish already stored (every event's id in the log) gets its
+                # positions back, as any publish by id does, not a conflict with itself
+                if current != b.expected_version and not self._all_stored(b.events, ids):
                     b.result = ProtocolError(CONFLICT, "stream %r is at version %d, expected %d"
                                              % (stream, current, b.expected_version),
                                              {"stream": stream, "current_version": current})
