@@ -306,19 +306,24 @@ def _encode_request(msg: dict) -> bytes:
                           % (msg.get("op"), e)) from None
 
 
-def _parting_error(conn: "_Conn") -> Optional["EmitterError"]:
-    """The connection-level error (id 0) a daemon sent before it closed the connection under
-    a request still being sent (frame_too_large: the frame was refused whole, nothing of it
-    was done), if one is there to read; else None."""
+def _drain(conn: "_Conn") -> None:
+    """Read what the daemon sent before it closed the connection (up to a second)."""
     deadline = time.monotonic() + 1.0
     try:
-        # conn.eof may be set by the failed send: the answer can still be unread
+        # conn.eof may be set by the failed send: the answers can still be unread
         while time.monotonic() < deadline:
             if not conn._wait(selectors.EVENT_READ, deadline):
                 break
             conn._read_some()
     except (_Closed, OSError):
         pass
+
+
+def _parting_error(conn: "_Conn") -> Optional["EmitterError"]:
+    """The connection-level error (id 0) a daemon sent before it closed the connection under
+    a request still being sent (frame_too_large: the frame was refused whole, nothing of it
+    was done), if one is there to read; else None."""
+    _drain(conn)
     try:
         frame = conn._next_frame()
     except EmitterError:
@@ -490,6 +495,8 @@ class Client:
                     self.close()
                     break
         except _Closed as e:
+            if self._answers_left(conn, ids, results):
+                return results       # a connection-level error answered the rest
             raise self._lost("%s; %d of %d answered" % (e, len(results), len(ids)), results) \
                 from None
         except TimeoutError:
@@ -500,6 +507,30 @@ class Client:
             self.close()
             raise
         return results
+
+    def _answers_left(self, conn: _Conn, ids: List[int], results: List[Any]) -> bool:
+        """After the daemon closed a pipeline's connection: add to `results` the answers it
+        sent first, and its connection-level error (frame_too_large) for the requests after
+        them. True if every request is then accounted for."""
+        _drain(conn)
+        self.close()
+        try:
+            while len(results) < len(ids):
+                frame = conn._next_frame()
+                if frame is None:
+                    return False
+                if frame.get("id") == 0 and frame.get("ok") is False:
+                    err = error_from_wire(frame.get("error"), 0)
+                    results.extend([err] * (len(ids) - len(results)))
+                    return True
+                rid = ids[len(results)]
+                if frame.get("id") != rid:
+                    return False
+                results.append(frame.get("result") if frame.get("ok") else
+                               error_from_wire(frame.get("error"), rid))
+        except EmitterError:
+            return False
+        return True
 
     # -- operations (each returns the op's `result` as PROTOCOL §2 describes it)
     def ping(self) -> Dict[str, Any]:
@@ -651,6 +682,7 @@ class Consumer:
             return None
         if frame.get("ok") is False and "error" in frame:
             err = error_from_wire(frame.get("error"), frame.get("id"))
+            self.closed_by_peer = True      # the daemon closes the connection after one
             self.close()
             raise err
         return frame
@@ -694,7 +726,11 @@ class Consumer:
 
     def nack(self, positions: Sequence[int], action: str = "retry",
              reason: Optional[str] = None) -> None:
-        """Refuse events: ``action`` is ``retry``, ``park`` or ``skip``."""
+        """Refuse events: ``action`` is ``retry``, ``park`` or ``skip`` (ValueError for any
+        other: the daemon would close the connection over it)."""
+        if action not in _NACK_ACTIONS:
+            raise ValueError("nack action must be one of %s, got %r"
+                             % (", ".join(_NACK_ACTIONS), action))
         msg: Dict[str, Any] = {"op": "nack", "positions": _positions(positions),
                                "action": action}
         if reason is not None:

@@ -451,6 +451,38 @@ def test_attach_right_after_start_waits_for_the_first_worker(daemon: Any) -> Non
 
 
 @pytest.mark.timeout(60)
+def test_misuse_gets_a_named_error_not_a_dead_connection(make_daemon: Any) -> None:
+    """A frame over max_frame_bytes is FrameTooLarge (in a pipeline, for it and the requests
+    after it, with the answers before it kept), not Unreachable (whose advice is to retry);
+    ping and metrics refuse unknown arguments like every other op; Consumer.nack refuses an
+    action the daemon would close the connection over, and the daemon's log names what was
+    wrong with a bad nack."""
+    d = make_daemon("--max-frame-bytes", "262144", "--max-event-bytes", "65536")
+    c = d.client()
+    big = {"events": [{"stream": "big", "type": "t", "data": "x" * 1000}] * 4000}  # 4 MB
+    with pytest.raises(cl.FrameTooLarge):
+        c.request("publish", big)
+    res = c.pipeline([("ping", None), ("publish", big), ("ping", None)])
+    assert res[0]["head"] == 0 and isinstance(res[1], cl.FrameTooLarge) \
+        and isinstance(res[2], cl.FrameTooLarge), res
+    for op in ("ping", "metrics"):
+        with pytest.raises(cl.Invalid) as ei:
+            c.request(op, {"x": 1})
+        assert ei.value.details == {"field": "x"}
+    key = start_sub(c, "nacker")["key"]
+    c.publish(events(1))
+    with c.attach(key) as consumer:
+        batch = next(consumer.batches(timeout=10))
+        with pytest.raises(ValueError):
+            consumer.nack([batch[0]["position"]], action="drop")
+        consumer._send({"op": "nack", "positions": [batch[0]["position"]], "action": "drop"})
+        assert consumer.recv(timeout=10) is None and consumer.closed_by_peer
+    wait_for(lambda: "nack with action 'drop' (retry, park or skip)" in open(d.log_path).read(),
+             10, "the log naming the bad nack action")
+    assert c.ping()["head"] == 1
+
+
+@pytest.mark.timeout(60)
 def test_consumer_acks_move_the_checkpoint(daemon: Any) -> None:
     c = daemon.client()
     key = start_sub(c, "attached")["key"]

@@ -40,7 +40,8 @@ def only_keys(args: dict, allowed: tuple) -> None:
     for k in args:
         if k not in allowed:
             name = clip(str(k))
-            raise invalid(name, "unknown argument %r (allowed: %s)" % (name, ", ".join(allowed)))
+            raise invalid(name, "unknown argument %r (%s)" % (
+                name, "allowed: " + ", ".join(allowed) if allowed else "this op takes none"))
 
 
 def number_arg(args: dict, name: str, default: float, minimum: float = 0.0) -> float:

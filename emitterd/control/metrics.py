@@ -4,6 +4,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from emitterd.control.common import only_keys
 from emitterd.loop import monotonic
 
 
@@ -74,4 +75,5 @@ def render(ctx: Any) -> str:
 
 
 def metrics(ctx: Any, req: Any) -> dict:
+    only_keys(req.args, ())
     return {"text": render(ctx)}

@@ -77,7 +77,8 @@ class ConsumerConn:
                 self.worker.report({"op": "nack", "positions": done, "action": msg["action"],
                                     "reason": reason})
             return
-        self.channel.close("consumer sent a frame that is not ack/nack: op=%r" % (op,))
+        self.channel.close("consumer sent a frame that is not a valid ack or nack: %s"
+                           % _what_is_wrong(op, positions, msg))
 
     def _on_frame_error(self, err: Any) -> None:
         self.channel.send({"id": 0, "ok": False, "error": {"code": err.code, "message": err.message}})
@@ -92,3 +93,12 @@ class ConsumerConn:
 
 def hello(key: str, name: str, index: int) -> bytes:
     return framing.encode({"op": "hello", "key": key, "name": name, "worker": index})
+
+
+def _what_is_wrong(op: Any, positions: Any, msg: dict) -> str:
+    """For the log: why a consumer's frame was refused."""
+    if op not in ("ack", "nack"):
+        return "op %r" % (op,)
+    if positions is None:
+        return "%s without a list of integer positions" % op
+    return "nack with action %r (retry, park or skip)" % (msg.get("action"),)
