@@ -40,7 +40,13 @@ def _open_existing(path: str) -> sqlite3.Connection:
     if not os.path.isfile(path):
         raise BackupError("no event log at %s" % path)
     try:
-        db = sqlite3.connect("file:%s?mode=rw" % _uri_path(path), uri=True, isolation_level=None)
+        # leave the directory as it was: where a WAL is (a daemon runs, or was killed) read
+        # only, since a read-write connection that closes last would checkpoint and remove
+        # it; where none is, read-write, which removes the WAL files it creates on close (a
+        # read-only one would leave them behind, root's, where a service user runs)
+        mode = "ro" if os.path.exists(path + "-wal") else "rw"
+        db = sqlite3.connect("file:%s?mode=%s" % (_uri_path(path), mode), uri=True,
+                             isolation_level=None)
         db.execute("PRAGMA busy_timeout=5000")
     except sqlite3.Error as e:
         raise BackupError("cannot open %s: %s" % (path, e)) from None
@@ -98,6 +104,9 @@ def backup(data_dir: str, dest: str) -> Dict[str, Any]:
     """Copy the event log of `data_dir` to the new file `dest`; works while a daemon runs."""
     if os.path.lexists(dest):
         raise BackupError("%s exists; name a new file (a backup never overwrites one)" % dest)
+    where = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(where):
+        raise BackupError("directory %s does not exist" % where)
     src = os.path.join(data_dir, LOG_NAME)
     db = _open_existing(src)
     try:
@@ -105,8 +114,9 @@ def backup(data_dir: str, dest: str) -> Dict[str, Any]:
         tmp = "%s.partial-%d" % (dest, os.getpid())
         try:
             _vacuum_into(db, tmp)
+            _check(tmp)
             os.rename(tmp, dest)
-        except (sqlite3.Error, OSError) as e:
+        except (sqlite3.Error, OSError, BackupError) as e:
             _unlink_quietly(tmp)
             raise BackupError("backup to %s failed: %s" % (dest, e)) from None
     finally:
@@ -130,6 +140,10 @@ def restore(source: str, data_dir: str) -> Dict[str, Any]:
         if info["salt"] is None:
             raise BackupError("%s is not an emitterd event log (no id salt)" % source)
         try:
+            _check(source)
+        except sqlite3.DatabaseError as e:
+            raise BackupError("%s is damaged: %s" % (source, e)) from None
+        try:
             lock_fd = datalock.lock(data_dir)
         except RuntimeError as e:
             raise BackupError("%s; stop it before restoring (nothing was changed)" % e) from None
@@ -143,23 +157,41 @@ def restore(source: str, data_dir: str) -> Dict[str, Any]:
 
 
 def _replace(src: sqlite3.Connection, info: Dict[str, Any], data_dir: str) -> str:
-    """restore() with the directory locked: the path the old log went to, or ""."""
-    moved = ""
+    """restore() with the directory locked: the path the old log went to, or "". The copy is
+    made and checked beside the old log first, so a backup that cannot be read leaves the
+    data directory as it was."""
     tmp = os.path.join(data_dir, "%s.restoring" % LOG_NAME)
     try:
         _owned_like(os.path.join(data_dir, datalock.LOCK_NAME), data_dir)
         _unlink_quietly(tmp)
-        moved = _move_aside(data_dir)
         _vacuum_into(src, tmp)
+        _check(tmp)
         _new_salt(tmp, info)
         _owned_like(tmp, data_dir)
+    except (sqlite3.Error, OSError, BackupError) as e:
+        _unlink_quietly(tmp)
+        raise BackupError("restore into %s failed, nothing was changed: %s" % (data_dir, e)) \
+            from None
+    moved = ""
+    try:
+        moved = _move_aside(data_dir)
         os.rename(tmp, os.path.join(data_dir, LOG_NAME))
         _fsync_dir(data_dir)
-    except (sqlite3.Error, OSError) as e:
-        _unlink_quietly(tmp)
+    except OSError as e:
         raise BackupError("restore into %s failed: %s%s" % (
             data_dir, e, "; the log it replaced is in %s" % moved if moved else "")) from None
     return moved
+
+
+def _check(path: str) -> None:
+    """SQLite's quick_check of a database file; BackupError with what it found if not ok."""
+    db = sqlite3.connect("file:%s?mode=ro" % _uri_path(path), uri=True)
+    try:
+        rows = [r[0] for r in db.execute("PRAGMA quick_check(5)")]
+    finally:
+        db.close()
+    if rows != ["ok"]:
+        raise BackupError("%s is damaged: %s" % (path, "; ".join(map(str, rows))))
 
 
 def _move_aside(data_dir: str) -> str:

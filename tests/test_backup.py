@@ -204,3 +204,34 @@ def test_a_restore_by_root_leaves_the_log_to_the_daemons_user(make_daemon: Any, 
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "uid 65534 cannot use the restored log"
+
+
+@pytest.mark.timeout(60)
+def test_a_damaged_backup_is_refused_and_changes_nothing(make_daemon: Any, short_tmp: str) -> None:
+    """A restore checks the backup (copied and quick_check'ed beside the old log) before it
+    moves the old log aside: a damaged one leaves the data directory as it was. A backup
+    leaves a killed daemon's WAL where it is, and names a missing directory."""
+    d = make_daemon()
+    d.client().publish(events(3000, 0))
+    dest = os.path.join(short_tmp, "b.db")
+    assert emitterd("backup", "--data-dir", d.data_dir, dest)[0] == 0
+    d.proc.kill()                      # SIGKILL: the WAL stays, and the backup must leave it
+    d.proc.wait(10)
+    before = {n: os.path.getsize(os.path.join(d.data_dir, n)) for n in os.listdir(d.data_dir)}
+    assert "emitterd.db-wal" in before
+    assert emitterd("backup", "--data-dir", d.data_dir, os.path.join(short_tmp, "c.db"))[0] == 0
+    assert {n: os.path.getsize(os.path.join(d.data_dir, n)) for n in os.listdir(d.data_dir)} \
+        == before
+    rc, _, err = emitterd("backup", "--data-dir", d.data_dir,
+                          os.path.join(short_tmp, "nodir", "x.db"))
+    assert rc == 1 and "directory %s does not exist" % os.path.join(short_tmp, "nodir") in err
+    size = os.path.getsize(dest)
+    with open(dest, "r+b") as f:       # damage pages past the schema
+        f.seek(size // 2)
+        f.write(b"\xff" * 20000)
+    rc, out, err = emitterd("restore", "--data-dir", d.data_dir, dest)
+    assert rc == 1 and "damaged" in err, (rc, err)
+    assert {n: os.path.getsize(os.path.join(d.data_dir, n)) for n in os.listdir(d.data_dir)} \
+        == before, "a refused restore changed the data directory"
+    d.start()
+    assert d.client().ping()["head"] == 3000
