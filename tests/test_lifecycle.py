@@ -205,6 +205,23 @@ def test_second_daemon_on_the_same_socket_refuses(make_daemon: Any) -> None:
     assert d1.client().ping()["pid"] == d1.proc.pid
 
 
+@pytest.mark.timeout(40)
+def test_a_daemon_leaves_a_socket_file_that_is_no_longer_its_own(make_daemon: Any) -> None:
+    """A tmp cleaner removed d1's socket file and d2 now listens at that path: when d1 stops,
+    it must not unlink d2's socket."""
+    d1 = make_daemon()
+    os.unlink(d1.socket)
+    d2 = make_daemon(start=False)
+    d2.socket = d1.socket
+    d2.start()
+    assert d1.stop() == 0
+    assert os.path.exists(d1.socket), "d1 removed the socket of the daemon that replaced it"
+    assert d2.client().ping()["pid"] == d2.proc.pid
+    assert "not the one this daemon made" in open(d1.log_path).read()
+    assert d2.stop() == 0
+    assert not os.path.exists(d1.socket), "d2 removes its own socket"
+
+
 # ---- the data directory --------------------------------------------------------------------
 
 @pytest.mark.timeout(40)

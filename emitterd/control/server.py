@@ -148,6 +148,7 @@ class ControlServer:
         self.sock: Optional[socket.socket] = None
         self.path: Optional[str] = None
         self.owns_path = False
+        self._bound: tuple = ()
 
     def listen(self, inherited: Optional[socket.socket] = None) -> None:
         cfg = self.ctx.cfg
@@ -157,6 +158,8 @@ class ControlServer:
         else:
             self.sock = bind_control_socket(cfg.socket, cfg.socket_mode)
             self.owns_path = True
+            st = os.lstat(cfg.socket)
+            self._bound = (st.st_dev, st.st_ino)   # to unlink at exit only the file we made
         self.sock.setblocking(False)
         self.ctx.loop.add_reader(self.sock, self._on_accept)
         log.info("listening", socket=self.path, activated=inherited is not None)
@@ -217,7 +220,13 @@ class ControlServer:
             self.sock = None
         if self.owns_path and self.path:
             try:
-                os.unlink(self.path)
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == self._bound:
+                    os.unlink(self.path)
+                else:
+                    # someone removed ours, and another daemon may listen on this path now
+                    log.warning("the socket file is not the one this daemon made; left in "
+                                "place", socket=self.path)
             except OSError:
                 pass
         for c in list(self.conns):
