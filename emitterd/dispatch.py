@@ -149,6 +149,26 @@ class Dispatcher:
         self._misplaced = {}
         self.cursor = position + 1
 
+    def _skip_unmatched(self) -> bool:
+        """With no worker to route to (an attached pool without consumer): move the cursor
+        over events that do not match, up to the first that does, so the checkpoint passes
+        them as PROTOCOL §5 says; True when the scan stopped at SCAN_LIMIT with more to do."""
+        if self.matcher is match_all:
+            return False
+        matcher = self.matcher
+        scanned = 0
+        while scanned < SCAN_LIMIT:
+            recs = self.log.read(self.cursor, SCAN_CHUNK)
+            if not recs:
+                return False
+            for r in recs:
+                if matcher(r):
+                    self.cursor = r.position
+                    return False
+            self.cursor = recs[-1].position + 1
+            scanned += len(recs)
+        return self.cursor <= self.log.head
+
     # ---- sending ---------------------------------------------------------------
     def _slot_table(self, n: int) -> dict:
         if self._slot_n != n or len(self._slots) > SLOT_CACHE_MAX:
@@ -194,7 +214,7 @@ class Dispatcher:
             targets = slots
         routable = [w for w in targets if w is not None]
         if not routable:
-            return False
+            return self._skip_unmatched()
         opts = self.options
         max_if = opts["max_in_flight"]
         per_worker = self.per_worker

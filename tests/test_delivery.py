@@ -86,6 +86,26 @@ def test_checkpoint_passes_events_that_do_not_match(daemon: Daemon, subscribers:
     assert sub.positions(key) == [res["positions"][1]]
 
 
+@pytest.mark.timeout(30)
+def test_an_attached_pool_without_consumer_passes_events_that_do_not_match(
+        daemon: Daemon) -> None:
+    """With no consumer attached no worker is routable, but the checkpoint still passes the
+    events that do not match (§5), up to the first that does; a consumer then gets it."""
+    c = daemon.client()
+    key = start_pool(daemon, c, sub_spec("m-only", "stream", "m"))["key"]
+    none = start_pool(daemon, c, sub_spec("nothing", "stream", "nomatch"))["key"]
+    x = [{"stream": "x", "type": "t"}] * 10
+    ps = c.publish(x + [{"stream": "m", "type": "t"}] + x)["positions"]
+    wait_checkpoint(c, none, ps[-1])
+    st = wait_checkpoint(c, key, ps[9])
+    assert st["checkpoint"] == ps[9], "stops before the event that matches"
+    with c.attach(key) as consumer:
+        batch = next(consumer.batches(timeout=10))
+        assert [e["position"] for e in batch] == [ps[10]]
+        consumer.ack([ps[10]])
+        wait_checkpoint(c, key, ps[-1])
+
+
 # ---- nack, retry, park, skip ---------------------------------------------------------
 
 
