@@ -7,7 +7,7 @@ import sqlite3
 import time
 from typing import Any, Optional
 
-from emitterd import datalock, logs, monitor, procs, subscription
+from emitterd import datalock, logs, monitor, procs, settings, subscription
 from emitterd import systemd as sd
 from emitterd.control.events import Committer
 from emitterd.control.ops import OPS
@@ -161,11 +161,15 @@ class Daemon:
             ctx.notifier.ready(self._summary())
             return
         ctx.cfg = cfg
+        shown = lambda name, v: settings.BY_NAME[name].format(v)  # noqa: E731 - as written
         for name, (old, new) in applied.items():
-            log.info("setting reloaded", setting=name, old=old, new=new)
+            log.info("setting reloaded", setting=name, old=shown(name, old), new=shown(name, new))
         for name, (old, new) in pending.items():
-            log.warning("setting needs a restart to change", setting=name, old=old, new=new)
+            log.warning("setting needs a restart to change", setting=name, old=shown(name, old),
+                        new=shown(name, new))
         logs.configure(cfg.log_level, cfg.log_format)
+        for warning in cfg.warnings:
+            log.warning(warning)
         log.info("configuration reloaded", changed=len(applied), need_restart=len(pending))
         ctx.notifier.ready(self._summary())
 

@@ -222,16 +222,18 @@ SETTINGS: tuple[Setting, ...] = (
         they start, so a change needs a restart of the daemon.""",
        minimum=0, maximum=3600, exclusive_minimum=True),
     _s("worker_timeout", FLOAT, 10.0, W, True, """
-        A worker that sent no heartbeat for this many seconds is stopped and
-        replaced (SIGTERM, worker_grace, SIGKILL). Greater than
-        heartbeat_interval.""",
+        A worker that sent no heartbeat for this many seconds is killed
+        (SIGKILL at once: a worker that does not answer cannot be trusted to
+        stop) and replaced. Greater than heartbeat_interval.""",
        minimum=0, exclusive_minimum=True),
     _s("worker_grace", FLOAT, 2.0, W, True, """
         Seconds between SIGTERM and SIGKILL when a worker is stopped.""",
        minimum=0),
     _s("max_worker_rss", INT, 0, W, True, """
         Recycle a worker (a planned restart, not counted by max_restarts) when
-        its resident memory passes this many bytes; 0 = never.""",
+        its resident memory passes this many bytes; 0 = never. Below 32 MiB
+        (a fresh worker takes about 13) every worker is recycled every second:
+        the daemon warns at start and reload.""",
        minimum=0, metavar="BYTES"),
     _s("worker_nice", INT, 5, W, True, """
         Niceness each worker adds to the parent's when it starts (0 to 19; 0:
@@ -298,6 +300,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+MIN_WORKER_RSS = 32 << 20
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))
 ENV_VARS: dict[str, Setting] = {s.env_var: s for s in SETTINGS}
 
@@ -778,6 +781,10 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, object]
         if not _is_loopback(host):
             warnings.append("metrics_listen %s is not a loopback address; the metrics endpoint "
                             "has no authentication" % values["metrics_listen"])
+    if 0 < values["max_worker_rss"] < MIN_WORKER_RSS:
+        warnings.append("max_worker_rss %d is below what a fresh worker takes (about 13 MiB, "
+                        "and below 32 MiB): every worker will be recycled every second"
+                        % values["max_worker_rss"])
     return Config(values, sources, config_path, given, warnings)
 
 

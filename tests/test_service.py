@@ -388,6 +388,22 @@ def test_sighup_reload_applies_reloadable_refuses_invalid(make_daemon, short_tmp
     assert len(wait_log(d.log_path, r"configuration reloaded")) == 1
 
 
+@pytest.mark.timeout(45)
+def test_reload_shows_values_as_written_and_warns_of_a_recycling_loop(make_daemon, short_tmp):
+    """The reload log shows socket_mode as the octal string it is written as (not 432), and
+    a max_worker_rss below a fresh worker's size is a warning, at start and at reload."""
+    cfg = os.path.join(short_tmp, "emitterd.toml")
+    _write(cfg, 'socket_mode = "0660"\n')
+    d = make_daemon("--config", cfg)
+    _write(cfg, 'socket_mode = "0600"\nmax_worker_rss = 1000\n')
+    d.proc.send_signal(signal.SIGHUP)
+    wait_log(d.log_path, r"configuration reloaded", timeout=10)
+    log = read_log(d.log_path)
+    assert re.search(r"needs a restart.* setting=socket_mode old=0660 new=0600", log), log[-3000:]
+    assert re.search(r"WARNING .*max_worker_rss 1000 is below what a fresh worker takes", log), \
+        log[-3000:]
+
+
 # ---- 5. metrics -----------------------------------------------------------------------------
 
 def _families(text):
