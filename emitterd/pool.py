@@ -330,8 +330,9 @@ class Pool:
         self._backoffs += 1
         if self._backoffs > cfg.max_backoffs:
             self.state = "failed"
-            log.error("pool failed: restart intensity exceeded repeatedly", pool=self.name,
-                      restarts=self.restarts)
+            log.error("pool failed: restart intensity exceeded repeatedly; its workers keep "
+                      "dying (see the lines above); `emitterctl start` or `update` runs it "
+                      "again", pool=self.name, key=self.key, restarts=self.restarts)
             for h in list(self.slots.values()):
                 self._terminate(h)
             self.ctx.spare.release_if_idle()

@@ -154,6 +154,8 @@ def test_backup_and_restore_refuse_bad_paths(short_tmp: str) -> None:
 
     rc, _, err = emitterd("backup", "--data-dir", data)
     assert rc == 2 and "DEST" in err
+    rc, _, err = emitterd("backup", "--data-dir", data, "")
+    assert rc == 2 and "an empty path" in err, err
 
 
 NOBODY = 65534

@@ -628,9 +628,18 @@ def test_parked_purge_and_replay_take_every_parked_event(daemon: Any) -> None:
     wait_for(lambda: c.status(key)["parked"] == 150, 15, "150 parked events")
     rc, out, err = daemon.ctl("--json", "parked", key)
     assert rc == 0 and len(json.loads(out)["events"]) == 100, "a listing shows 100 by default"
+    rc, out, err = daemon.ctl("parked", key)
+    assert rc == 0 and "(100 of 150 parked events shown, the oldest; --limit N for more)" in out
     rc, out, err = daemon.ctl("--json", "parked", key, "--purge")
     assert rc == 0 and json.loads(out) == {"count": 150}, (out, err)
     assert c.status(key)["parked"] == 0
+    # a stop whose drain times out says so (the log is not where a script author looks)
+    c.publish([{"stream": "p", "type": "t"}])
+    with c.attach(key) as consumer:
+        assert len(next(consumer.batches(timeout=10))) == 1      # held, never acked
+        rc, out, err = daemon.ctl("stop", key, "--drain-timeout", "0.3")
+    assert rc == 0 and "1 events were not acked within the drain timeout; they are delivered " \
+        "again when the pool starts" in out, (out, err)
 
 
 class LineReader:

@@ -139,6 +139,8 @@ def test_repeated_backoffs_end_in_failed_and_start_revives(make_daemon: Any) -> 
     assert st["restarts"] == 4
     failed_pids = [p.pid for p in d.pool_workers()]
     assert failed_pids == [], "a failed pool keeps no workers: %r" % failed_pids
+    assert "`emitterctl start` or `update` runs it again" in open(d.log_path).read(), \
+        "the log line of a failed pool says how to run it again"
     # it stays failed (no timer brings it back): longer than the largest backoff
     time.sleep(0.6)
     st = c.status(key)

@@ -324,9 +324,18 @@ def stop(ctx: click.Context, key: str, delete: bool, drain_timeout: Optional[flo
     stop every worker. Stopping a stopped pool is fine."""
     st = state(ctx)
     r = st.client().stop(key, delete=delete, drain_timeout=drain_timeout)
-    emit(st, r, lambda: "%s %s (checkpoint %s of %s)" % (
-        "stopped and deleted" if delete else "stopped", r.get("key", key),
-        render.num(r.get("checkpoint")), render.num(r.get("head"))))
+
+    def human() -> str:
+        text = "%s %s (checkpoint %s of %s)" % (
+            "stopped and deleted" if delete else "stopped", r.get("key", key),
+            render.num(r.get("checkpoint")), render.num(r.get("head")))
+        unacked = r.get("in_flight")
+        if isinstance(unacked, int) and unacked > 0:
+            text += ("\n%s events were not acked within the drain timeout; %s" % (
+                render.num(unacked), "they are gone with the subscription" if delete else
+                "they are delivered again when the pool starts"))
+        return text
+    emit(st, r, human)
 
 
 # ---- update ------------------------------------------------------------------
@@ -871,7 +880,16 @@ def parked(ctx: click.Context, key: str, replay: bool, purge: bool,
         limit = PARKED_LIST if action == "list" else PARKED_MAX
     r = st.client().parked(key, action=action, limit=limit)
     if action == "list":
-        emit(st, r, lambda: render.parked_table(r.get("events") or []))
+        def human() -> str:
+            rows = r.get("events") or []
+            text = render.parked_table(rows)
+            if len(rows) >= limit:
+                total = st.client().status(key).get("parked")
+                if isinstance(total, int) and total > len(rows):
+                    text += "\n(%s of %s parked events shown, the oldest; --limit N for more)" % (
+                        render.num(len(rows)), render.num(total))
+            return text
+        emit(st, r, human)
     else:
         emit(st, r, lambda: "%s %s events" % ("replayed" if replay else "purged",
                                                render.num(r.get("count"))))

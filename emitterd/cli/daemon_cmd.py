@@ -149,6 +149,8 @@ def backup_command(dest: str, config_path: Optional[str], data_dir: Optional[str
     2 usage error.
     """
     from emitterd import backup
+    if not dest.strip():
+        raise click.BadParameter("an empty path (an unset variable?)", param_hint="DEST")
     cfg = _load(config_path, {"data_dir": data_dir})
     try:
         info = backup.backup(cfg.data_dir, dest)
