@@ -45,6 +45,7 @@ def run_child(title: str, sock: socket.socket, child_main: Callable[[socket.sock
         # Objects inherited from the parent must never be finalized here: a collected
         # socket object would close an fd number this child may have reused.
         gc.freeze()
+        _own_process_group()
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_DFL)
@@ -68,6 +69,17 @@ def run_child(title: str, sock: socket.socket, child_main: Callable[[socket.sock
         except Exception:
             pass
         os._exit(code)
+
+
+def _own_process_group() -> None:
+    """Leave the daemon's process group: a signal sent to the whole group (`kill -TERM -PGID`,
+    `timeout`, a shell's job control) is then the daemon's alone, which stops its children
+    itself, after draining; it used to kill the workers and helpers before the drain began.
+    A child still dies with the daemon (EOF on its socket, or PR_SET_PDEATHSIG)."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass          # already a group leader (or not allowed): nothing to gain
 
 
 def die_with_parent() -> None:
@@ -110,7 +122,7 @@ def spawn_module(module: str, *args: str) -> tuple:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
         argv = [sys.executable, "-P", "-m", module, str(child_end.fileno())] + list(args)
         os.set_inheritable(child_end.fileno(), True)
-        pid = os.posix_spawn(argv[0], argv, env)
+        pid = os.posix_spawn(argv[0], argv, env, setpgroup=0)   # see _own_process_group
     except BaseException:
         parent_end.close()
         raise

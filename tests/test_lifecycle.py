@@ -249,24 +249,29 @@ def test_second_daemon_on_the_same_data_dir_refuses(make_daemon: Any) -> None:
 
 @pytest.mark.timeout(40)
 def test_a_killed_daemons_lock_is_not_kept_by_a_child_that_outlives_it(make_daemon: Any) -> None:
-    """The lock goes with the daemon, however it dies, even while a child of its lives on
-    (a worker SIGSTOPped, so it cannot notice the death and exit): a restart after a crash
-    never waits on a stray child. (No child has the lock file open today, since the helpers
-    are exec'd and close their fds; a record lock would not pass to one that had.)"""
+    """The lock goes with the daemon, however it dies: a restart right after a SIGKILL starts
+    at once, while a worker that was SIGSTOPped then may still be there. (No child has the
+    lock file open today, since the helpers are exec'd and close their fds; a record lock
+    would not pass to one that had.) Nor does that worker linger: in a process group of its
+    own, orphaned by the daemon's death, the kernel continues it (SIGHUP, ignored, and
+    SIGCONT), and it exits on EOF."""
     d1 = make_daemon()
     c = d1.client()
     key = c.start(sub("a"))["key"]
     (worker,) = [w["pid"] for w in ready_status(d1, c, key, 1)["workers"]]
     os.kill(worker, signal.SIGSTOP)
+    # stopped before the daemon dies (a stop that lands after it would find no one to
+    # continue the orphaned group, and the worker would stay stopped for good)
+    wait_for(lambda: psutil.Process(worker).status() == psutil.STATUS_STOPPED, 10,
+             what="the worker stopped")
     c.close()
     d1.proc.send_signal(signal.SIGKILL)
     d1.proc.wait(5)
-    assert alive(worker)
     d2 = make_daemon(start=False)
     d2.socket, d2.data_dir = d1.socket, d1.data_dir
     d2.start()                         # fails (the log says why) if the lock stayed behind
     assert d2.client().ping()["pid"] == d2.proc.pid
-    assert alive(worker)               # the stray child was there all along
+    wait_for(lambda: not alive(worker), 10, what="the stopped worker of the dead daemon gone")
 
 
 @pytest.mark.timeout(30)
@@ -327,6 +332,41 @@ def test_default_paths_are_created_private(make_daemon: Any) -> None:
 
 
 # ---- graceful shutdown ---------------------------------------------------------------------
+
+@pytest.mark.timeout(40)
+def test_sigterm_to_the_whole_process_group_still_drains(make_daemon: Any) -> None:
+    """`kill -TERM -PGID` (or `timeout`, or a shell) signals every process of the daemon's
+    group: the workers and helpers are in groups of their own, so the daemon alone gets it
+    and drains; the events held by a consumer are acked during the drain, and no child is
+    reported dead before the shutdown."""
+    d = make_daemon("--drain-timeout", "10")       # started with start_new_session: pgid = pid
+    c = d.client()
+    key = c.start(sub("group-kill", start_from="origin", pool_size=2))["key"]
+    ready_status(d, c, key, 2)
+    assert os.getpgid(d.proc.pid) == d.proc.pid
+    for child in d.collect_children():
+        assert os.getpgid(child.pid) != d.proc.pid, child.cmdline()
+    positions = c.publish([{"stream": "orders", "type": "t"} for _ in range(4)])["positions"]
+    consumer = c.attach(key)
+    try:
+        got: List[int] = []
+        for batch in consumer.batches(timeout=10):
+            got += [e["position"] for e in batch]
+            if len(got) >= 2:
+                break
+        os.killpg(d.proc.pid, signal.SIGTERM)
+        time.sleep(0.5)                  # the drain waits for these acks
+        consumer.ack(got)
+        assert d.proc.wait(15) == 0
+    finally:
+        consumer.close()
+    log = open(d.log_path).read()
+    before = log.split("shutting down")[0]
+    for bad in ("worker died", "checkpointer died", "fork server dropped"):
+        assert bad not in before, log[-3000:]
+    assert "drain timed out" not in log, log[-3000:]
+    assert positions
+
 
 @pytest.mark.timeout(40)
 def test_sigterm_with_unacked_events_exits_0_after_the_drain(make_daemon: Any) -> None:
