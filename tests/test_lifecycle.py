@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -290,6 +291,23 @@ def test_a_path_that_cannot_be_used_is_one_line_not_a_traceback(make_daemon: Any
     assert "cannot start" in out and blocker in out and "Not a directory" in out, out
     assert "Traceback" not in out, out
     assert out.count("\n") == 1, out
+
+
+@pytest.mark.timeout(30)
+def test_another_programs_database_is_not_taken_for_an_event_log(make_daemon: Any) -> None:
+    """An SQLite file of another program at <data_dir>/emitterd.db: refused in one line,
+    and left without emitterd's tables."""
+    d = make_daemon(start=False)
+    os.makedirs(d.data_dir, mode=0o700)
+    path = os.path.join(d.data_dir, "emitterd.db")
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE x (a)")
+    r = d.run_refused()
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "cannot start" in out, out
+    assert "is not an emitterd event log (its tables: x)" in out, out
+    with sqlite3.connect(path) as db:
+        assert [t for (t,) in db.execute("SELECT name FROM sqlite_master")] == ["x"]
 
 
 @pytest.mark.timeout(30)

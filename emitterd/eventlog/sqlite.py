@@ -224,6 +224,13 @@ class SqliteLog(EventLog):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=%s" % ("FULL" if synchronous == "full" else "NORMAL"))
         self._db.execute("PRAGMA busy_timeout=2000")
+        tables = {r[0] for r in self._db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and not tables & {"meta", "chunks", "events"}:
+            # some other program's database where ours belongs: never add our tables to it
+            self._db.close()
+            raise sqlite3.DatabaseError("%s is not an emitterd event log (its tables: %s)"
+                                        % (self.path, ", ".join(sorted(tables)[:5])))
         cols = [r[1] for r in self._db.execute("PRAGMA table_info(events)")]
         if "client_id" in cols:
             self._db.executescript(MIGRATE_FROM_V1)
