@@ -125,7 +125,10 @@ class Daemon:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        # SIGUSR1/2 too: their default action would end the daemon with no drain and no
+        # trace; it says it ignores them instead
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                    signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, _ignore)
         # a file size limit must turn into a failed write (answered as an error), not a kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -143,6 +146,9 @@ class Daemon:
                 self.shutdown(signal.Signals(signum).name)
             elif signum == signal.SIGHUP:
                 self.reload()
+            elif signum in (signal.SIGUSR1, signal.SIGUSR2):
+                log.warning("signal ignored: SIGTERM or SIGINT stops the daemon, SIGHUP reloads "
+                            "its configuration", signal=signal.Signals(signum).name)
 
     def _reap(self) -> None:
         for pid, status in procs.reap():

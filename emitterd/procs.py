@@ -33,7 +33,8 @@ def spawn(title: str, child_main: Callable[[socket.socket], None]) -> tuple:
     return pid, parent_end
 
 
-HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1,
+                   signal.SIGUSR2}
 
 
 def run_child(title: str, sock: socket.socket, child_main: Callable[[socket.socket], None],

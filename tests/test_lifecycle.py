@@ -386,6 +386,20 @@ def test_sigterm_to_the_whole_process_group_still_drains(make_daemon: Any) -> No
     assert positions
 
 
+@pytest.mark.timeout(30)
+def test_sigusr1_and_sigusr2_are_logged_and_ignored(make_daemon: Any) -> None:
+    """Their default action would end the daemon with no drain, no log line and its socket
+    left behind."""
+    d = make_daemon()
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        d.proc.send_signal(sig)
+        wait_for(lambda: "signal ignored" in open(d.log_path).read()
+                 and signal.Signals(sig).name in open(d.log_path).read(), 10,
+                 what="the ignored %s logged" % signal.Signals(sig).name)
+    assert d.proc.poll() is None and d.client().ping()["pid"] == d.proc.pid
+    assert d.stop() == 0
+
+
 @pytest.mark.timeout(40)
 def test_sigterm_with_unacked_events_exits_0_after_the_drain(make_daemon: Any) -> None:
     d = make_daemon("--drain-timeout", "1")
