@@ -19,6 +19,7 @@ import datetime
 import json
 import logging
 import os
+import time
 import sys
 from typing import IO, Any, Optional
 
@@ -85,6 +86,12 @@ def syslog_priority(levelno: int) -> int:
     return 7
 
 
+def _utc_offset(created: float) -> str:
+    """The local time zone's offset at `created`, as ISO 8601 writes it (+01:00, Z for UTC)."""
+    off = time.strftime("%z", time.localtime(created))
+    return "Z" if off in ("+0000", "-0000") else off[:3] + ":" + off[3:]
+
+
 class _TextFormatter(logging.Formatter):
     def __init__(self, journal: bool = False) -> None:
         super().__init__()
@@ -95,9 +102,12 @@ class _TextFormatter(logging.Formatter):
         if self.journal:
             line = "%s: %s" % (record.name, record.getMessage())
         else:
-            line = "%s.%03d %s %s: %s" % (self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-                                          record.msecs, record.levelname, record.name,
-                                          record.getMessage())
+            # local time, with its offset: a line read in another time zone (or beside the
+            # json format's UTC) still says when it happened
+            line = "%s.%03d%s %s %s: %s" % (
+                self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), record.msecs,
+                _utc_offset(record.created), record.levelname, record.name,
+                record.getMessage())
         if kv:
             line += " " + " ".join("%s=%s" % (k, _fmt_value(v)) for k, v in kv.items())
         if record.exc_info:

@@ -696,6 +696,18 @@ def test_log_formats_json_and_journald(make_daemon, short_tmp):
     assert lines[-1].startswith("<6>") and last["msg"] == "configuration reloaded", lines[-1]
 
 
+@pytest.mark.timeout(30)
+def test_text_log_times_carry_their_utc_offset(make_daemon):
+    """Text log lines are in local time, so they say which: +03:00, or Z for UTC (the json
+    format's "ts" is always UTC)."""
+    for tz, offset in (("XYZ-3", "+03:00"), ("UTC", "Z")):
+        d = make_daemon(env={"TZ": tz})
+        line = [ln for ln in read_log(d.log_path).splitlines() if "emitterd ready" in ln][0]
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}%s INFO " % re.escape(offset),
+                        line), (tz, line)
+        d.stop()
+
+
 # ---- 8. emitterctl top ----------------------------------------------------------------------
 
 @pytest.mark.timeout(40)
