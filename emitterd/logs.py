@@ -61,6 +61,31 @@ class KVLogger:
         self._emit(logging.ERROR, msg, fields, exc_info=True)
 
 
+class Throttle:
+    """For a line any client can cause once per connection (a refused peer, a bad frame):
+    at most `burst` of them per `period` seconds; the next one to get through says how many
+    were held back meanwhile (field suppressed=N), so a flood cannot fill the log."""
+
+    def __init__(self, burst: int = 5, period: float = 60.0) -> None:
+        self.burst = burst
+        self.period = period
+        self._start = -period
+        self._count = 0
+        self._held = 0
+
+    def allow(self) -> Optional[dict]:
+        """None: do not log this one; else the fields to add to its line."""
+        now = time.monotonic()
+        if now - self._start >= self.period:
+            self._start, self._count = now, 0
+        if self._count >= self.burst:
+            self._held += 1
+            return None
+        self._count += 1
+        held, self._held = self._held, 0
+        return {"suppressed": held} if held else {}
+
+
 def get(name: str = "") -> KVLogger:
     """The logger `emitterd.<name>` (`emitterd` for "")."""
     return KVLogger(name)

@@ -556,6 +556,35 @@ def test_allowed_uid_or_gid_is_served(make_daemon: Any, needs_root: None, flag: 
 
 # ---- max_connections ------------------------------------------------------------------------
 
+@pytest.mark.timeout(60)
+def test_a_flood_of_refused_connections_and_bad_frames_does_not_flood_the_log(
+        make_daemon: Any) -> None:
+    """Lines a client causes per connection (refused at max_connections, a bad frame) are
+    held to 5 a minute each; the admitted client is served throughout."""
+    d = make_daemon("--max-connections", "1")
+    with Client(d.socket, timeout=5) as c:          # 1 of 1: every other one is refused
+        c.ping()
+        for _ in range(200):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(d.socket)
+            assert read_frame(s)["error"]["code"] == "unavailable"
+            s.close()
+        assert c.ping()["pid"] == d.proc.pid
+    d2 = make_daemon()
+    for _ in range(200):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(d2.socket)
+        s.sendall(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")    # not msgpack
+        assert read_frame(s)["error"]["code"] == "bad_frame"
+        s.close()
+    assert d2.client().ping()["pid"] == d2.proc.pid
+    log = open(d.log_path).read()
+    assert log.count("max_connections reached") == 5, log[-2000:]
+    log2 = open(d2.log_path).read()
+    assert log2.count("framing error") == 5, log2[-2000:]
+    assert "peer_pid=%d" % os.getpid() in log2
+
+
 @pytest.mark.timeout(30)
 def test_max_connections(make_daemon: Any) -> None:
     d = make_daemon("--max-connections", "3")

@@ -129,7 +129,10 @@ class ControlConn:
             ch.after_flush(cb)
 
     def _on_frame_error(self, err: framing.FrameError) -> None:
-        log.info("framing error, closing connection", code=err.code, reason=err.message)
+        extra = self.server._throttles["frame"].allow()
+        if extra is not None:
+            log.info("framing error, closing connection", code=err.code, reason=err.message,
+                     peer_pid=self.peer[0], peer_uid=self.peer[1], **extra)
         self._answer(_error(0, err.code, err.message), close_after=True)
 
     def _on_close(self, reason: str) -> None:
@@ -149,6 +152,8 @@ class ControlServer:
         self.path: Optional[str] = None
         self.owns_path = False
         self._bound: tuple = ()
+        # lines a client can cause per connection: a flood of them must not flood the log
+        self._throttles = {k: logs.Throttle() for k in ("peer", "full", "frame")}
 
     def listen(self, inherited: Optional[socket.socket] = None) -> None:
         cfg = self.ctx.cfg
@@ -179,12 +184,18 @@ class ControlServer:
         except OSError:
             pid, uid, gid = 0, -1, -1
         if not self.allowed(uid, gid):
-            log.warning("connection refused: peer not allowed", pid=pid, uid=uid, gid=gid)
+            extra = self._throttles["peer"].allow()
+            if extra is not None:
+                log.warning("connection refused: peer not allowed", pid=pid, uid=uid, gid=gid,
+                            **extra)
             self._refuse(sock, PERMISSION_DENIED, "uid %d / gid %d may not use this socket" % (uid, gid))
             return
         # attached consumers live in workers now, but they are still connections to us
         if len(self.conns) + self.ctx.registry.consumer_count() >= cfg.max_connections:
-            log.warning("connection refused: max_connections reached", limit=cfg.max_connections)
+            extra = self._throttles["full"].allow()
+            if extra is not None:
+                log.warning("connection refused: max_connections reached",
+                            limit=cfg.max_connections, pid=pid, uid=uid, **extra)
             self._refuse(sock, UNAVAILABLE, "too many connections (max_connections %d)"
                          % cfg.max_connections)
             return
