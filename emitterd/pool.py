@@ -438,12 +438,20 @@ class Pool:
             return
         if not st["terminated"]:
             held = self.dispatcher.held_by_workers()
-            if held and monotonic() < st["deadline"] and (self.slots or self.retiring):
+            # only a worker with a consumer can still have its events acked: one that has
+            # none (its subscriber unreachable) is not waited for
+            ackable = sum(self.dispatcher.worker_in_flight(h.wid)
+                          for h in list(self.slots.values()) + list(self.retiring)
+                          if h.routable_consumers > 0)
+            if ackable and monotonic() < st["deadline"]:
                 return
             st["terminated"] = True
-            if held:
+            if ackable:
                 log.warning("drain timed out, unacked events will be redelivered", pool=self.name,
                             unacked=held)
+            elif held:
+                log.info("drain over: the workers holding the rest have no consumer connected; "
+                         "those events will be delivered again", pool=self.name, unacked=held)
             for h in list(self.slots.values()) + list(self.retiring):
                 self._terminate(h)
         self._check_stopped()

@@ -638,8 +638,8 @@ def test_parked_purge_and_replay_take_every_parked_event(daemon: Any) -> None:
     with c.attach(key) as consumer:
         assert len(next(consumer.batches(timeout=10))) == 1      # held, never acked
         rc, out, err = daemon.ctl("stop", key, "--drain-timeout", "0.3")
-    assert rc == 0 and "1 events were not acked within the drain timeout; they are delivered " \
-        "again when the pool starts" in out, (out, err)
+    assert rc == 0 and "1 events were not acked (the drain timed out, or no consumer was " \
+        "connected to take them); they are delivered again when the pool starts" in out, (out, err)
 
 
 class LineReader:

@@ -400,6 +400,26 @@ def test_sigusr1_and_sigusr2_are_logged_and_ignored(make_daemon: Any) -> None:
     assert d.stop() == 0
 
 
+@pytest.mark.timeout(60)
+def test_a_drain_does_not_wait_for_workers_without_a_consumer(make_daemon: Any,
+                                                               short_tmp: str) -> None:
+    """Events held by a worker whose subscriber is unreachable cannot be acked: a stop (and
+    the shutdown) does not wait drain_timeout for them; they are delivered again later."""
+    d = make_daemon("--drain-timeout", "30")
+    c = d.client()
+    path = os.path.join(short_tmp, "absent.sock")
+    key = c.start(sub("nobody-home", start_from="origin", subscriber="unix:" + path))["key"]
+    ready_status(d, c, key, 1)
+    c.publish([{"stream": "orders", "type": "t"}] * 3)
+    wait_for(lambda: c.status(key)["in_flight"] == 3, 10, what="3 events held by the worker")
+    t0 = time.monotonic()
+    st = c.stop(key)
+    assert time.monotonic() - t0 < 20, "the stop waited for events no consumer could ack"
+    assert st["state"] == "stopped" and st["checkpoint"] == 0
+    assert "no consumer connected" in open(d.log_path).read()
+    assert "drain timed out" not in open(d.log_path).read()
+
+
 @pytest.mark.timeout(40)
 def test_sigterm_with_unacked_events_exits_0_after_the_drain(make_daemon: Any) -> None:
     d = make_daemon("--drain-timeout", "1")

@@ -331,7 +331,8 @@ def stop(ctx: click.Context, key: str, delete: bool, drain_timeout: Optional[flo
             render.num(r.get("checkpoint")), render.num(r.get("head")))
         unacked = r.get("in_flight")
         if isinstance(unacked, int) and unacked > 0:
-            text += ("\n%s events were not acked within the drain timeout; %s" % (
+            text += ("\n%s events were not acked (the drain timed out, or no consumer was "
+                     "connected to take them); %s" % (
                 render.num(unacked), "they are gone with the subscription" if delete else
                 "they are delivered again when the pool starts"))
         return text
