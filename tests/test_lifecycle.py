@@ -536,6 +536,31 @@ def needs_root() -> None:
         pytest.skip("needs root: the test switches a forked child to uid/gid 65534")
 
 
+@pytest.mark.timeout(30)
+def test_a_socket_directory_others_could_write_to_is_refused(make_daemon: Any) -> None:
+    """Writable by others without the sticky bit, or owned by another user (a
+    /tmp/emitterd-<uid> made first by someone else): they could swap the socket that
+    clients connect to, so the daemon refuses to start there, in one line."""
+    d = make_daemon(start=False)
+    shared = os.path.join(d.root, "shared")
+    os.mkdir(shared)
+    os.chmod(shared, 0o777)
+    d.socket = os.path.join(shared, "ctl.sock")
+    r = d.run_refused()
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "cannot start" in out and "writable by others" in out, out
+    os.chmod(shared, 0o1777)               # sticky, as /tmp: others cannot remove our file
+    d.start()
+    assert d.client().ping()["pid"] == d.proc.pid
+    assert d.stop() == 0
+    if os.geteuid() == 0:
+        os.chmod(shared, 0o755)
+        os.chown(shared, 65534, 65534)
+        r = d.run_refused()
+        out = r.stdout + r.stderr
+        assert r.returncode == 1 and "belongs to uid 65534" in out, out
+
+
 def _open_daemon(make_daemon: Any, *args: str) -> Daemon:
     d = make_daemon(start=False)
     os.chmod(d.root, 0o755)           # uid 65534 must reach the socket file

@@ -245,6 +245,22 @@ class ControlServer:
             c.channel.close("daemon exiting")
 
 
+def _check_socket_dir(where: str) -> None:
+    """Refuse a socket directory someone else could swap the socket in: owned by another
+    user (root aside), or writable by group or others without the sticky bit (/tmp has it).
+    Peer credentials protect the daemon; this protects its clients, which would otherwise
+    talk to whatever listens there (a /tmp/emitterd-<uid> made first by another user)."""
+    st = os.stat(where)
+    if st.st_uid not in (0, os.geteuid()):
+        raise RuntimeError("socket directory %s belongs to uid %d, not to this user: anyone "
+                           "owning it could replace the socket; refusing" % (where, st.st_uid))
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise RuntimeError("socket directory %s is writable by %s (mode %04o, no sticky bit): "
+                           "anyone could replace the socket; refusing"
+                           % (where, "others" if st.st_mode & 0o002 else "its group",
+                              stat.S_IMODE(st.st_mode)))
+
+
 def bind_control_socket(path: str, mode: int) -> socket.socket:
     """Bind the control socket; replace a stale file, refuse when a daemon answers there.
     RuntimeError, with the path and the reason, when it cannot."""
@@ -257,6 +273,7 @@ def bind_control_socket(path: str, mode: int) -> socket.socket:
 
 def _bind(path: str, mode: int) -> socket.socket:
     ensure_private_dir(os.path.dirname(path) or ".")
+    _check_socket_dir(os.path.dirname(os.path.abspath(path)))
     try:
         st = os.lstat(path)
     except FileNotFoundError:
