@@ -11,7 +11,7 @@ from typing import Any, Dict, List
 import pytest
 
 from daemon_fixture import Daemon
-from emitterd.client import Conflict, Invalid, NotFound
+from emitterd.client import Conflict, Invalid, NotFound, Unavailable
 from subscriber_helper import (ACK, EVENT_KEYS, HOLD, consumers, events, start_pool,  # noqa: F401
                                sub_spec, subscribers, wait_checkpoint, wait_status, wait_until)
 
@@ -411,6 +411,29 @@ def test_start_from_a_position_beyond_the_head_skips_everything_before_it(
     wait_checkpoint(c, st["key"], after[-1])
     assert sorted(sub.positions(st["key"])) == [p for p in after if p >= first], \
         "start_from %d delivered positions %r" % (first, sorted(sub.positions(st["key"])))
+
+
+@pytest.mark.timeout(30)
+def test_giving_an_attached_pool_a_subscriber_lets_its_consumers_go(daemon: Daemon,
+                                                                    subscribers: Any) -> None:
+    """update subscriber on a pool with attached consumers: each gets an unavailable error
+    frame and is closed, and the events it held go to the subscriber (status counts only
+    the subscriber's connection)."""
+    c = daemon.client()
+    key = start_pool(daemon, c, sub_spec("switch"))["key"]
+    ps = c.publish(events(3))["positions"]
+    with c.attach(key) as consumer:
+        got = next(consumer.batches(timeout=10))
+        assert [e["position"] for e in got] == ps           # held, not acked
+        sub = subscribers()
+        c.update(key, subscriber=sub.uri)
+        with pytest.raises(Unavailable):
+            while consumer.recv(timeout=10) is not None:
+                pass
+    wait_checkpoint(c, key, ps[-1])
+    assert sorted(set(sub.positions(key))) == ps
+    st = c.status(key)
+    assert [w["consumers"] for w in st["workers"]] == [1], st["workers"]
 
 
 @pytest.mark.timeout(30)

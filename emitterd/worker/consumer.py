@@ -80,6 +80,13 @@ class ConsumerConn:
         self.channel.close("consumer sent a frame that is not a valid ack or nack: %s"
                            % _what_is_wrong(op, positions, msg))
 
+    def dismiss(self, code: str, message: str) -> None:
+        """End this connection with an error frame (id 0) the client can read: its events
+        in flight go back to the parent for delivery elsewhere."""
+        self.channel.send({"id": 0, "ok": False, "error": {"code": code, "message": message}})
+        self.channel.flush()
+        self.channel.close(message)
+
     def _on_frame_error(self, err: Any) -> None:
         self.channel.send({"id": 0, "ok": False, "error": {"code": err.code, "message": err.message}})
         self.channel.close_when_flushed()

@@ -80,6 +80,11 @@ class Worker:
                 self.sink.stop()
                 self.sink = None
             if msg["subscriber"]:
+                # attached consumers of a subscription that now has a subscriber would go on
+                # taking its events unseen by status: they are told, and let go
+                for c in [c for c in self.consumers if c.kind == "attached"]:
+                    c.dismiss("unavailable", "the subscription now delivers to %s; attach is "
+                              "only for subscriptions without subscriber" % msg["subscriber"])
                 self.sink = UnixSink(self, msg["subscriber"])
 
     def _heartbeat(self) -> None:
