@@ -632,7 +632,7 @@ def test_log_text_format(restore_logging):
     log.warning("odd", note='say "hi"')
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} INFO emitterd\.pool: "
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d) INFO emitterd\.pool: "
                         r'worker started pool="p 1" pid=42', lines[0]), lines[0]
     assert lines[1].endswith('WARNING emitterd.pool: odd note="say \\"hi\\""')
     logs.set_level("debug")
