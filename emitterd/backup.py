@@ -23,12 +23,11 @@ from typing import Any, Dict
 import msgpack
 
 from emitterd import datalock
+from emitterd.eventlog.sqlite import HEAD_SQL, TABLES, tables_of
 from emitterd.paths import ensure_private_dir
 
 LOG_NAME = "emitterd.db"
 LOG_FILES = (LOG_NAME, LOG_NAME + "-wal", LOG_NAME + "-shm")
-# what makes a file an emitterd event log (and a restore refuse anything else)
-_REQUIRED_TABLES = {"meta", "chunks", "streams", "event_ids", "subscriptions", "parked"}
 
 
 class BackupError(Exception):
@@ -60,11 +59,11 @@ def _uri_path(path: str) -> str:
 def summary(db: sqlite3.Connection, path: str) -> Dict[str, Any]:
     """Head, subscriptions and salt of an event log; BackupError if it is not one."""
     try:
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not _REQUIRED_TABLES <= tables:
+        missing = TABLES - tables_of(db)     # a backup holds the current schema, whole
+        if missing:
             raise BackupError("%s is not an emitterd event log (tables missing: %s)"
-                              % (path, ", ".join(sorted(_REQUIRED_TABLES - tables))))
-        row = db.execute("SELECT last FROM chunks ORDER BY first DESC LIMIT 1").fetchone()
+                              % (path, ", ".join(sorted(missing))))
+        row = db.execute(HEAD_SQL).fetchone()
         subs = db.execute("SELECT count(*) FROM subscriptions").fetchone()[0]
         salt = db.execute("SELECT value FROM meta WHERE name = 'id_salt'").fetchone()
         before = db.execute("SELECT value FROM meta WHERE name = 'id_salts_before'").fetchone()
@@ -84,16 +83,13 @@ def _vacuum_into(db: sqlite3.Connection, dest: str) -> None:
     finally:
         os.umask(old)
     # VACUUM INTO does not sync what it wrote: a backup must survive a power loss too
-    fd = os.open(dest, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _fsync_dir(os.path.dirname(os.path.abspath(dest)))
+    _fsync(dest)
+    _fsync(os.path.dirname(os.path.abspath(dest)))
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync(path: str) -> None:
+    """fsync a file or a directory (whose entries a rename changed)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -110,7 +106,7 @@ def backup(data_dir: str, dest: str) -> Dict[str, Any]:
     src = os.path.join(data_dir, LOG_NAME)
     db = _open_existing(src)
     try:
-        info = summary(db, src)
+        summary(db, src)      # refuses a file that is not an event log, before copying it
         tmp = "%s.partial-%d" % (dest, os.getpid())
         try:
             _vacuum_into(db, tmp)
@@ -176,7 +172,7 @@ def _replace(src: sqlite3.Connection, info: Dict[str, Any], data_dir: str) -> st
     try:
         moved = _move_aside(data_dir)
         os.rename(tmp, os.path.join(data_dir, LOG_NAME))
-        _fsync_dir(data_dir)
+        _fsync(data_dir)
     except OSError as e:
         raise BackupError("restore into %s failed: %s%s" % (
             data_dir, e, "; the log it replaced is in %s" % moved if moved else "")) from None
@@ -200,16 +196,16 @@ def _move_aside(data_dir: str) -> str:
     present = [n for n in LOG_FILES if os.path.lexists(os.path.join(data_dir, n))]
     if not present:
         return ""
-    aside = os.path.join(data_dir, "replaced-%s" % time.strftime("%Y%m%dT%H%M%S"))
+    base = aside = os.path.join(data_dir, "replaced-%s" % time.strftime("%Y%m%dT%H%M%S"))
     n = 1
-    while os.path.lexists(aside + ("" if n == 1 else "-%d" % n)):
+    while os.path.lexists(aside):          # two restores within a second
         n += 1
-    aside += "" if n == 1 else "-%d" % n
+        aside = "%s-%d" % (base, n)
     ensure_private_dir(aside)
     _owned_like(aside, data_dir)
     for name in present:
         os.rename(os.path.join(data_dir, name), os.path.join(aside, name))
-    _fsync_dir(data_dir)
+    _fsync(data_dir)
     return aside
 
 
@@ -236,11 +232,7 @@ def _new_salt(path: str, info: Dict[str, Any]) -> None:
         db.execute("COMMIT")
     finally:
         db.close()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -167,12 +167,13 @@ class Daemon:
             ctx.notifier.ready(self._summary())
             return
         ctx.cfg = cfg
-        shown = lambda name, v: settings.BY_NAME[name].format(v)  # noqa: E731 - as written
         for name, (old, new) in applied.items():
-            log.info("setting reloaded", setting=name, old=shown(name, old), new=shown(name, new))
+            fmt = settings.BY_NAME[name].format          # as written: socket_mode 0660
+            log.info("setting reloaded", setting=name, old=fmt(old), new=fmt(new))
         for name, (old, new) in pending.items():
-            log.warning("setting needs a restart to change", setting=name, old=shown(name, old),
-                        new=shown(name, new))
+            fmt = settings.BY_NAME[name].format
+            log.warning("setting needs a restart to change", setting=name, old=fmt(old),
+                        new=fmt(new))
         logs.configure(cfg.log_level, cfg.log_format)
         for warning in cfg.warnings:
             log.warning(warning)

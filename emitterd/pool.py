@@ -388,10 +388,16 @@ class Pool:
         self.retiring.append(h)
         self._maybe_finish_drain(h)
 
+    def _ackable(self, h: WorkerHandle) -> int:
+        """What a drain waits for on worker h: its events in flight, if it has a consumer to
+        ack them; none if it has not (its subscriber unreachable): those are delivered again
+        after it stops, and waiting drain_timeout for them gains nothing."""
+        return self.dispatcher.worker_in_flight(h.wid) if h.routable_consumers > 0 else 0
+
     def _maybe_finish_drain(self, h: WorkerHandle) -> None:
         if h.planned:
             return
-        if self.dispatcher.worker_in_flight(h.wid) == 0 or monotonic() >= h.drain_deadline:
+        if self._ackable(h) == 0 or monotonic() >= h.drain_deadline:
             self._terminate(h)
 
     def recycle(self, h: WorkerHandle, why: str) -> None:
@@ -438,11 +444,7 @@ class Pool:
             return
         if not st["terminated"]:
             held = self.dispatcher.held_by_workers()
-            # only a worker with a consumer can still have its events acked: one that has
-            # none (its subscriber unreachable) is not waited for
-            ackable = sum(self.dispatcher.worker_in_flight(h.wid)
-                          for h in list(self.slots.values()) + list(self.retiring)
-                          if h.routable_consumers > 0)
+            ackable = sum(map(self._ackable, list(self.slots.values()) + self.retiring))
             if ackable and monotonic() < st["deadline"]:
                 return
             st["terminated"] = True

@@ -15,6 +15,7 @@ When a test fails, the tail of each of its daemons' logs is printed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import psutil
 import pytest
@@ -152,6 +153,17 @@ class Daemon:
         opts.update(kw)
         return subprocess.Popen(ctl_argv() + ["--socket", self.socket] + [str(a) for a in args],
                                 **opts)
+
+    @contextlib.contextmanager
+    def ctl_running(self, *args: Any, **kw: Any) -> Iterator[subprocess.Popen]:
+        """ctl_popen() for a `with` block, which kills it at the end if it still runs."""
+        p = self.ctl_popen(*args, **kw)
+        try:
+            yield p
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
 
     # -- processes
     def track(self, pid: int) -> None:

@@ -456,8 +456,7 @@ def test_publish_from_a_pipe_publishes_each_line_as_it_comes(daemon: Any) -> Non
     c = daemon.client()
     head = c.ping()["head"]
     line = json.dumps({"stream": "gen", "type": "tick"}) + "\n"
-    p = daemon.ctl_popen("--json", "publish", "--file", "-", stdin=subprocess.PIPE)
-    try:
+    with daemon.ctl_running("--json", "publish", "--file", "-", stdin=subprocess.PIPE) as p:
         p.stdin.write(line * 2)
         p.stdin.flush()
         wait_for(lambda: c.ping()["head"] == head + 2, 10,
@@ -470,14 +469,9 @@ def test_publish_from_a_pipe_publishes_each_line_as_it_comes(daemon: Any) -> Non
         out = p.stdout.read()
         assert p.wait(10) == 0
         assert json.loads(out) == {"published": 3, "first": head + 1, "last": head + 3}
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(5)
     fifo = os.path.join(daemon.root, "events.fifo")
     os.mkfifo(fifo)
-    p = daemon.ctl_popen("--json", "publish", "--file", fifo)
-    try:
+    with daemon.ctl_running("--json", "publish", "--file", fifo) as p:
         with open(fifo, "w") as w:      # opens once emitterctl opens it for reading
             w.write(line * 2)
             w.flush()
@@ -486,10 +480,6 @@ def test_publish_from_a_pipe_publishes_each_line_as_it_comes(daemon: Any) -> Non
         out = p.stdout.read()
         assert p.wait(10) == 0
         assert json.loads(out) == {"published": 2, "first": head + 4, "last": head + 5}
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(5)
 
 
 @pytest.mark.timeout(60)
@@ -545,17 +535,12 @@ def test_publish_from_a_stream_ends_cleanly_on_sigint_and_a_file_says_what_was_l
     c = daemon.client()
     head = c.ping()["head"]
     line = json.dumps({"stream": "gen", "type": "tick"}) + "\n"
-    p = daemon.ctl_popen("--json", "publish", "--file", "-", stdin=subprocess.PIPE)
-    try:
+    with daemon.ctl_running("--json", "publish", "--file", "-", stdin=subprocess.PIPE) as p:
         p.stdin.write(line * 2)
         p.stdin.flush()
         wait_for(lambda: c.ping()["head"] == head + 2, 10, "2 lines published")
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=10)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(5)
     assert p.returncode == 0, err
     assert json.loads(out) == {"published": 2, "first": head + 1, "last": head + 2}
     assert "Aborted" not in err and "Traceback" not in err
@@ -563,15 +548,10 @@ def test_publish_from_a_stream_ends_cleanly_on_sigint_and_a_file_says_what_was_l
     path = os.path.join(daemon.root, "many.jsonl")
     with open(path, "w") as f:
         f.write(line * 200_000)
-    p = daemon.ctl_popen("--json", "publish", "--file", path, "--batch-size", "50")
-    try:
+    with daemon.ctl_running("--json", "publish", "--file", path, "--batch-size", "50") as p:
         wait_for(lambda: c.ping()["head"] > head + 1000, 30, "the file being published")
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=10)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(5)
     assert p.returncode == 130, (p.returncode, err)
     doc = json.loads(out)
     stored = c.ping()["head"] - head - 2
@@ -587,20 +567,20 @@ def test_no_progress_bar_in_json_on_a_terminal(daemon: Any) -> None:
     with open(path, "w") as f:
         f.write((json.dumps({"stream": "s", "type": "t"}) + "\n") * 3)
     master, slave = pty.openpty()
+    chunks = []
     try:
-        p = daemon.ctl_popen("--json", "publish", "--file", path, stdout=slave)
-        os.close(slave)
-        slave = -1
-        chunks = []
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:          # EIO: the other side closed
-                break
-            if not data:
-                break
-            chunks.append(data)
-        assert p.wait(10) == 0
+        with daemon.ctl_running("--json", "publish", "--file", path, stdout=slave) as p:
+            os.close(slave)
+            slave = -1
+            while True:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:          # EIO: the other side closed
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            assert p.wait(10) == 0
     finally:
         if slave >= 0:
             os.close(slave)

@@ -1,6 +1,6 @@
 """Polling helpers shared by the tests (deadlines, never bare sleeps)."""
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
@@ -51,3 +51,14 @@ def ready_status(d: Any, c: Any, key: str, n: int, timeout: float = 10.0,
     for w in st["workers"]:
         d.track(w["pid"])
     return st
+
+
+def received(consumer: Any, n: int, timeout: float = 10.0) -> List[int]:
+    """Positions of the events an attached consumer receives, until at least n (not acked);
+    AssertionError if the frames stop (idle `timeout`) before that."""
+    got: List[int] = []
+    for batch in consumer.batches(timeout=timeout):
+        got += [e["position"] for e in batch]
+        if len(got) >= n:
+            return got
+    raise AssertionError("received %d of %d events: %r" % (len(got), n, got))

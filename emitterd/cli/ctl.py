@@ -15,6 +15,7 @@ import signal
 import stat
 import sys
 import time
+from collections import deque
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import click
@@ -575,11 +576,11 @@ def _publish_file(ctx: click.Context, st: State, path: str, batch_size: int) -> 
         # first pass: validate every line before anything is published, and count
         total = sum(1 for _ in _read_jsonl(path))
     client = st.client().connect()      # a failure here is plain: nothing was sent
-    where = "standard input" if path == "-" else path
+    source = "standard input" if path == "-" else path
     published = 0
     low: Optional[int] = None
     high: Optional[int] = None
-    unsent: List[Tuple[int, Dict[str, Any]]] = []     # of the batch being published
+    queue: deque = deque()              # batches (or halves of one) read and not yet sent
     sending: List[Tuple[int, Dict[str, Any]]] = []    # the request in flight
     last_line = 0                                     # of the last event answered
     # no bar with --json: stdout is for the one JSON document, even on a terminal
@@ -592,74 +593,75 @@ def _publish_file(ctx: click.Context, st: State, path: str, batch_size: int) -> 
     try:
         with _StopBetweenPublishes() as guard:
             while True:
+                if not queue:
+                    try:
+                        queue.append(next(batches))
+                    except StopIteration:
+                        break
+                    except click.BadParameter as e:
+                        if published:   # only from a stream: a file is checked first
+                            e.message += " (%d events were published before it)" % published
+                        raise
+                sending = queue.popleft()
                 try:
-                    unsent = next(batches)
-                except StopIteration:
-                    break
-                except click.BadParameter as e:
-                    if published:   # only from a stream: a file is checked before anything is sent
-                        e.message += " (%d events were published before it)" % published
-                    raise
-                while unsent:
-                    # a frame too large is refused whole (nothing of it stored): halve it
-                    sending = unsent
-                    while True:
-                        try:
-                            r = guard.publish(client, [e for _, e in sending])
-                            break
-                        except FrameTooLarge:
-                            if len(sending) == 1:
-                                raise
-                            sending = sending[:len(sending) // 2]
-                    unsent = unsent[len(sending):]
-                    last_line = sending[-1][0]
-                    positions = r.get("positions") or []
-                    if positions:
-                        lo, hi = min(positions), max(positions)
-                        low = lo if low is None else min(low, lo)
-                        high = hi if high is None else max(high, hi)
-                    published += len(sending)
-                    if bar is not None:
-                        bar.update(len(sending))
-                    guard.stop_if_asked()
+                    r = guard.publish(client, [e for _, e in sending])
+                except FrameTooLarge:
+                    # refused whole (nothing of it stored): send it again in halves
+                    if len(sending) == 1:
+                        raise
+                    half = len(sending) // 2
+                    queue.extendleft((sending[half:], sending[:half]))
+                    continue
+                last_line = sending[-1][0]
+                positions = r.get("positions") or []
+                if positions:
+                    low = min(positions + ([] if low is None else [low]))
+                    high = max(positions + ([] if high is None else [high]))
+                published += len(sending)
+                if bar is not None:
+                    bar.update(len(sending))
+                guard.stop_if_asked()
     except _Stopped:
         stopped = True
     except (EmitterError, Unreachable, TimeoutError) as e:
         if bar_cm is not None:
             bar_cm.__exit__(None, None, None)
             bar_cm = None
-        batch = sending
-        if isinstance(e, EmitterError):
-            at = _where(e, batch, path)
-            if isinstance(e, FrameTooLarge) and len(batch) == 1:
-                at = " (line %d of %s)" % (batch[0][0], where)
-            click.echo("error: %s: %s%s%s" % (e.code, e.message, _details_suffix(e), at),
-                       err=True)
-        else:
-            click.echo("error: daemon unreachable: %s" % e, err=True)
-        click.echo("%d events were published before this batch" % published, err=True)
-        if isinstance(e, EmitterError):
-            ctx.exit(EXIT_DAEMON_ERROR)
-        if all("id" in ev for _, ev in batch):
-            retry = "its events all have ids, so publishing them again stores each once"
-        else:
-            retry = ("publishing them again may store some twice (an event with an "
-                     "\"id\" would be stored once)")
-        _maybe_stored("this batch (lines %d..%d of %s)" % (batch[0][0], batch[-1][0], where),
-                      retry)
-        ctx.exit(EXIT_UNREACHABLE)
+        _report_failed_batch(ctx, e, sending, published, path, source)
     finally:
         if bar_cm is not None:
             bar_cm.__exit__(None, None, None)
     result = {"published": published, "first": low, "last": high}
     emit(st, result, lambda: "published %d events%s" % (
         published, "" if low is None else " (positions %d..%d)" % (low, high)))
-    if stopped and (unsent or (total is not None and published < total)):
+    if stopped and (queue or (total is not None and published < total)):
         # lines read (or, in a file, left) and not sent; a stream stopped between its
         # publishes has none: everything it gave was published
         click.echo("stopped by a signal: the lines of %s after line %d were not sent"
-                   % (where, last_line), err=True)
+                   % (source, last_line), err=True)
         ctx.exit(EXIT_STOPPED)
+
+
+def _report_failed_batch(ctx: click.Context, e: Exception, batch: list, published: int,
+                         path: str, source: str) -> None:
+    """publish --file: say why `batch` failed and what of it may be stored; exit."""
+    if isinstance(e, EmitterError):
+        at = _where(e, batch, path)
+        if isinstance(e, FrameTooLarge) and len(batch) == 1:
+            at = " (line %d of %s)" % (batch[0][0], source)
+        click.echo("error: %s: %s%s%s" % (e.code, e.message, _details_suffix(e), at), err=True)
+    else:
+        click.echo("error: daemon unreachable: %s" % e, err=True)
+    click.echo("%d events were published before this batch" % published, err=True)
+    if isinstance(e, EmitterError):
+        ctx.exit(EXIT_DAEMON_ERROR)
+    if all("id" in ev for _, ev in batch):
+        retry = "its events all have ids, so publishing them again stores each once"
+    else:
+        retry = ("publishing them again may store some twice (an event with an "
+                 "\"id\" would be stored once)")
+    _maybe_stored("this batch (lines %d..%d of %s)" % (batch[0][0], batch[-1][0], source), retry)
+    ctx.exit(EXIT_UNREACHABLE)
 
 
 @cli.command(epilog="""\b

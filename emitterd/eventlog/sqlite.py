@@ -2,6 +2,7 @@
 import ctypes
 import functools
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -98,6 +99,14 @@ CHUNK_BYTES = 1 << 20
 PAGE_SIZE = 16384
 _INSERT_CHUNK = "INSERT INTO chunks (first, last, bodies) VALUES (?, ?, ?)"
 _CHUNK_AT = "SELECT first, last, bodies FROM chunks WHERE first <= ? ORDER BY first DESC LIMIT 1"
+# chunks are in position order: the last one ends at the head (MAX(last) would scan)
+HEAD_SQL = "SELECT last FROM chunks ORDER BY first DESC LIMIT 1"
+TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA))
+
+
+def tables_of(db: sqlite3.Connection) -> set:
+    """The names of the tables in a database."""
+    return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 _UPSERT_MAX = 256
 # The WAL is written ahead at open to at most this much (wal_rewind_bytes may be set far
 # higher to rewind rarely), and only where that leaves at least as much free space again.
@@ -224,8 +233,7 @@ class SqliteLog(EventLog):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=%s" % ("FULL" if synchronous == "full" else "NORMAL"))
         self._db.execute("PRAGMA busy_timeout=2000")
-        tables = {r[0] for r in self._db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables = tables_of(self._db)
         if tables and not tables & {"meta", "chunks", "events"}:
             # some other program's database where ours belongs: never add our tables to it
             self._db.close()
@@ -248,8 +256,7 @@ class SqliteLog(EventLog):
         before = self.meta("id_salts_before")
         self._salts_before = [(int.from_bytes(s, "big"), last)
                               for s, last in (msgpack.unpackb(before) if before else [])]
-        # chunks are in position order: the last one ends at the head (MAX(last) would scan)
-        row = self._db.execute("SELECT last FROM chunks ORDER BY first DESC LIMIT 1").fetchone()
+        row = self._db.execute(HEAD_SQL).fetchone()
         self.head = row[0] if row else 0
         self.durable = self.head      # events up to here are on disk (sync() moves it)
         self._stream_versions: dict = {}
@@ -337,14 +344,19 @@ class SqliteLog(EventLog):
         return all(ev.id is not None and (ev.id in ids or self._lookup_id(ev.id) is not None)
                    for ev in events)
 
-    def _lookup_id(self, event_id: str) -> Optional[tuple]:
-        pos = generated_position(self._salt, event_id)
-        for salt, last in self._salts_before if pos is None else ():
+    def _position_before_restore(self, event_id: str) -> Optional[int]:
+        """The position in an id generated under a salt this log had before a restore, if
+        the restore kept it (one given out after the backup went with the events dropped)."""
+        for salt, last in self._salts_before:
             pos = generated_position(salt, event_id)
             if pos is not None:
-                if pos > last:
-                    pos = None     # given out after the backup a restore went back to: lost
-                break
+                return pos if pos <= last else None
+        return None
+
+    def _lookup_id(self, event_id: str) -> Optional[tuple]:
+        pos = generated_position(self._salt, event_id)
+        if pos is None and self._salts_before:
+            pos = self._position_before_restore(event_id)
         if pos is not None and pos <= self.head:
             if pos >= self._tail_start:
                 version = self._tail[pos - self._tail_start + self._tail_off].decode()["version"]
