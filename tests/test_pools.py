@@ -195,6 +195,28 @@ def test_resize_up_keeps_pids_and_down_retires_highest_indexes(daemon: Daemon) -
     assert st["restarts"] == 0
 
 
+@pytest.mark.timeout(60)
+def test_a_retired_worker_without_consumer_does_not_wait_out_the_drain(make_daemon: Any,
+                                                                        short_tmp: str) -> None:
+    """Shrinking a pool whose unix: subscriber is unreachable: the retired worker's events
+    cannot be acked, so it stops at once instead of after drain_timeout (the same rule as a
+    stop's drain), and its events go to the worker that stays."""
+    d = make_daemon("--drain-timeout", "30")
+    c = d.client()
+    key = c.start(sub("unreachable", subscriber="unix:" + os.path.join(short_tmp, "no.sock"),
+                      pool_size=2, options={"strategy": "round_robin"}))["key"]
+    pids = pids_by_index(ready_status(d, c, key, 2))
+    c.publish([{"stream": "s-%d" % i, "type": "t"} for i in range(6)])
+    wait_for(lambda: all(w["in_flight"] > 0 for w in c.status(key)["workers"]), 10,
+             what="events held by both workers")
+    t0 = time.monotonic()
+    c.update(key, pool_size=1)
+    wait_for(lambda: not alive(pids[1]), 25, what="the retired worker to exit")
+    assert time.monotonic() - t0 < 20, "the retired worker waited for acks no one could send"
+    wait_for(lambda: c.status(key)["workers"][0]["in_flight"] == 6, 10,
+             what="its events handed to the worker that stays")
+
+
 # ---- stop, delete, start again ---------------------------------------------------------
 
 @pytest.mark.timeout(30)
