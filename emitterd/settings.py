@@ -285,6 +285,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("default_restart_period", FLOAT, 60.0, SUB, True, """
         Default options.restart_period, in seconds.""",
        minimum=0, exclusive_minimum=True),
+    _s("default_ephemeral", BOOL, False, SUB, True, """
+        Default options.ephemeral for subscriptions without subscriber (deleted
+        when their last attached consumer leaves, or 60 s after start if none
+        attached). A subscription with a subscriber is never ephemeral."""),
     # -- observability
     _s("log_level", CHOICE, "info", OBS, True, """
         Least severe log level written to stderr.""",

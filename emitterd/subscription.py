@@ -35,7 +35,7 @@ def default_options(cfg: Any) -> dict:
         "retry_backoff": [float(x) for x in cfg.default_retry_backoff],
         "max_restarts": cfg.default_max_restarts,
         "restart_period": float(cfg.default_restart_period),
-        "ephemeral": False,
+        "ephemeral": bool(cfg.default_ephemeral),
     }
 
 
@@ -138,7 +138,10 @@ def validate(sub: Any, cfg: Any, field: str = "subscription") -> dict:
         start_from = "now"
     if not (start_from in ("origin", "now") or (_is_int(start_from) and start_from >= 1)):
         raise invalid(field + ".start_from", 'start_from must be "origin", "now" or a position >= 1')
-    options = validate_options(sub.get("options"), default_options(cfg), field + ".options")
+    defaults = default_options(cfg)
+    if subscriber is not None:
+        defaults["ephemeral"] = False     # default_ephemeral is for subscriptions without one
+    options = validate_options(sub.get("options"), defaults, field + ".options")
     if options["ephemeral"] and subscriber is not None:
         raise invalid(field + ".options.ephemeral", "an ephemeral subscription has no subscriber")
     return {"name": name, "type": type_, "selector": selector, "subscriber": subscriber,

@@ -791,3 +791,26 @@ def test_an_ephemeral_subscription_nobody_attaches_to_is_deleted_after_60s(daemo
     assert 58 <= gone_after <= 75, gone_after
     with pytest.raises(NotFound):
         c.status(key)
+
+
+@pytest.mark.timeout(30)
+def test_default_ephemeral_applies_only_to_subscriptions_without_subscriber(make_daemon: Any,
+                                                                            tmp_path: Any) -> None:
+    """PROTOCOL §7: every option has its default_<option> setting, ephemeral too; a
+    subscription with a subscriber cannot be ephemeral, so the default passes it by."""
+    d = make_daemon("--default-ephemeral")
+    c = d.client()
+    opts = lambda key: c.status(key)["subscription"]["options"]
+    bare = c.start({"name": "bare", "type": "stream", "selector": "$all"})["key"]
+    assert opts(bare)["ephemeral"] is True
+    kept = c.start({"name": "kept", "type": "stream", "selector": "$all",
+                    "options": {"ephemeral": False}})["key"]
+    assert opts(kept)["ephemeral"] is False
+    fed = c.start({"name": "fed", "type": "stream", "selector": "$all",
+                   "subscriber": "unix:" + str(tmp_path / "nobody.sock")})["key"]
+    assert opts(fed)["ephemeral"] is False
+    with pytest.raises(Invalid) as e:
+        c.start({"name": "both", "type": "stream", "selector": "$all",
+                 "subscriber": "unix:" + str(tmp_path / "nobody.sock"),
+                 "options": {"ephemeral": True}})
+    assert e.value.details == {"field": "subscription.options.ephemeral"}

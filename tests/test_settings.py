@@ -31,7 +31,8 @@ REQUIRED = ["socket", "socket_mode", "allow_uids", "allow_gids", "data_dir", "st
             "heartbeat_interval", "max_worker_rss", "synchronous", "metrics_listen",
             "default_pool_size", "default_strategy", "default_batch_size",
             "default_max_in_flight", "default_ack_timeout", "default_max_retries",
-            "default_retry_backoff", "default_max_restarts", "default_restart_period"]
+            "default_retry_backoff", "default_max_restarts", "default_restart_period",
+            "default_ephemeral"]
 
 
 @pytest.fixture(autouse=True)
@@ -112,7 +113,7 @@ def test_defaults(tmp_path):
     assert cfg.subscription_defaults() == {
         "pool_size": 1, "strategy": "pinned", "batch_size": 64, "max_in_flight": 256,
         "ack_timeout": 30.0, "max_retries": 10, "retry_backoff": [0.1, 30.0],
-        "max_restarts": 10, "restart_period": 60.0}
+        "max_restarts": 10, "restart_period": 60.0, "ephemeral": False}
     assert cfg.warnings == []
 
 
