@@ -727,10 +727,13 @@ class Consumer:
     def nack(self, positions: Sequence[int], action: str = "retry",
              reason: Optional[str] = None) -> None:
         """Refuse events: ``action`` is ``retry``, ``park`` or ``skip`` (ValueError for any
-        other: the daemon would close the connection over it)."""
+        other: the daemon would close the connection over it; TypeError for a reason that
+        is not a str, for the same cause). The daemon keeps at most 1000 characters of it."""
         if action not in _NACK_ACTIONS:
             raise ValueError("nack action must be one of %s, got %r"
                              % (", ".join(_NACK_ACTIONS), action))
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError("nack reason must be a str, got %s" % type(reason).__name__)
         msg: Dict[str, Any] = {"op": "nack", "positions": _positions(positions),
                                "action": action}
         if reason is not None:

@@ -548,6 +548,9 @@ def test_attach_errors(daemon: Any, short_tmp: str) -> None:
     c = daemon.client()
     with pytest.raises(NotFound):
         c.attach(UNKNOWN_KEY)
+    with pytest.raises(Invalid) as missing:        # as every op that takes a key answers
+        c.request("attach", {})
+    assert missing.value.details == {"field": "key"}
     pushed = start_sub(c, "pushed", subscriber="unix:" + os.path.join(short_tmp, "nobody.sock"))
     with pytest.raises(Invalid):
         c.attach(pushed["key"])
@@ -590,3 +593,33 @@ def test_serve_subscriber_receives_and_acks(daemon: Any, short_tmp: str) -> None
         stop.set()
         t.join(5)
     assert not t.is_alive()
+
+
+@pytest.mark.timeout(60)
+def test_a_nack_reason_must_be_a_string_and_is_kept_to_1000_characters(daemon: Any) -> None:
+    """PROTOCOL §3: reason is a str; a nack with another one is not a valid frame (the
+    connection closes, its events come again), not a Python repr stored as the reason."""
+    c = daemon.client()
+    key = start_sub(c, "reasons", options={"max_retries": 0})["key"]
+    wait_ready(c, key)
+    ps = c.publish(events(2))["positions"]
+    with c.attach(key) as consumer:
+        with pytest.raises(TypeError, match="reason must be a str"):
+            consumer.nack(ps[:1], "park", reason=5)     # type: ignore[arg-type]
+        got = sorted(e["position"] for e in next(consumer.batches(timeout=10)))
+        assert got == ps
+        consumer._send({"op": "nack", "positions": ps[:1], "action": "park",
+                        "reason": {"a": [1]}})
+        assert consumer.recv(timeout=10) is None, "the daemon kept the connection open"
+    wait_for(lambda: c.status(key)["in_flight"] == 2 and not any(
+        w["consumers"] for w in c.status(key)["workers"]), 10, "the events to be free again")
+    assert c.status(key)["parked"] == 0
+    with c.attach(key) as consumer:
+        again = {e["position"]: e["attempt"] for e in next(consumer.batches(timeout=10))}
+        assert again == {p: 2 for p in ps}
+        consumer.nack(ps[:1], "park", reason="x" * 5000)
+        consumer.ack(ps[1:])
+        wait_checkpoint(c, key, ps[-1])
+    (parked,) = c.parked(key)["events"]
+    assert parked["position"] == ps[0]
+    assert parked["reason"] == "x" * 997 + "..."

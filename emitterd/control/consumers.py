@@ -15,6 +15,8 @@ ATTACH_POLL = 0.01
 def attach(ctx: Any, req: Any) -> Any:
     only_keys(req.args, ("key",))
     key = req.args.get("key")
+    if key is None:
+        raise invalid("key", "attach needs the key of a subscription without subscriber")
     if not subscription.is_key(key):
         raise ProtocolError(NOT_FOUND, "no subscription with key %s" % describe(key))
     pool = ctx.registry.pools.get(key)

@@ -7,6 +7,9 @@ from emitterd.channel import Channel
 from emitterd.loop import monotonic
 
 NACK_ACTIONS = ("retry", "park", "skip")
+# A parked event keeps its reason on disk and in every `parked` answer: a consumer's
+# reason is cut to this many characters, so that one event cannot fill those.
+MAX_REASON = 1000
 
 
 def _positions(msg: dict) -> Any:
@@ -68,10 +71,11 @@ class ConsumerConn:
             if done:
                 self.worker.report({"op": "ack", "positions": done})
             return
-        if op == "nack" and positions is not None and msg.get("action") in NACK_ACTIONS:
-            reason = msg.get("reason")
-            if reason is not None and not isinstance(reason, str):
-                reason = str(reason)
+        reason = msg.get("reason")
+        if (op == "nack" and positions is not None and msg.get("action") in NACK_ACTIONS
+                and (reason is None or isinstance(reason, str))):
+            if reason is not None and len(reason) > MAX_REASON:
+                reason = reason[:MAX_REASON - 3] + "..."
             done = self._take(positions)
             if done:
                 self.worker.report({"op": "nack", "positions": done, "action": msg["action"],
@@ -108,4 +112,6 @@ def _what_is_wrong(op: Any, positions: Any, msg: dict) -> str:
         return "op %r" % (op,)
     if positions is None:
         return "%s without a list of integer positions" % op
+    if msg.get("action") in NACK_ACTIONS:
+        return "nack with a reason that is not a string (%s)" % type(msg.get("reason")).__name__
     return "nack with action %r (retry, park or skip)" % (msg.get("action"),)
