@@ -594,6 +594,28 @@ def test_requests_pipelined_after_a_publish_see_its_events(daemon: Daemon) -> No
     assert not problems, "; ".join(problems)
 
 
+@pytest.mark.timeout(30)
+def test_requests_pipelined_after_a_draining_stop_run_after_it(daemon: Daemon) -> None:
+    """A stop answers when its drain is over; the requests pipelined behind it on the same
+    connection run only then, so they see the pool stopped (a start starts it again)
+    instead of the state from before the stop."""
+    c = daemon.client()
+    spec = sub_spec("pipestop")
+    key = start_pool(daemon, c, spec)["key"]
+    c.publish(events(2))
+    with c.attach(key) as consumer:
+        assert len(next(consumer.batches(timeout=10))) == 2      # held, never acked
+        out = daemon.client().pipeline([
+            ("stop", {"key": key, "drain_timeout": 0.5}),
+            ("status", {"key": key}),
+            ("start", {"subscription": spec}),
+        ], timeout=20)
+    daemon.collect_children()
+    assert [o["state"] if isinstance(o, dict) else o for o in out] == [
+        "stopped", "stopped", "running"], out
+    wait_status(c, key, lambda s: s["state"] == "running" and s["workers"], what="running again")
+
+
 @pytest.fixture(scope="module")
 def limits_daemon() -> Any:
     """One daemon with small publish limits for the atomicity cases."""

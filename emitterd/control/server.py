@@ -16,6 +16,11 @@ from emitterd.eventlog import PublishBatch
 
 log = logs.get("control")
 DEFERRED = object()      # a handler's "I will answer later through req.reply/req.fail"
+# Deferred ops that keep their own order: a publish waits for the turn's group commit
+# (a later request of its connection commits it first), an attach ends the control
+# connection. Any other deferred op (a stop's drain) finishes before the next request
+# of its connection runs, so a pipelined stop + status or stop + start sees the stop done.
+_OWN_ORDER = frozenset({"publish", "attach"})
 _UCRED = struct.Struct("3i")
 
 
@@ -55,6 +60,7 @@ class ControlConn:
                                self._on_close, self._on_frame_error,
                                max_out=cfg.output_buffer_bytes, decode=server.decode)
         self.after_reply = None        # callable run once this connection's slots are all sent
+        self._unfinished: Optional[list] = None   # the slot of a deferred op reading waits for
 
     # ---- requests ----------------------------------------------------------------
     def _on_frame(self, msg: dict) -> None:
@@ -94,6 +100,9 @@ class ControlConn:
             return
         if result is not DEFERRED:
             req.reply(result)
+        elif op not in _OWN_ORDER and slot[0] is None:
+            self._unfinished = slot
+            self.channel.pause()
 
     def _answer(self, response: dict, close_after: bool = False) -> None:
         self.slots.append([response, close_after])
@@ -102,6 +111,10 @@ class ControlConn:
     def fill(self, slot: list, response: dict) -> None:
         slot[0] = response
         self._flush_slots()
+        if slot is self._unfinished:
+            self._unfinished = None
+            # on the next turn: not inside whatever finished this request
+            self.server.ctx.loop.call_later(0, self.channel.resume)
 
     def _flush_slots(self) -> None:
         ch = self.channel
