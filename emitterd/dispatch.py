@@ -107,6 +107,9 @@ class Dispatcher:
         self.delivered = 0
         self.retried = 0
         self.parked = 0
+        # parked events sent again by `parked replay`, until acked, skipped or parked again:
+        # not listed as parked meanwhile (their rows stay on disk, so a restart lists them)
+        self.replaying: set = set()
         self.worker_delivered: dict = {}   # index -> acked events
         self._rr = 0
         # {"op": "events", "key": key, "events": [...]}: everything up to the array header
@@ -141,6 +144,7 @@ class Dispatcher:
     def set_checkpoint(self, position: int) -> None:
         """Move the cursor: events after `position` are delivered (again), none up to it."""
         self.entries.clear()
+        self.replaying.clear()
         self.flying.clear()
         self.ready.clear()
         self.retry_heap.clear()
@@ -542,7 +546,7 @@ class Dispatcher:
         self.delivered += n
         self.worker_delivered[index] = self.worker_delivered.get(index, 0) + n
         if unpark:
-            self.on_unpark(unpark)
+            self._replayed(unpark)
 
     def on_nack(self, wid: int, positions: list, action: str, reason: Optional[str]) -> None:
         items = self._own(wid, positions)
@@ -552,7 +556,7 @@ class Dispatcher:
                 self._release(e)
                 del self.entries[p]
             if unpark:
-                self.on_unpark(unpark)
+                self._replayed(unpark)
             return
         if action == "park":
             self._park(items, reason or "nack")
@@ -582,9 +586,16 @@ class Dispatcher:
             self._release(e)
             del self.entries[p]
             rows.append((p, reason))
-            if not e.replay:
+            if e.replay:
+                self.replaying.discard(p)      # listed again, with this reason
+            else:
                 self.parked += 1
         self.on_park(rows)
+
+    def _replayed(self, positions: list) -> None:
+        """Replayed parked events handled at last: their rows go."""
+        self.replaying.difference_update(positions)
+        self.on_unpark(positions)
 
     def _release_due(self) -> None:
         now = monotonic()
@@ -628,6 +639,7 @@ class Dispatcher:
                                                    for fw in self.flying.values()):
                 continue
             self.entries[rec.position] = Entry(rec, replay=True)
+            self.replaying.add(rec.position)
             heapq.heappush(self.ready, rec.position)
             n += 1
         return n

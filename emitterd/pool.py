@@ -96,7 +96,7 @@ class Pool:
         self._last_backoff_end = 0.0
         self._spawn_failures = 0       # in a row; backs the next try off
         self.stopping: Optional[dict] = None
-        self.parked_count = ctx.log.parked_count(key)
+        self._parked_rows = ctx.log.parked_count(key)
         self.ever_attached = False
         self._ephemeral_timer = None
         self._make_dispatcher(checkpoint)
@@ -115,12 +115,26 @@ class Pool:
 
     def _park(self, rows: list) -> None:
         self.ctx.log.park(self.key, rows)
-        self.parked_count = self.ctx.log.parked_count(self.key)
+        self.recount_parked()
         log.info("events parked", pool=self.name, count=len(rows), reason=rows[0][1])
 
     def _unpark(self, positions: list) -> None:
         self.ctx.log.unpark(self.key, positions)
-        self.parked_count = self.ctx.log.parked_count(self.key)
+        self.recount_parked()
+
+    def recount_parked(self) -> None:
+        self._parked_rows = self.ctx.log.parked_count(self.key)
+
+    @property
+    def parked_count(self) -> int:
+        """Parked events as listed: those being replayed are not (PROTOCOL §3)."""
+        return self._parked_rows - len(self.dispatcher.replaying)
+
+    def parked_rows(self, limit: int) -> list:
+        """(position, reason) of the first `limit` parked events as listed."""
+        replaying = self.dispatcher.replaying
+        rows = self.ctx.log.parked(self.key, limit + len(replaying))
+        return [r for r in rows if r[0] not in replaying][:limit]
 
     @property
     def attach_mode(self) -> bool:

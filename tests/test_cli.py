@@ -622,6 +622,34 @@ def test_parked_purge_and_replay_take_every_parked_event(daemon: Any) -> None:
         "connected to take them); they are delivered again when the pool starts" in out, (out, err)
 
 
+@pytest.mark.timeout(60)
+def test_parked_lists_as_many_large_events_as_fit_in_one_answer(make_daemon: Any) -> None:
+    """`limit` is a most: parked events too large to list together within max_frame_bytes
+    come back as many as fit (not `internal` for the whole answer), and emitterctl says so."""
+    d = make_daemon("--max-frame-bytes", "200000", "--max-event-bytes", "100000")
+    c = d.client()
+    key = c.start({"name": "bigparker", "type": "stream", "selector": "$all"})["key"]
+    wait_for(lambda: any(w["state"] == "ready" for w in c.status(key)["workers"]), 15,
+             "a ready worker")
+    ps = [c.publish([{"stream": "p", "type": "t", "data": "x" * 60000}])["positions"][0]
+          for _ in range(5)]
+    taken: List[int] = []
+    with c.attach(key) as consumer:
+        for batch in consumer.batches(timeout=10):
+            consumer.nack([e["position"] for e in batch], action="park", reason="big")
+            taken += [e["position"] for e in batch]
+            if len(taken) >= 5:
+                break
+    wait_for(lambda: c.status(key)["parked"] == 5, 15, "5 parked events")
+    listed = [e["position"] for e in c.parked(key)["events"]]
+    assert listed == ps[:3], listed                 # 3 x 60 kB fit in 200 kB, 4 do not
+    rc, out, err = d.ctl("parked", key)
+    assert rc == 0 and "(3 of 5 parked events shown, the oldest; no more fit in one answer " \
+        "of max_frame_bytes" in out, (out, err)
+    assert c.parked(key, "purge", limit=3)["count"] == 3
+    assert [e["position"] for e in c.parked(key)["events"]] == ps[3:]
+
+
 class LineReader:
     """Reads a subprocess's stdout lines on a thread."""
 

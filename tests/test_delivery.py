@@ -226,6 +226,43 @@ def test_park_after_max_retries_then_replay_with_a_fresh_retry_count(daemon: Dae
     assert st["checkpoint"] == ps[-1]
 
 
+@pytest.mark.timeout(60)
+def test_replayed_events_are_not_listed_as_parked_unless_a_restart_ends_the_replay(
+        daemon: Daemon) -> None:
+    """PROTOCOL §3: parked events "stay listed until replayed or purged". A replayed event
+    is not listed (nor counted in status.parked, nor purged, nor replayed twice) while it is
+    delivered again; parked again it is listed again with its new reason; and a daemon
+    killed before the replay was acked lists it as parked again (nothing is lost)."""
+    c = daemon.client()
+    key = start_pool(daemon, c, sub_spec("replays", max_retries=0))["key"]
+    ps = c.publish(events(3, stream="rp"))["positions"]
+    with c.attach(key) as consumer:
+        got = [e["position"] for e in next(consumer.batches(timeout=10))]
+        assert got == ps
+        consumer.nack(ps, "park", reason="first")
+        wait_status(c, key, lambda s: s["parked"] == 3 and s["in_flight"] == 0,
+                    what="three parked")
+        assert c.parked(key, "replay")["count"] == 3
+        again = next(consumer.batches(timeout=10))
+        assert [(e["position"], e["attempt"]) for e in again] == [(p, 1) for p in ps]
+        assert c.parked(key)["events"] == [] and c.status(key)["parked"] == 0
+        assert c.parked(key, "replay")["count"] == 0
+        assert c.parked(key, "purge")["count"] == 0
+        consumer.ack(ps[:1])
+        consumer.nack(ps[1:2], "park", reason="second")
+        wait_status(c, key, lambda s: s["parked"] == 1, what="one parked again")
+        assert [(e["position"], e["reason"]) for e in c.parked(key)["events"]] == [
+            (ps[1], "second")]
+        daemon.collect_children()
+        daemon.proc.kill()                # ps[2] is still being replayed, unacked
+        daemon.proc.wait(10)
+    daemon.start()
+    c = daemon.client()
+    assert [(e["position"], e["reason"]) for e in c.parked(key)["events"]] == [
+        (ps[1], "second"), (ps[2], "first")]
+    assert c.status(key)["parked"] == 2
+
+
 @pytest.mark.timeout(30)
 def test_parked_purge(daemon: Daemon, subscribers: Any) -> None:
     sub = subscribers(lambda e, conn: ("nack", "park", "no") if e["data"]["i"] < 3 else ACK)

@@ -886,11 +886,13 @@ def parked(ctx: click.Context, key: str, replay: bool, purge: bool,
         def human() -> str:
             rows = r.get("events") or []
             text = render.parked_table(rows)
-            if len(rows) >= limit:
-                total = st.client().status(key).get("parked")
-                if isinstance(total, int) and total > len(rows):
-                    text += "\n(%s of %s parked events shown, the oldest; --limit N for more)" % (
-                        render.num(len(rows)), render.num(total))
+            total = st.client().status(key).get("parked")
+            if isinstance(total, int) and total > len(rows):
+                why = ("--limit N for more" if len(rows) >= limit else
+                       "no more fit in one answer of max_frame_bytes; --purge or --replay "
+                       "some to see the rest")
+                text += "\n(%s of %s parked events shown, the oldest; %s)" % (
+                    render.num(len(rows)), render.num(total), why)
             return text
         emit(st, r, human)
     else:

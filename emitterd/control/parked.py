@@ -1,7 +1,9 @@
 """parked: list, replay or purge a pool's parked events."""
 from typing import Any
 
+from emitterd import framing
 from emitterd.control.common import find_pool, only_keys
+from emitterd.settings import FRAME_SLACK
 from emitterd.errors import UNAVAILABLE, ProtocolError, invalid
 
 
@@ -18,16 +20,19 @@ def parked(ctx: Any, req: Any) -> dict:
         limit = 100
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000:
         raise invalid("limit", "limit must be an integer from 1 to 100000")
-    rows = ctx.log.parked(pool.key, limit)
+    rows = pool.parked_rows(limit)
     if action == "purge":
         n = ctx.log.unpark(pool.key, [p for p, _ in rows])
-        pool.parked_count = ctx.log.parked_count(pool.key)
+        pool.recount_parked()
         return {"count": n}
     records = ctx.log.get([p for p, _ in rows])
     if action == "replay":
         if pool.state != "running" or pool.stopping is not None:
             raise ProtocolError(UNAVAILABLE, "pool %s is %s; start it to replay" % (pool.key, pool.state))
         return {"count": pool.dispatcher.replay([records[p] for p, _ in rows if p in records])}
+    # as many as fit in one answer (limit is a most): a list of large events would
+    # otherwise be no answer at all, only an error
+    budget = ctx.cfg.max_frame_bytes - FRAME_SLACK
     events = []
     for p, reason in rows:
         rec = records.get(p)
@@ -35,5 +40,8 @@ def parked(ctx: Any, req: Any) -> dict:
             ev = rec.decode()
             ev["attempt"] = 1
             ev["reason"] = reason
+            budget -= len(framing.pack(ev))
+            if budget < 0 and events:
+                break
             events.append(ev)
     return {"events": events}
