@@ -718,6 +718,37 @@ def test_tail_key_json_prints_and_acks(daemon: Any) -> None:
     assert rc == 0, proc.stderr.read()
 
 
+@pytest.mark.timeout(60)
+def test_tail_tells_a_stopped_pool_from_a_daemon_gone(make_daemon: Any) -> None:
+    """Exit 3 is for a daemon that cannot be reached (§6); a pool stopped under tail by
+    another client is the daemon's answer: exit 1, naming the state."""
+    d = make_daemon()
+    key = start_json(d, "tailstop")["key"]
+    wait_status(d, key, lambda s: any(w["state"] == "ready" for w in s["workers"]), "ready")
+    proc = d.ctl_popen("tail", key)
+    try:
+        wait_for(lambda: _consumers(d, key) == 1, 15, "the tail consumer")
+        d.client().stop(key, drain_timeout=0.2)
+        rc = proc.wait(15)
+    finally:
+        _finish(proc)
+    err = proc.stderr.read()
+    assert rc == 1 and "error: the pool of %s is stopped" % key in err, (rc, err)
+
+    d.client().start({"name": "tailstop", "type": "stream", "selector": "$all"})
+    wait_status(d, key, lambda s: any(w["state"] == "ready" for w in s["workers"]), "ready")
+    proc = d.ctl_popen("tail", key)
+    try:
+        wait_for(lambda: _consumers(d, key) == 1, 15, "the tail consumer")
+        d.collect_children()
+        d.proc.kill()
+        rc = proc.wait(15)
+    finally:
+        _finish(proc)
+    err = proc.stderr.read()
+    assert rc == 3 and "no longer answers" in err, (rc, err)
+
+
 @pytest.mark.timeout(90)
 def test_tail_human_lines(daemon: Any) -> None:
     key = start_json(daemon, "tailed-h")["key"]

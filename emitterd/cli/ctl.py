@@ -826,8 +826,9 @@ def tail(ctx: click.Context, key: Optional[str], sub_type: Optional[str], select
                 if _terminated:
                     break
         if consumer.closed_by_peer:
-            click.echo("error: the daemon closed the connection", err=True)
-            ctx.exit(EXIT_UNREACHABLE)
+            code, why = _why_tail_ended(st, key)
+            click.echo("error: %s" % why, err=True)
+            ctx.exit(code)
     except (KeyboardInterrupt, _Terminated):
         pass
     except BrokenPipeError:
@@ -836,6 +837,31 @@ def tail(ctx: click.Context, key: Optional[str], sub_type: Optional[str], select
         signal.signal(signal.SIGTERM, old_term)
         if consumer is not None:
             consumer.close()
+
+
+def _why_tail_ended(st: Any, key: str) -> Tuple[int, str]:
+    """The daemon closed tail's consumer connection: asked again, it says whether the pool
+    stopped (exit 1, the daemon answered) or the daemon went away (exit 3)."""
+    try:
+        with Client(st.socket_path, timeout=5.0) as c:
+            pool = c.status(key)
+            # a stop closes the consumers before the daemon has reaped the workers
+            deadline = time.monotonic() + 2.0
+            while pool.get("state") == "running" and time.monotonic() < deadline:
+                time.sleep(0.05)
+                pool = c.status(key)
+    except Unreachable:
+        return EXIT_UNREACHABLE, "the daemon closed the connection and no longer answers"
+    except EmitterError as e:
+        if e.code == "not_found":
+            return EXIT_DAEMON_ERROR, "subscription %s was deleted" % key
+        return EXIT_DAEMON_ERROR, "the daemon closed the connection (status: %s)" % e
+    except TimeoutError:
+        return EXIT_UNREACHABLE, "the daemon closed the connection and does not answer"
+    if pool.get("state") != "running":
+        return EXIT_DAEMON_ERROR, "the pool of %s is %s" % (key, pool.get("state"))
+    return EXIT_DAEMON_ERROR, ("the daemon closed the connection (the worker serving it "
+                               "exited); the pool of %s is running" % key)
 
 
 def _reader_gone() -> bool:
