@@ -10,8 +10,11 @@ from typing import Any, Callable, Optional
 
 import msgpack
 
+from emitterd import logs
 from emitterd.filters import match_all
 from emitterd.loop import monotonic
+
+logger = logs.get("dispatch")   # self.log is the event log
 
 SCAN_CHUNK = 512
 SCAN_LIMIT = 20_000        # log records examined per pump, so one pool cannot stall the loop
@@ -581,16 +584,26 @@ class Dispatcher:
             self._park(to_park, "max_retries")
 
     def _park(self, items: list, reason: str) -> None:
-        rows = []
-        for p, e in items:
+        for _, e in items:
             self._release(e)
+        try:
+            self.on_park([(p, reason) for p, _ in items])
+        except Exception:
+            # not stored as parked (a full disk, say): they stay in the flow, to be tried
+            # again after the longest backoff, rather than leave it unrecorded (lost)
+            logger.exception("could not park events; they are delivered again later",
+                          pool=self.key, events=len(items))
+            due = monotonic() + self.options["retry_backoff"][1]
+            for p, _ in items:
+                heapq.heappush(self.retry_heap, (due, p))
+            self.schedule(due)
+            return
+        for p, e in items:
             del self.entries[p]
-            rows.append((p, reason))
             if e.replay:
                 self.replaying.discard(p)      # listed again, with this reason
             else:
                 self.parked += 1
-        self.on_park(rows)
 
     def _replayed(self, positions: list) -> None:
         """Replayed parked events handled at last: their rows go."""

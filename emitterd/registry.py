@@ -1,8 +1,14 @@
-"""All pools of the daemon: create, look up, persist, delete; checkpoint flushing."""
+"""All pools of the daemon: create, look up, persist, delete; checkpoint flushing.
+
+A subscription whose change cannot be written (a full disk) keeps the change in memory: the
+daemon goes on with it and writes it at the next checkpoint flush that can, and the
+operation that made it answers `unavailable` saying so (unsaved_error)."""
+import sqlite3
 import time
 from typing import Any, Callable, Optional
 
 from emitterd import logs
+from emitterd.errors import UNAVAILABLE, ProtocolError
 from emitterd.pool import Pool
 
 log = logs.get("registry")
@@ -14,6 +20,8 @@ class Registry:
         self.pools: dict = {}
         self.desired: dict = {}      # key -> "running" | "stopped" (what a restart brings back)
         self._saved: dict = {}       # key -> checkpoint last written
+        self._unsaved: dict = {}     # key -> why the subscription's last change is not on disk
+        self._undeleted: dict = {}   # key -> why a deleted subscription is still on disk
 
     def load(self) -> None:
         """Bring back every stored subscription; those that were running run again."""
@@ -37,24 +45,78 @@ class Registry:
         # a start_from beyond the head is kept: the cursor waits there (reported checkpoint <= head)
         checkpoint = 0 if sf == "origin" else head if sf == "now" else sf - 1
         pool = Pool(self.ctx, key, spec, checkpoint, int(time.time() * 1_000_000))
+        # stored first: a subscription that cannot be stored is refused, not half made
+        try:
+            self.ctx.log.save_subscription(key, spec, "running", pool.stored_checkpoint,
+                                           pool.created_at)
+        except sqlite3.Error as e:
+            log.error("could not store a new subscription", key=key, error=str(e))
+            raise ProtocolError(UNAVAILABLE, "the subscription could not be stored: %s" % e) \
+                from None
+        self._undeleted.pop(key, None)
         self.pools[key] = pool
         self.desired[key] = "running"
-        self.persist(pool, "running")
+        self._saved[key] = pool.stored_checkpoint
         return pool
 
-    def persist(self, pool: Pool, desired: Optional[str] = None) -> None:
+    def persist(self, pool: Pool, desired: Optional[str] = None) -> bool:
+        """Write the pool's subscription (spec, desired state, checkpoint); False when that
+        failed: then it is written at a later flush (see the module's docstring)."""
         if pool.key not in self.pools:
-            return
+            return True
         if desired is not None:
             self.desired[pool.key] = desired
         cp = pool.stored_checkpoint
-        self.ctx.log.save_subscription(pool.key, pool.spec, self.desired[pool.key], cp,
-                                       pool.created_at)
+        try:
+            self.ctx.log.save_subscription(pool.key, pool.spec, self.desired[pool.key], cp,
+                                           pool.created_at)
+        except sqlite3.Error as e:
+            if pool.key not in self._unsaved:
+                log.error("could not save a subscription; retrying every checkpoint flush",
+                          pool=pool.name, error=str(e))
+            self._unsaved[pool.key] = str(e)
+            return False
         self._saved[pool.key] = cp
+        if self._unsaved.pop(pool.key, None) is not None:
+            log.info("subscription saved at last", pool=pool.name)
+        return True
+
+    def unsaved_error(self, key: str, what: str) -> Optional[ProtocolError]:
+        """`unavailable` for an operation whose change (`what`) is not on disk yet."""
+        why = self._unsaved.get(key) or self._undeleted.get(key)
+        if why is None:
+            return None
+        return ProtocolError(UNAVAILABLE, "%s, but that could not be saved (%s); the daemon "
+                             "saves it once it can, and a restart before then undoes it"
+                             % (what, why))
+
+    def _retry_unsaved(self) -> None:
+        for key in list(self._unsaved):
+            pool = self.pools.get(key)
+            if pool is None:
+                del self._unsaved[key]
+            else:
+                self.persist(pool)
+        for key in list(self._undeleted):
+            self._delete_stored(key)
+
+    def _delete_stored(self, key: str) -> None:
+        try:
+            self.ctx.log.delete_subscription(key)
+        except sqlite3.Error as e:
+            if key not in self._undeleted:
+                log.error("could not delete a subscription from disk; retrying every "
+                          "checkpoint flush", key=key, error=str(e))
+            self._undeleted[key] = str(e)
+            return
+        if self._undeleted.pop(key, None) is not None:
+            log.info("subscription deleted from disk at last", key=key)
 
     def flush_checkpoints(self) -> None:
         """Persist every checkpoint that moved since the last flush, and the stream heads
         that moved (one transaction)."""
+        if self._unsaved or self._undeleted:
+            self._retry_unsaved()
         changed = {}
         for key, pool in self.pools.items():
             cp = pool.stored_checkpoint
@@ -81,7 +143,8 @@ class Registry:
                 del self.pools[key]
                 self.desired.pop(key, None)
                 self._saved.pop(key, None)
-                self.ctx.log.delete_subscription(key)
+                self._unsaved.pop(key, None)
+                self._delete_stored(key)
                 log.info("subscription deleted", pool=pool.name)
             if done:
                 done()

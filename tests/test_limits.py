@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -534,6 +535,89 @@ def test_an_immutable_event_log_fails_publishes_with_an_error_then_recovers(
     assert more[0] > acked[-1]
     got = _collect_all(d, c, "ro-check", more[0])
     assert all(p in got for p in acked + more), sorted(got)
+
+
+def _chattr(flag: str, files: List[str]) -> None:
+    for f in files:
+        r = subprocess.run(["chattr", flag, f], capture_output=True, text=True, timeout=10)
+        assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.timeout(90)
+def test_subscription_changes_that_cannot_be_saved_are_refused_or_saved_later(
+        make_daemon: Any) -> None:
+    """A log that cannot be written (a full disk; here immutable files): a new subscription
+    is refused, not half made; a stop still stops (and its answer says the state is not
+    saved yet, which the daemon retries); SIGTERM still exits (it hung: the failed save
+    skipped the stop's completion); and once writable the stop is saved."""
+    d = make_daemon("--drain-timeout", "2")
+    why = _chattr_works(d.root)
+    if why:
+        pytest.skip(why)
+    c = d.client(timeout=20)
+    a = start_pool(d, c, sub_spec("keep-a"))["key"]
+    b = start_pool(d, c, sub_spec("keep-b"))["key"]
+    files = [os.path.join(d.data_dir, n) for n in ("emitterd.db", "emitterd.db-wal")]
+    locked = list(files)
+    _chattr("+i", files)
+    try:
+        with pytest.raises(EmitterError) as stop_err:
+            c.stop(a)
+        assert stop_err.value.code == "unavailable", stop_err.value
+        assert "could not be saved" in str(stop_err.value), stop_err.value
+        assert c.status(a)["state"] == "stopped"
+        with pytest.raises(EmitterError) as start_err:
+            c.start(sub_spec("new-c"))
+        assert start_err.value.code == "unavailable", start_err.value
+        assert "could not be stored" in str(start_err.value), start_err.value
+        assert [p["subscription"]["name"] for p in c.list()["subscriptions"]] == [
+            "keep-a", "keep-b"]
+        _chattr("-i", files)
+        locked = []
+        # the daemon saves the stop at its next checkpoint flush; stop again then answers
+        wait_until(lambda: c.stop(a)["state"] == "stopped", 10, "the stop to be saved")
+        _chattr("+i", files)
+        locked = list(files)
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(20)
+        assert time.monotonic() - t0 < 15, "the shutdown took %.1f s" % (time.monotonic() - t0)
+    finally:
+        if locked:
+            _chattr("-i", locked)
+    d.start()
+    c = d.client(timeout=20)
+    states = {p["key"]: p["state"] for p in c.list()["subscriptions"]}
+    assert states == {a: "stopped", b: "running"}, states
+
+
+@pytest.mark.timeout(60)
+def test_an_event_that_cannot_be_parked_stays_in_the_flow(make_daemon: Any) -> None:
+    """A nack park whose row cannot be written must not drop the event (it had left the
+    flow, and the checkpoint passed it, with no parked row to show for it): it comes
+    back after the longest retry backoff, and parks once the log is writable."""
+    d = make_daemon()
+    why = _chattr_works(d.root)
+    if why:
+        pytest.skip(why)
+    c = d.client(timeout=20)
+    key = start_pool(d, c, sub_spec("parkfail", max_retries=0, retry_backoff=[0.05, 0.3]))["key"]
+    (pos,) = c.publish([{"stream": "pf", "type": "t"}])["positions"]
+    files = [os.path.join(d.data_dir, n) for n in ("emitterd.db", "emitterd.db-wal")]
+    with c.attach(key) as consumer:
+        (ev,) = next(consumer.batches(timeout=10))
+        _chattr("+i", files)
+        try:
+            consumer.nack([pos], "park", reason="cannot")
+            (again,) = next(consumer.batches(timeout=10))
+            assert again["position"] == pos and again["attempt"] == 2, again
+            assert c.status(key)["parked"] == 0
+        finally:
+            _chattr("-i", files)
+        consumer.nack([pos], "park", reason="now")
+        wait_status(c, key, lambda s: s["parked"] == 1 and s["in_flight"] == 0,
+                    what="the event parked")
+    assert [(e["position"], e["reason"]) for e in c.parked(key)["events"]] == [(pos, "now")]
 
 
 # ---- 5. deep and huge values -------------------------------------------------------------------

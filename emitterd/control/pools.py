@@ -35,7 +35,7 @@ def start(ctx: Any, req: Any) -> Any:
         pool.configure_workers()
     pool.start()
     reg.persist(pool, "running")
-    return pool.status()
+    return _saved_status(ctx, pool, "pool %s started" % key)
 
 
 def stop(ctx: Any, req: Any) -> Any:
@@ -47,7 +47,14 @@ def stop(ctx: Any, req: Any) -> Any:
     def done() -> None:
         st = pool.status()
         if delete:
-            ctx.registry.delete(pool.key, lambda: req.reply(st))
+            ctx.registry.delete(pool.key, lambda: answer(st, "deleted"))
+        else:
+            answer(st, "stopped")
+
+    def answer(st: dict, what: str) -> None:
+        err = ctx.registry.unsaved_error(pool.key, "pool %s %s" % (pool.key, what))
+        if err is not None:
+            req.fail(err)
         else:
             req.reply(st)
     pool.stop(drain, done)
@@ -89,6 +96,14 @@ def update(ctx: Any, req: Any) -> Any:
         log.info("pool resized", pool=pool.name, old=pool.spec["pool_size"], new=new_size)
         pool.resize(new_size)
     ctx.registry.persist(pool)
+    return _saved_status(ctx, pool, "pool %s updated" % pool.key)
+
+
+def _saved_status(ctx: Any, pool: Any, what: str) -> dict:
+    """The pool's status, or `unavailable` when its change is not on disk yet."""
+    err = ctx.registry.unsaved_error(pool.key, what)
+    if err is not None:
+        raise err
     return pool.status()
 
 

@@ -732,9 +732,14 @@ class SqliteLog(EventLog):
 
     def delete_subscription(self, key: str) -> None:
         self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("DELETE FROM subscriptions WHERE key = ?", (key,))
-        self._db.execute("DELETE FROM parked WHERE key = ?", (key,))
-        self._db.execute("COMMIT")
+        try:
+            self._db.execute("DELETE FROM subscriptions WHERE key = ?", (key,))
+            self._db.execute("DELETE FROM parked WHERE key = ?", (key,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     @property
     def unsaved_heads(self) -> bool:
