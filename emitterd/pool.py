@@ -297,7 +297,8 @@ class Pool:
         return out
 
     def pump(self) -> bool:
-        if self.state not in ("running", "backoff") or self.dispatcher is None:
+        if (self.state not in ("running", "backoff") or self.dispatcher is None
+                or (self.stopping is not None and self.stopping["terminated"])):
             return False
         return self.dispatcher.pump(self.routing_slots(), self.attach_mode)
 
@@ -336,6 +337,22 @@ class Pool:
         times.append(now)
         self._spawn(h.index, replacement=True)
 
+    def fail(self, why: str) -> None:
+        """State failed: its workers stop, nothing is delivered until start or update."""
+        if self.stopping is not None:
+            self.stopping["terminated"] = True     # the stop asked for finishes as stopped
+        else:
+            if self._backoff_timer is not None:
+                self._backoff_timer.cancel()
+                self._backoff_timer = None
+            self.state = "failed"
+        log.error("pool failed: %s; `emitterctl start` or `update` runs it again" % why,
+                  pool=self.name, key=self.key, restarts=self.restarts)
+        for h in list(self.slots.values()) + list(self.retiring):
+            self._terminate(h)
+        self.ctx.spare.release_if_idle()
+        self._check_stopped()
+
     def _enter_backoff(self) -> None:
         cfg = self.ctx.cfg
         now = monotonic()
@@ -343,13 +360,8 @@ class Pool:
             self._backoffs = 0
         self._backoffs += 1
         if self._backoffs > cfg.max_backoffs:
-            self.state = "failed"
-            log.error("pool failed: restart intensity exceeded repeatedly; its workers keep "
-                      "dying (see the lines above); `emitterctl start` or `update` runs it "
-                      "again", pool=self.name, key=self.key, restarts=self.restarts)
-            for h in list(self.slots.values()):
-                self._terminate(h)
-            self.ctx.spare.release_if_idle()
+            self.fail("restart intensity exceeded repeatedly; its workers keep dying (see the "
+                      "lines above)")
             return
         initial, maximum = cfg.restart_backoff
         delay = min(initial * 2 ** (self._backoffs - 1), maximum)

@@ -157,8 +157,19 @@ class Registry:
     def pump_all(self) -> bool:
         more = False
         for pool in list(self.pools.values()):
-            if pool.pump():
-                more = True
+            try:
+                if pool.pump():
+                    more = True
+            except Exception as e:
+                # one pool's failure (a log page it cannot read, a bug) must not stop the
+                # pools after it in this loop, on every turn from now on
+                log.exception("delivery failed for a pool", pool=pool.name)
+                if isinstance(e, sqlite3.DatabaseError):
+                    why = ("the event log cannot be read for it (%s); restore it from a "
+                           "backup (README: Backup and restore)" % e)
+                else:
+                    why = "delivery raised %s (a bug: the traceback is above)" % type(e).__name__
+                pool.fail(why)
         return more
 
     def tick(self, now: float) -> None:

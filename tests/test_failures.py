@@ -243,3 +243,47 @@ def test_sigterm_refuses_publishes_and_a_drain_timeout_still_exits_0(
     assert st["head"] == ps[-1], "the refused publish appended nothing"
     after = sorted(e["position"] for _, e, _ in sub.deliveries[n_before:])
     assert after == ps[3:], "after the restart: %r" % after
+
+
+@pytest.mark.timeout(90)
+def test_a_pool_that_cannot_read_the_log_fails_alone(make_daemon: Any) -> None:
+    """A damaged page of the log that one pool must read (it replays from the origin) fails
+    that pool, with the reason in the log; the other pools go on delivering (the error
+    ended every loop turn's pumping before the pools after it, on every turn)."""
+    d = make_daemon()
+    c = d.client()
+    for _ in range(12):
+        c.publish([{"stream": "old", "type": "t", "data": "y" * 180}] * 256)
+    head = c.ping()["head"]
+    assert d.stop() == 0
+    db = os.path.join(d.data_dir, "emitterd.db")
+    size = os.path.getsize(db)
+    assert size > 400_000, size
+    with open(db, "r+b") as f:          # pages of the early chunks, not the schema's
+        f.seek(size // 2)
+        f.write(b"\xff" * 65536)
+    d.start()
+    c = d.client()
+    assert c.ping()["head"] == head
+    fresh = c.start({"name": "fresh", "type": "stream", "selector": "$all"})["key"]
+    wait_status(c, fresh, lambda s: any(w["state"] == "ready" for w in s["workers"]),
+                what="a ready worker")
+    damaged = c.start({"name": "replayer", "type": "stream", "selector": "$all",
+                       "start_from": "origin"})["key"]
+    with d.client().attach(damaged) as replayer:      # its pool reads from position 1
+        for batch in replayer.batches(timeout=10):
+            replayer.ack([e["position"] for e in batch])
+        wait_status(c, damaged, lambda s: s["state"] == "failed", timeout=20,
+                    what="the pool reading the damaged pages to fail")
+    with c.attach(fresh) as consumer:
+        ps = c.publish([{"stream": "new", "type": "t"}] * 3)["positions"]
+        got = []
+        for batch in consumer.batches(timeout=10):
+            got += [e["position"] for e in batch]
+            consumer.ack([e["position"] for e in batch])
+            if len(got) >= 3:
+                break
+    assert got == ps
+    log_text = d.log_tail(400)
+    assert "pool failed: the event log cannot be read for it" in log_text, log_text
+    assert log_text.count("delivery failed for a pool") == 1, log_text
