@@ -435,6 +435,11 @@ class Pool:
         self._retire(h)
         self._spawn(h.index)
 
+    def forgive_silence(self, now: float) -> None:
+        """The parent did not run until `now`: worker silence is timed from here."""
+        for h in list(self.slots.values()):
+            h.last_seen = max(h.last_seen, now)
+
     def tick(self, now: float) -> None:
         """Periodic: liveness of workers, drains that timed out, a stop in progress."""
         timeout = self.ctx.cfg.worker_timeout

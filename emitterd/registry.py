@@ -9,9 +9,11 @@ from typing import Any, Callable, Optional
 
 from emitterd import logs
 from emitterd.errors import UNAVAILABLE, ProtocolError
+from emitterd.loop import monotonic
 from emitterd.pool import Pool
 
 log = logs.get("registry")
+STALL_SECONDS = 2.0     # between ticks (every 0.5 s at most), longer means we did not run
 
 
 class Registry:
@@ -22,6 +24,7 @@ class Registry:
         self._saved: dict = {}       # key -> checkpoint last written
         self._unsaved: dict = {}     # key -> why the subscription's last change is not on disk
         self._undeleted: dict = {}   # key -> why a deleted subscription is still on disk
+        self._last_tick = monotonic()
 
     def load(self) -> None:
         """Bring back every stored subscription; those that were running run again."""
@@ -173,5 +176,15 @@ class Registry:
         return more
 
     def tick(self, now: float) -> None:
+        gap = now - self._last_tick
+        self._last_tick = now
+        if gap > STALL_SECONDS:
+            # We did not run (SIGSTOP, a frozen cgroup, a debugger, starvation): the
+            # workers' heartbeats of that time still wait unread in their pipes, so their
+            # silence is ours; judged from now on, not killed for it.
+            log.warning("the daemon did not run for %.1f s (stopped, frozen or starved); "
+                        "worker heartbeats are timed from now" % gap)
+            for pool in self.pools.values():
+                pool.forgive_silence(now)
         for pool in list(self.pools.values()):
             pool.tick(now)

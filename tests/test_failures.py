@@ -287,3 +287,25 @@ def test_a_pool_that_cannot_read_the_log_fails_alone(make_daemon: Any) -> None:
     log_text = d.log_tail(400)
     assert "pool failed: the event log cannot be read for it" in log_text, log_text
     assert log_text.count("delivery failed for a pool") == 1, log_text
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_daemon_does_not_kill_its_healthy_workers_when_it_continues(
+        make_daemon: Any) -> None:
+    """SIGSTOP of the parent for longer than worker_timeout (Ctrl-Z, a frozen cgroup, a
+    debugger): the workers' heartbeats wait unread in their pipes, so on SIGCONT they are
+    not unresponsive; it killed every one of them (and their restarts could put the pool
+    in backoff)."""
+    d = make_daemon("--worker-timeout", "1", "--heartbeat-interval", "0.2")
+    c = d.client()
+    key = start_pool(d, c, sub_spec("frozen", pool_size=3))["key"]
+    pids = sorted(w["pid"] for w in c.status(key)["workers"])
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(3)
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    time.sleep(2)                      # two worker timeouts after it runs again
+    st = c.status(key)
+    assert st["restarts"] == 0 and sorted(w["pid"] for w in st["workers"]) == pids, st
+    assert "did not run for" in d.log_tail(50)
