@@ -301,6 +301,51 @@ def _daemon_with_20_subscriptions(make_daemon: Any) -> Tuple[Daemon, Client, int
 
 
 @pytest.mark.timeout(60)
+def test_a_subscriber_that_never_reads_does_not_grow_its_worker(make_daemon: Any,
+                                                               short_tmp: str) -> None:
+    """A unix: subscriber that accepts and never reads is cut off at output_buffer_bytes,
+    reconnected, and cut off again: each round's buffer must go with its connection (they
+    stayed until a rare cyclic GC: worker RSS grew by the buffer, ~4 MB here, per round)."""
+    d = make_daemon("--output-buffer-bytes", 1 << 20, "--max-frame-bytes", 1 << 20,
+                    "--max-event-bytes", 100000)
+    path = os.path.join(short_tmp, "mute.sock")
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    mute.bind(path)
+    mute.listen(64)
+    mute.setblocking(False)
+    held: List[socket.socket] = []
+    c = d.client(timeout=20)
+    try:
+        key = start_pool(d, c, sub_spec("mute", subscriber="unix:" + path, max_in_flight=200,
+                                        batch_size=8))["key"]
+        for _ in range(13):           # 200 in flight: about 4 MB queued for it per round
+            c.publish([{"stream": "m", "type": "t", "data": "z" * 20000}] * 16)
+
+        def rounds() -> int:
+            try:
+                while True:
+                    held.append(mute.accept()[0])
+            except BlockingIOError:
+                pass
+            return log_text(d).count("output buffer over")
+
+        def worker_rss() -> int:
+            (w,) = c.status(key)["workers"]
+            return w["rss"]
+        wait_until(lambda: rounds() >= 2, 30, "two cut-offs")
+        before = worker_rss()
+        wait_until(lambda: rounds() >= 8, 40, "six more cut-offs")
+        grown = worker_rss() - before
+        assert grown < 10 << 20, "worker RSS grew %.1f MiB over six rounds" % (grown / 2**20)
+        assert "WARNING emitterd.worker: consumer connection closed" in log_text(d)
+    finally:
+        for s in held:
+            s.close()
+        mute.close()
+
+
+@pytest.mark.timeout(60)
 def test_a_control_client_that_never_reads_is_cut_off(make_daemon: Any) -> None:
     out_cap = OUT_CAP
     d, c, one_list = _daemon_with_20_subscriptions(make_daemon)

@@ -52,6 +52,9 @@ def attach(ctx: Any, req: Any) -> Any:
         h.pending_consumers += 1
 
         def handoff() -> None:
+            if conn.channel.closed:          # the client left before its answer went out
+                h.pending_consumers = max(0, h.pending_consumers - 1)
+                return
             if h.channel is None or h.channel.closed or h.planned:
                 h.pending_consumers = max(0, h.pending_consumers - 1)
                 conn.channel.close("worker gone before handoff")

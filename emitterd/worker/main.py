@@ -148,8 +148,11 @@ class Worker:
         if conn in self.consumers:
             self.consumers.remove(conn)
             self.report({"op": "consumers", "n": len(self.consumers)})
-        log.info("consumer connection closed", worker=self.index, kind=conn.kind, reason=reason,
-                 unfinished=len(lost))
+        # a consumer cut off for not reading gets its events again and again, never as
+        # retries (it acked nothing late: it took nothing): that is worth a warning
+        say = log.warning if reason.startswith("output buffer") else log.info
+        say("consumer connection closed", worker=self.index, kind=conn.kind, reason=reason,
+            unfinished=len(lost))
         if lost:
             self.report({"op": "requeue", "positions": lost, "reason": "consumer gone"})
         if not self.consumers and not self.spec.get("subscriber") and self.waiting:
