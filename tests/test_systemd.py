@@ -587,6 +587,21 @@ def test_python_runs_under_memory_deny_write_execute():
     assert text == "ok", (text, out.stderr.decode())
 
 
+@pytest.mark.timeout(10)
+def test_the_unit_lets_workers_lower_their_priority():
+    """worker_nice (default 5) is os.nice() in each worker, i.e. setpriority(2), which the
+    unit's @resources deny list refused (EPERM: a warning per worker start, workers at the
+    parent's priority). systemd reads filter lines in order: after a deny list (~), an
+    allow line takes calls off it."""
+    unit = open(os.path.join(ROOT, "systemd", "emitterd.service")).read()
+    filters = [ln.split("=", 1)[1].split() for ln in unit.splitlines()
+               if ln.startswith("SystemCallFilter=")]
+    deny = [i for i, f in enumerate(filters) if f[0].startswith("~")]
+    assert deny and "@resources" in " ".join(filters[deny[0]]), filters
+    allowed_after = {c for f in filters[deny[0] + 1:] if not f[0].startswith("~") for c in f}
+    assert "setpriority" in allowed_after, filters
+
+
 # -- scripts ---------------------------------------------------------------------------------------------
 
 def _analyze_unavailable_reason():
