@@ -88,7 +88,8 @@ class Pool:
         self.dispatcher: Optional[Dispatcher] = None
         self.slots: dict = {}          # index -> WorkerHandle (starting or ready)
         self.retiring: list = []       # draining WorkerHandles
-        self.restarts = 0
+        self.restarts = 0              # since the pool (last) started: status (PROTOCOL §2)
+        self.restarts_total = 0        # since the daemon started: the metric, a counter
         self.slot_restarts: dict = {}
         self._restart_times: deque = deque()
         self._backoffs = 0
@@ -319,6 +320,7 @@ class Pool:
             self._check_stopped()
             return
         self.restarts += 1
+        self.restarts_total += 1
         self.slot_restarts[h.index] = self.slot_restarts.get(h.index, 0) + 1
         log.warning("worker died", pool=self.name, index=h.index, pid=h.pid,
                     how=procs.describe_status(status), redeliver=lost, restarts=self.restarts)

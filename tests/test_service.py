@@ -733,3 +733,41 @@ def test_emitterctl_top_once_and_json(make_daemon):
     assert key in pools
     assert sorted(w["pid"] for w in pools[key]["worker_rows"]) == sorted(pids)
     assert frame["daemon"]["pid"] == d.proc.pid
+
+
+@pytest.mark.timeout(60)
+def test_metrics_keep_one_series_per_worker_and_restarts_never_go_back(make_daemon):
+    """A retiring (draining) worker and the new worker of its index after a shrink and a
+    grow gave two samples with one label set, which Prometheus rejects; and a stop and start
+    set emitterd_pool_restarts_total back to 0 (status' restarts is "since the pool started",
+    a counter is not)."""
+    d = make_daemon()
+    c = d.client()
+    key = c.start({"name": "churn", "type": "stream", "selector": "$all", "pool_size": 2,
+                   "options": {"strategy": "round_robin"}})["key"]
+    wait_until(lambda: [w["state"] for w in c.status(key)["workers"]] == ["ready"] * 2, 15,
+               "two ready workers")
+    holders = [d.client().attach(key) for _ in range(2)]
+    try:
+        c.publish(_events(4))
+        held = [next(h.batches(timeout=10)) for h in holders]     # never acked: #1 drains
+        assert sum(map(len, held)) == 4
+        c.update(key, pool_size=1)
+        c.update(key, pool_size=2)
+        wait_until(lambda: sorted((w["index"], w["state"]) for w in c.status(key)["workers"])
+                   == [(0, "ready"), (1, "draining"), (1, "ready")], 15, "old and new #1")
+        for fam in _families(c.metrics()["text"]).values():
+            label_sets = [tuple(sorted(s.labels.items())) + (s.name,) for s in fam.samples]
+            assert len(label_sets) == len(set(label_sets)), (fam.name, label_sets)
+    finally:
+        for h in holders:
+            h.close()
+    pid = c.status(key)["workers"][0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: c.status(key)["restarts"] == 1, 15, "the restart counted")
+    c.stop(key)
+    c.start({"name": "churn", "type": "stream", "selector": "$all", "pool_size": 2})
+    assert c.status(key)["restarts"] == 0
+    (restarts,) = [s.value for s in _families(c.metrics()["text"])[
+        "emitterd_pool_restarts"].samples if s.name == "emitterd_pool_restarts_total"]
+    assert restarts == 1

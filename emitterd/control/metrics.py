@@ -50,12 +50,20 @@ class _Collector:
         for pool in list(ctx.registry.pools.values()):
             st = pool.status()
             lv = [pool.key, pool.spec["name"]]
-            for k in ("delivered", "retried", "restarts", "parked", "in_flight", "checkpoint"):
+            for k in ("delivered", "retried", "parked", "in_flight", "checkpoint"):
                 fam[k].add_metric(lv, st[k])
+            # not status' restarts, which a start sets back to 0: a counter never goes back
+            fam["restarts"].add_metric(lv, pool.restarts_total)
             fam["lag"].add_metric(lv, max(0, head - st["checkpoint"]))
             fam["workers"].add_metric(lv, len(st["workers"]))
             state.add_metric(lv + [st["state"]], 1)
+            seen = set()
             for w in st["workers"]:
+                # a retiring worker (draining) can share its index with its successor after
+                # a shrink and a grow: one series per label set, the live worker's (first)
+                if w["index"] in seen:
+                    continue
+                seen.add(w["index"])
                 rss.add_metric([pool.key, str(w["index"])], w["rss"])
                 cpu.add_metric([pool.key, str(w["index"])], w["cpu_percent"])
             for h in pool.slots.values():
