@@ -808,9 +808,18 @@ _TOML_HEADER = """\
 """
 
 
-def render_toml() -> str:
-    """An example config file: every setting at its default, help as comments."""
-    out = [_TOML_HEADER]
+def render_toml(cfg: Optional[Config] = None) -> str:
+    """A config file, help as comments: every setting at its default, or its value in cfg."""
+    values = cfg.as_dict() if cfg is not None else {s.name: s.default for s in SETTINGS}
+    header = _TOML_HEADER
+    if cfg is not None:
+        header = header.replace(
+            "an example with every setting at its\n# built-in default. Generated from "
+            "emitterd/settings.py by scripts/gen-config;\n# `emitterd config` prints the "
+            "same list.",
+            "every setting at its effective value\n# (environment, config file, defaults), "
+            "written by `emitterd config --toml\n# --effective`.")
+    out = [header]
     for section in SECTIONS:
         out.append("\n# %s\n# %s\n# %s\n" % ("=" * 76, section, "=" * 76))
         for s in SETTINGS:
@@ -820,7 +829,7 @@ def render_toml() -> str:
             out.extend("# %s\n" % line for line in textwrap.wrap(s.help, 76))
             out.append("# env %s, flag %s%s\n" % (s.env_var, s.flag,
                                                   ", reloadable" if s.reloadable else ""))
-            out.append("%s = %s\n" % (s.name, s.toml(s.default)))
+            out.append("%s = %s\n" % (s.name, s.toml(values[s.name])))
     return "".join(out)
 
 

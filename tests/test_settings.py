@@ -612,6 +612,16 @@ def test_installed_command(tmp_path):
         assert s.flag in r.stdout and s.env_var in r.stdout, s.name
     r = run("config", "--toml")
     assert r.returncode == 0 and r.stdout == settings.render_toml()
+    # with a file, --toml writes the effective values (it printed the defaults, ignoring it)
+    mine = tmp_path / "mine.toml"
+    mine.write_text("max_connections = 77\n")
+    r = run("config", "--config", str(mine), "--toml")
+    assert r.returncode == 0, r.stderr
+    assert "\nmax_connections = 77\n" in r.stdout and "effective value" in r.stdout
+    again = tmp_path / "again.toml"
+    again.write_text(r.stdout)
+    cfg = load(env=_subprocess_env(tmp_path), config_path=str(again))
+    assert cfg.max_connections == 77 and cfg.sources["max_connections"] == "file"
     r = run("--version")
     assert r.returncode == 0 and r.stdout.strip() == "emitterd " + settings_version()
     r = run("run", "--default-pool-size", "65")

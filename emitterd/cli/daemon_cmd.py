@@ -107,15 +107,17 @@ cli.add_command(run_command)
               help="Show effective values (flags aside): environment, $EMITTERD_CONFIG or "
                    "--config file, defaults.")
 @click.option("--toml", "as_toml", is_flag=True,
-              help="Print an example config file with every setting at its default.")
+              help="Print a config file: every setting at its default, or with --config / "
+                   "--effective at its effective value.")
 def config_command(config_path: Optional[str], effective: bool, as_toml: bool) -> None:
     """Print every setting: its default, environment variable and help."""
-    if as_toml:
+    if as_toml and config_path is None and not effective:
         click.echo(settings.render_toml(), nl=False)
         return
     if config_path is not None or effective:
         cfg = _load(config_path, {})
-        click.echo(settings.render_table(cfg), nl=False)
+        click.echo(settings.render_toml(cfg) if as_toml else settings.render_table(cfg),
+                   nl=False)
         for warning in cfg.warnings:
             click.echo("emitterd: warning: %s" % warning, err=True)
         return
