@@ -231,9 +231,10 @@ SETTINGS: tuple[Setting, ...] = (
        minimum=0),
     _s("max_worker_rss", INT, 0, W, True, """
         Recycle a worker (a planned restart, not counted by max_restarts) when
-        its resident memory passes this many bytes; 0 = never. Below 32 MiB
-        (a fresh worker takes about 13) every worker is recycled every second:
-        the daemon warns at start and reload.""",
+        its resident memory passes this many bytes; 0 = never. A fresh worker
+        takes about 13 MiB and more while it delivers large batches: below 32
+        MiB workers are recycled often (below 13 MiB, every second), and the
+        daemon warns at start and reload.""",
        minimum=0, metavar="BYTES"),
     _s("worker_nice", INT, 5, W, True, """
         Niceness each worker adds to the parent's when it starts (0 to 19; 0:
@@ -786,9 +787,9 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, object]
             warnings.append("metrics_listen %s is not a loopback address; the metrics endpoint "
                             "has no authentication" % values["metrics_listen"])
     if 0 < values["max_worker_rss"] < MIN_WORKER_RSS:
-        warnings.append("max_worker_rss %d is below what a fresh worker takes (about 13 MiB, "
-                        "and below 32 MiB): every worker will be recycled every second"
-                        % values["max_worker_rss"])
+        warnings.append("max_worker_rss %d is below 32 MiB: a fresh worker takes about 13 MiB "
+                        "and more while it delivers, so workers will be recycled often (below "
+                        "13 MiB, every second)" % values["max_worker_rss"])
     return Config(values, sources, config_path, given, warnings)
 
 

@@ -400,7 +400,7 @@ def test_reload_shows_values_as_written_and_warns_of_a_recycling_loop(make_daemo
     wait_log(d.log_path, r"configuration reloaded", timeout=10)
     log = read_log(d.log_path)
     assert re.search(r"needs a restart.* setting=socket_mode old=0660 new=0600", log), log[-3000:]
-    assert re.search(r"WARNING .*max_worker_rss 1000 is below what a fresh worker takes", log), \
+    assert re.search(r"WARNING .*max_worker_rss 1000 is below 32 MiB: a fresh worker takes about 13 MiB", log), \
         log[-3000:]
 
 
