@@ -776,6 +776,13 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, object]
     _cross_check(values, sources, config_path)
 
     warnings = []
+    for s in SETTINGS:
+        if s.name in file_values and sources[s.name] in ("flag", "env"):
+            # a file value that never applies: say so, at start and at every reload, where
+            # editing the file and reloading would otherwise change nothing, silently
+            warnings.append("config file %s sets %s, but %s overrides it (flags and the "
+                            "environment come first and are read at start only)"
+                            % (config_path, s.name, _where(s, sources[s.name], config_path)))
     for var in sorted(env):
         if var.startswith(ENV_PREFIX) and var != CONFIG_ENV and var not in ENV_VARS:
             match = difflib.get_close_matches(var, ENV_VARS, n=1)

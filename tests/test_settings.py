@@ -393,6 +393,24 @@ def test_unknown_environment_variables_only_warn(tmp_path):
 
 
 @pytest.mark.timeout(10)
+def test_a_file_value_that_the_environment_or_a_flag_overrides_is_named(tmp_path):
+    """Editing the file and reloading would change nothing, with no word why (the unit's
+    env file is the usual place for EMITTERD_ALLOW_UIDS)."""
+    f = tmp_path / "c.toml"
+    f.write_text("allow_uids = [65534]\nlog_level = \"debug\"\nmax_connections = 9\n")
+    cfg = load(config_path=str(f), flags={"log_level": "info"},
+               env=dict(base_env(tmp_path), EMITTERD_ALLOW_UIDS="1000"))
+    assert cfg.allow_uids == [1000] and cfg.log_level == "info" and cfg.max_connections == 9
+    assert cfg.warnings == [
+        "config file %s sets allow_uids, but EMITTERD_ALLOW_UIDS overrides it (flags and the "
+        "environment come first and are read at start only)" % f,
+        "config file %s sets log_level, but --log-level overrides it (flags and the "
+        "environment come first and are read at start only)" % f]
+    reloaded, _, _ = cfg.reload(env=dict(base_env(tmp_path), EMITTERD_ALLOW_UIDS="1000"))
+    assert len(reloaded.warnings) == 2
+
+
+@pytest.mark.timeout(10)
 def test_metrics_listen_not_loopback_warns(tmp_path):
     env = base_env(tmp_path)
     assert load(flags={"metrics_listen": "localhost:9464"}, env=env).warnings == []
