@@ -84,6 +84,7 @@ class Checkpointer:
         self.pid = 0
         self.channel: Optional[Channel] = None
         self.closing = False
+        self._replacing = False
         self.phase = 0            # 0 idle, 1 catching up, 2 publishes held for the last one
         self._rounds = 0
         self._last_frames = 0
@@ -172,9 +173,21 @@ class Checkpointer:
             self.channel.close("checkpointer exited")
             self.channel = None
         self._release()
-        if not self.closing:
+        if self._replacing and not self.closing:
+            self._replacing = False
+            self.start()
+        elif not self.closing:
             log.warning("checkpointer died, starting another", how=procs.describe_status(status))
             self.ctx.loop.call_later(1.0, self.start)
+
+    def replace(self) -> None:
+        """A new checkpointer once this one exits (it takes its log settings at start)."""
+        if self.channel is not None and not self.closing:
+            self._replacing = True
+            self._release()
+            self.channel.close("replaced")
+            self.channel = None
+            procs.kill(self.pid, signal.SIGTERM)
 
     def close(self) -> None:
         self.closing = True

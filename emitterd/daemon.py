@@ -167,6 +167,7 @@ class Daemon:
             ctx.notifier.ready(self._summary())
             return
         ctx.cfg = cfg
+        logs.configure(cfg.log_level, cfg.log_format)     # the lines below in the new format
         for name, (old, new) in applied.items():
             fmt = settings.BY_NAME[name].format          # as written: socket_mode 0660
             log.info("setting reloaded", setting=name, old=fmt(old), new=fmt(new))
@@ -174,7 +175,14 @@ class Daemon:
             fmt = settings.BY_NAME[name].format
             log.warning("setting needs a restart to change", setting=name, old=fmt(old),
                         new=fmt(new))
-        logs.configure(cfg.log_level, cfg.log_format)
+        if "log_level" in applied or "log_format" in applied:
+            # every process writes the log: the workers take it from a configure message
+            # (a spare when it is activated), the helpers when they start, so they are
+            # replaced (the fork server's absence only means the daemon forks meanwhile)
+            for pool in ctx.registry.pools.values():
+                pool.configure_workers()
+            ctx.forkserver.replace()
+            self.checkpointer.replace()
         for warning in cfg.warnings:
             log.warning(warning)
         log.info("configuration reloaded", changed=len(applied), need_restart=len(pending))

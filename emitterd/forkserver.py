@@ -35,6 +35,7 @@ class ForkServer:
         self.sock: Optional[socket.socket] = None
         self.ready = False
         self.closing = False
+        self._replacing = False
         self._decoder = framing.Decoder(MAX_FRAME)
 
     def start(self) -> None:
@@ -135,6 +136,10 @@ class ForkServer:
             return
         self._drop()
         self.pid = 0
+        if self._replacing and not self.closing and not self.ctx.shutting_down:
+            self._replacing = False
+            self.start()
+            return
         if not self.closing and not self.ctx.shutting_down:
             log.warning("fork server exited, starting another", how=procs.describe_status(status))
             self.ctx.loop.call_later(1.0, self.start)
@@ -143,6 +148,14 @@ class ForkServer:
         self.closing = True
         self._drop()              # it exits on EOF
         if self.pid:
+            procs.kill(self.pid, signal.SIGTERM)
+
+    def replace(self) -> None:
+        """A new server once this one exits (it takes its log settings at start); workers
+        are forked by the daemon itself meanwhile."""
+        if self.pid and not self.closing:
+            self._replacing = True
+            self._drop()
             procs.kill(self.pid, signal.SIGTERM)
 
 

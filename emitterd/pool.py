@@ -186,7 +186,7 @@ class Pool:
                 "ack_timeout": self.spec["options"]["ack_timeout"],
                 "heartbeat_interval": cfg.heartbeat_interval,
                 "max_frame": cfg.max_frame_bytes, "out_cap": cfg.output_buffer_bytes,
-                "nice": cfg.worker_nice}
+                "nice": cfg.worker_nice, "log": [cfg.log_level, cfg.log_format]}
         spare = self.ctx.spare.take() if replacement else None
         if spare is not None:
             pid, sock = spare
@@ -516,8 +516,10 @@ class Pool:
                 "parked": self.parked_count, "restarts": self.restarts, "workers": workers}
 
     def configure_workers(self) -> None:
+        cfg = self.ctx.cfg
         msg = {"op": "configure", "subscriber": self.spec["subscriber"],
-               "ack_timeout": self.spec["options"]["ack_timeout"]}
+               "ack_timeout": self.spec["options"]["ack_timeout"],
+               "log": [cfg.log_level, cfg.log_format]}
         for h in list(self.slots.values()) + self.retiring:
             if h.channel is not None:
                 h.channel.send(msg)

@@ -16,6 +16,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from emitterd import procs
 from emitterd.client import Client, Unavailable, Unreachable
 from service_helpers import (ActivatedDaemon, NotifyReceiver, Subscriber, has_line,
                              proc_fd_links, read_log, wait_log, wait_until, worker_pids)
@@ -771,3 +772,36 @@ def test_metrics_keep_one_series_per_worker_and_restarts_never_go_back(make_daem
     (restarts,) = [s.value for s in _families(c.metrics()["text"])[
         "emitterd_pool_restarts"].samples if s.name == "emitterd_pool_restarts_total"]
     assert restarts == 1
+
+
+@pytest.mark.timeout(45)
+def test_a_log_format_reload_reaches_every_process(make_daemon, short_tmp):
+    """log_format / log_level are reloadable: the workers (and the helpers, which take them
+    when they start) must change too, or a JSON log pipeline gets text lines from them."""
+    cfg = os.path.join(short_tmp, "emitterd.toml")
+    _write(cfg, 'log_format = "text"\n')
+    d = make_daemon("--config", cfg)
+    c = d.client()
+    key = c.start(_sub("logged", os.path.join(short_tmp, "nobody-1.sock")))["key"]
+    wait_until(lambda: "subscriber not reachable" in read_log(d.log_path), 10, "a worker line")
+
+    def helpers():
+        kids = psutil.Process(d.proc.pid).children()
+        named = {p.pid: procs.service_name(p.cmdline()) for p in kids}
+        return {pid: n for pid, n in named.items() if n in ("checkpointer", "forkserver")}
+    before = wait_until(lambda: len(helpers()) == 2 and helpers(), 10, "both helpers")
+    mark = len(read_log(d.log_path))
+    _write(cfg, 'log_format = "json"\n')
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "configuration reloaded" in read_log(d.log_path)[mark:], 10, "the reload")
+    # the worker logs again: its new subscriber cannot be reached either
+    c.update(key, subscriber="unix:" + os.path.join(short_tmp, "nobody-2.sock"))
+    wait_until(lambda: "nobody-2.sock" in read_log(d.log_path)[mark:], 10, "the worker's line")
+    wait_until(lambda: len(helpers()) == 2 and not set(helpers()) & set(before), 10,
+               "the helpers replaced")
+    lines = [ln for ln in read_log(d.log_path)[mark:].splitlines() if ln.strip()]
+    records = [json.loads(ln) for ln in lines]          # every line JSON, the workers' too
+    assert any(r.get("logger") == "emitterd.worker" for r in records), lines
+    assert not any("died" in r.get("msg", "") or "exited" in r.get("msg", "")
+                   for r in records), lines
+    c.ping()

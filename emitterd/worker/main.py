@@ -74,6 +74,9 @@ class Worker:
         for k in ("ack_timeout", "heartbeat_interval", "out_cap"):
             if k in msg:
                 self.spec[k] = msg[k]
+        if msg.get("log") and msg["log"] != self.spec.get("log"):
+            self.spec["log"] = msg["log"]
+            logs.configure(*msg["log"])          # a reload of log_level / log_format
         if "subscriber" in msg and msg["subscriber"] != self.spec.get("subscriber"):
             self.spec["subscriber"] = msg["subscriber"]
             if self.sink is not None:
@@ -166,6 +169,8 @@ class Worker:
 def main(sock: socket.socket, spec: dict) -> None:
     random.seed()
     tune_gc()          # set here, not inherited: the fork server is a fresh interpreter
+    if spec.get("log"):
+        logs.configure(*spec["log"])   # a spare waited with the settings it was forked with
     if spec.get("nice"):
         # relative to the fork server's (the parent's) niceness; raising it needs no privilege,
         # but a sandbox may refuse the call: then run at the parent's rather than not at all
