@@ -403,8 +403,8 @@ class Pool:
     # ---- resize, retire, recycle -------------------------------------------------
     def resize(self, n: int) -> None:
         self.spec["pool_size"] = n
-        if self.state != "running":
-            return
+        if self.state != "running" or self.stopping is not None:
+            return           # the next start runs n; a stop ends every worker it has
         for index in sorted(self.slots):
             if index >= n:
                 self._retire(self.slots.pop(index))
@@ -430,7 +430,7 @@ class Pool:
 
     def recycle(self, h: WorkerHandle, why: str) -> None:
         """Replace a worker gracefully: the replacement first, then the old one drains."""
-        if self.slots.get(h.index) is not h or self.state != "running":
+        if self.slots.get(h.index) is not h or self.state != "running" or self.stopping:
             return
         log.info("recycling worker", pool=self.name, index=h.index, pid=h.pid, why=why)
         del self.slots[h.index]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -422,3 +423,37 @@ def test_start_of_a_stopped_pool_resumes_from_its_checkpoint(daemon: Daemon) -> 
                 break
         assert frames == [[positions[2]], [positions[3]]], frames
         wait_for(lambda: c.status(key)["checkpoint"] == positions[3], 5, what="checkpoint")
+
+
+@pytest.mark.timeout(60)
+def test_a_resize_during_a_stop_does_not_keep_the_pool_running(make_daemon: Any) -> None:
+    """An update of pool_size that lands after a stop has ended its workers, while they
+    exit, spawned new ones the stop never ended: the stop was never answered, a second one
+    neither, and SIGTERM hung. Now the size is stored for the next start."""
+    d = make_daemon("--worker-grace", "1.5")
+    c = d.client()
+    key = c.start({"name": "racing", "type": "stream", "selector": "$all", "pool_size": 1})["key"]
+    (w,) = ready_status(d, c, key, 1)["workers"]
+    os.kill(w["pid"], signal.SIGSTOP)    # it cannot exit before the grace's SIGKILL
+    try:
+        stopper = d.client(timeout=20)
+        out: List[Any] = []
+        t = threading.Thread(target=lambda: out.append(stopper.stop(key)))
+        t.start()
+        time.sleep(0.3)                  # nothing to drain: the stop has ended the worker
+        grown = c.update(key, pool_size=3)
+        t.join(15)
+    finally:
+        try:
+            os.kill(w["pid"], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    d.collect_children()
+    assert out and out[0]["state"] == "stopped" and out[0]["workers"] == [], out
+    assert grown["subscription"]["pool_size"] == 3
+    st = c.status(key)
+    assert st["state"] == "stopped" and st["workers"] == [], st
+    assert c.start({"name": "racing", "type": "stream", "selector": "$all",
+                    "pool_size": 2})["state"] == "running"
+    d.collect_children()
+    assert d.stop(timeout=15) == 0
