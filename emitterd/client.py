@@ -220,6 +220,16 @@ class _Conn:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def closed_by_peer(self) -> bool:
+        """Whether the daemon has closed this idle connection (it exited or restarted): its
+        EOF already waits. One non-blocking peek, no data taken."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
     def close(self) -> None:
         try:
             self.sel.close()
@@ -365,7 +375,11 @@ class Client:
 
     # -- connection
     def connect(self) -> "Client":
-        """Open the connection now (raises Unreachable); a no-op when open."""
+        """Open the connection now (raises Unreachable); a no-op when open, unless the
+        daemon closed it meanwhile (a restart): then a new one, so that a request is never
+        sent into a connection known dead and reported "lost" although nobody got it."""
+        if self._conn is not None and self._conn.closed_by_peer():
+            self.close()
         if self._conn is None:
             sock = _connect(self.socket_path, 10.0 if self.timeout is None else self.timeout)
             self._conn = _Conn(sock, self.socket_path)

@@ -623,3 +623,18 @@ def test_a_nack_reason_must_be_a_string_and_is_kept_to_1000_characters(daemon: A
     (parked,) = c.parked(key)["events"]
     assert parked["position"] == ps[0]
     assert parked["reason"] == "x" * 997 + "..."
+
+
+@pytest.mark.timeout(60)
+def test_a_client_reconnects_for_its_first_request_after_a_daemon_restart(
+        make_daemon: Any) -> None:
+    """The daemon closed the idle connection when it stopped: the next request must go on
+    a new connection, not into the dead one and back as Unreachable "lost before a
+    response" (for a publish: "may or may not be stored", though nobody got it)."""
+    d = make_daemon()
+    c = d.client()
+    first = c.ping()["pid"]
+    assert d.stop() == 0
+    d.start()
+    assert c.ping()["pid"] == d.proc.pid != first
+    assert c.publish([{"stream": "after", "type": "t"}])["positions"] == [1]
