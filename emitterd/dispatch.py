@@ -592,7 +592,7 @@ class Dispatcher:
             # not stored as parked (a full disk, say): they stay in the flow, to be tried
             # again after the longest backoff, rather than leave it unrecorded (lost)
             logger.exception("could not park events; they are delivered again later",
-                          pool=self.key, events=len(items))
+                             pool=self.key, events=len(items))
             due = monotonic() + self.options["retry_backoff"][1]
             for p, _ in items:
                 heapq.heappush(self.retry_heap, (due, p))
