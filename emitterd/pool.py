@@ -241,7 +241,7 @@ class Pool:
         elif op == "hb":
             pass
         elif op == "consumers":
-            self._consumers_changed(h, msg["n"])
+            self._consumers_changed(h, msg["n"], msg.get("adopted", 0))
         elif op == "ready":
             if h.state == "starting":
                 h.state = "ready"
@@ -265,10 +265,11 @@ class Pool:
         if self.stopping is not None:
             self.poll_stop()
 
-    def _consumers_changed(self, h: WorkerHandle, n: int) -> None:
+    def _consumers_changed(self, h: WorkerHandle, n: int, adopted: int) -> None:
         before = self.consumer_count()
-        if n > h.consumers:          # handed-over connections the worker has now adopted
-            h.pending_consumers = max(0, h.pending_consumers - (n - h.consumers))
+        # handed-over connections the worker has taken (open or, if their first frame was
+        # invalid, closed already): no longer pending
+        h.pending_consumers = max(0, h.pending_consumers - adopted)
         h.consumers = n
         if n > 0 and not self.ever_attached:
             self.ever_attached = True

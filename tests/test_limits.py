@@ -763,3 +763,34 @@ def test_deeply_nested_and_huge_values_get_proper_answers(daemon: Daemon) -> Non
     if deep_pos is not None:           # an accepted event must be deliverable as it was sent
         assert _depth(got[deep_pos]["data"]) == 1000
     assert d.proc.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_an_attach_whose_first_consumer_frame_is_invalid_leaves_no_phantom_consumer(
+        make_daemon: Any) -> None:
+    """The worker closed such a connection as it took it, without telling the parent, which
+    went on counting it as a consumer being handed over: toward max_connections (enough of
+    them refused every new client) and as a consumer to route to (events bounced between
+    the parent and the worker, none delivered, the parent spinning)."""
+    d = make_daemon("--max-connections", "8")
+    c = d.client()
+    key = start_pool(d, c, sub_spec("phantom"))["key"]
+    for _ in range(10):
+        s = raw_connect(d.socket, timeout=10)
+        try:
+            s.sendall(encode({"id": 1, "op": "attach", "args": {"key": key}})
+                      + encode({"op": "bogus"}))
+            dec = Decoder(1 << 20)
+            assert read_frame(s, dec, 10)["ok"] is True
+            assert hung_up(s, 10), "the invalid consumer was not closed"
+        finally:
+            s.close()
+    wait_until(lambda: sum(w["consumers"] for w in c.status(key)["workers"]) == 0, 10,
+               "no consumer counted")
+    with Client(d.socket, timeout=10) as fresh:       # not refused: max_connections 8
+        fresh.ping()
+    ps = c.publish([{"stream": "ph", "type": "t"}] * 5)["positions"]
+    with c.attach(key) as consumer:
+        got = [e["position"] for e in next(consumer.batches(timeout=10))]
+        consumer.ack(got)
+    assert got == ps

@@ -9,5 +9,7 @@ def adopt(worker: Any, fd: int, pending: bytes) -> ConsumerConn:
     """Take over a client connection the parent passed with socket.send_fds."""
     sock = socket.socket(fileno=fd)
     conn = ConsumerConn(worker, sock, "attached", pending)
-    worker.consumer_opened(conn)
+    # the parent counts the handover as pending until told it is done, also when the
+    # connection is already gone (its first frame, sent with the attach, was invalid)
+    worker.consumer_opened(conn, adopted=True)
     return conn

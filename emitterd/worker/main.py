@@ -134,11 +134,18 @@ class Worker:
                              "reason": "ack_timeout"})
 
     # ---- consumers -------------------------------------------------------------
-    def consumer_opened(self, conn: Any) -> None:
+    def consumer_opened(self, conn: Any, adopted: bool = False) -> None:
+        """A consumer connection is ours; `adopted`: one the parent handed over (attach)."""
+        if not conn.closed:
+            self.consumers.append(conn)
+        msg = {"op": "consumers", "n": len(self.consumers)}
+        if adopted:
+            msg["adopted"] = 1
+        elif conn.closed:
+            return
+        self.report(msg)
         if conn.closed:
             return
-        self.consumers.append(conn)
-        self.report({"op": "consumers", "n": len(self.consumers)})
         sent = []
         while self.waiting and not conn.closed:
             positions, frame = self.waiting.popleft()
