@@ -282,7 +282,10 @@ class Pool:
 
     def _ephemeral_expired(self) -> None:
         self._ephemeral_timer = None
-        if not self.ever_attached and self.key in self.ctx.registry.pools:
+        # this pool, still ephemeral: not a subscription started under the same key after
+        # this one was deleted, nor this one started again as a durable one
+        if (not self.ever_attached and self.spec["options"]["ephemeral"]
+                and self.ctx.registry.pools.get(self.key) is self):
             log.info("ephemeral subscription never attached, deleting", pool=self.name)
             self.ctx.registry.delete(self.key)
 

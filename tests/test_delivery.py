@@ -840,6 +840,12 @@ def test_an_ephemeral_subscription_nobody_attaches_to_is_deleted_after_60s(daemo
     t0 = time.monotonic()
     key = c.start({"name": "lonely", "type": "stream", "selector": "$all",
                    "options": {"ephemeral": True}})["key"]
+    # the same triple deleted and started again as a durable subscription: the first
+    # one's 60 s must not delete it (it did)
+    ghost = {"name": "ghost", "type": "event_type", "selector": "t"}
+    gkey = c.start(dict(ghost, options={"ephemeral": True}))["key"]
+    c.stop(gkey, delete=True)
+    assert c.start(ghost)["key"] == gkey
 
     def listed() -> bool:
         return key in [s["key"] for s in c.list()["subscriptions"]]
@@ -850,6 +856,8 @@ def test_an_ephemeral_subscription_nobody_attaches_to_is_deleted_after_60s(daemo
     assert 58 <= gone_after <= 75, gone_after
     with pytest.raises(NotFound):
         c.status(key)
+    time.sleep(2)
+    assert c.status(gkey)["state"] == "running", "the durable subscription was deleted"
 
 
 @pytest.mark.timeout(30)
