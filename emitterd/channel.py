@@ -16,6 +16,10 @@ MAX_FDS = 16
 STALL_SECONDS = 2.0   # over its output cap with no write progress this long: the peer stopped reading
 
 
+def _ignore(*_: Any) -> None:
+    pass
+
+
 class Channel:
     """Frames in (on_frame per decoded map, in order), frames out (buffered, flushed once a turn).
 
@@ -243,3 +247,6 @@ class Channel:
         self._out = bytearray()
         self._fd_marks.clear()
         self.decoder.take_rest()
+        # the owner's callbacks refer back to it: let go, so refcounting frees both
+        self.on_frame = self.on_close = _ignore
+        self.on_frame_error = None

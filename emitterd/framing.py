@@ -83,19 +83,17 @@ class Decoder:
     def next_payload(self) -> Optional[bytes]:
         """The next complete payload, or None; raises FrameError on a bad header."""
         if self.error is not None:
-            raise self.error
+            raise FrameError(self.error.code, self.error.message)
         buf, pos = self._buf, self._pos
         if len(buf) - pos < 4:
             self._compact()
             return None
         (n,) = HEADER.unpack_from(buf, pos)
         if n == 0:
-            self.error = FrameError(BAD_FRAME, "empty frame (length 0)")
-            raise self.error
+            self._poison(FrameError(BAD_FRAME, "empty frame (length 0)"))
         if n > self.max_frame:
-            self.error = FrameError(FRAME_TOO_LARGE, "frame of %d bytes exceeds max_frame_bytes %d"
-                                    % (n, self.max_frame))
-            raise self.error
+            self._poison(FrameError(FRAME_TOO_LARGE, "frame of %d bytes exceeds max_frame_bytes %d"
+                                    % (n, self.max_frame)))
         end = pos + 4 + n
         if len(buf) < end:
             self._compact()
@@ -112,8 +110,13 @@ class Decoder:
         try:
             return self.decode(payload)
         except FrameError as e:
-            self.error = e
-            raise
+            self._poison(e)
+
+    def _poison(self, e: FrameError) -> None:
+        """Keep the error (without a traceback: one would hold this decoder in a reference
+        cycle, freed only by a rare cyclic GC, for every connection that sent garbage)."""
+        self.error = FrameError(e.code, e.message)
+        raise e
 
     def _compact(self) -> None:
         if self._pos:
