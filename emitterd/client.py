@@ -174,7 +174,13 @@ class EncodeError(ValueError):
 
 
 class _Closed(Exception):
-    """Internal: EOF or reset on a connection."""
+    """Internal: EOF or reset on a connection. `unsent`: it failed a send before any byte of
+    that send went out."""
+
+    def __init__(self, message: str = "", unsent: bool = False) -> None:
+        super().__init__(message)
+        self.unsent = unsent
+        self.ids: Any = None       # the request ids whose send failed (Client._send)
 
 
 # ---- a framed, non-blocking connection ---------------------------------------
@@ -219,16 +225,6 @@ class _Conn:
 
     def fileno(self) -> int:
         return self.sock.fileno()
-
-    def closed_by_peer(self) -> bool:
-        """Whether the daemon has closed this idle connection (it exited or restarted): its
-        EOF already waits. One non-blocking peek, no data taken."""
-        try:
-            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
 
     def close(self) -> None:
         try:
@@ -280,7 +276,7 @@ class _Conn:
                 pass
             except (BrokenPipeError, ConnectionResetError) as e:
                 self.eof = True
-                raise _Closed(str(e)) from None
+                raise _Closed(str(e), unsent=len(view) == len(data)) from None
             mask = selectors.EVENT_WRITE | (selectors.EVENT_READ if read_while_blocked and
                                             not self.eof else 0)
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -375,11 +371,7 @@ class Client:
 
     # -- connection
     def connect(self) -> "Client":
-        """Open the connection now (raises Unreachable); a no-op when open, unless the
-        daemon closed it meanwhile (a restart): then a new one, so that a request is never
-        sent into a connection known dead and reported "lost" although nobody got it."""
-        if self._conn is not None and self._conn.closed_by_peer():
-            self.close()
+        """Open the connection now (raises Unreachable); a no-op when open."""
         if self._conn is None:
             sock = _connect(self.socket_path, 10.0 if self.timeout is None else self.timeout)
             self._conn = _Conn(sock, self.socket_path)
@@ -442,21 +434,44 @@ class Client:
         return Unreachable("connection to emitterd at %s lost before a response (%s)"
                            % (self.socket_path, why), self.socket_path, results)
 
+    def _send(self, build: Callable[[], Tuple[Any, bytes]],
+              deadline: Optional[float]) -> Tuple["_Conn", Any]:
+        """Connect if need be, build (ids, bytes) and send them; (connection, ids). A
+        connection the daemon closed before any byte of them went out (it exited or
+        restarted while we were idle) is replaced once: nobody got the request, so sending
+        it again repeats nothing. Raises _Closed otherwise, with the connection open for
+        the caller to read a parting error from."""
+        for fresh in (False, True):
+            self.connect()
+            conn = self._conn
+            assert conn is not None
+            ids, data = build()      # after connect(): request ids start again on a new one
+            try:
+                conn.send(data, deadline)
+                return conn, ids
+            except _Closed as e:
+                e.ids = ids
+                if fresh or not e.unsent:
+                    raise
+                _drain(conn)
+                if conn.decoder.buffered:
+                    raise            # the daemon said why it closed: the caller reads it
+                self.close()
+        raise AssertionError("unreachable")
+
     def request(self, op: str, args: Optional[dict] = None, timeout: Optional[float] = None) -> Any:
         """Send one request and return its result; raise its EmitterError on failure.
 
         `args` None sends no ``args`` key. `timeout` overrides the client's
         timeout for this request.
         """
-        self.connect()
-        conn = self._conn
-        assert conn is not None
         deadline = _deadline(self.timeout if timeout is None else timeout)
-        rid, data = self._build(op, args)
         try:
-            conn.send(data, deadline)
+            conn, rid = self._send(lambda: self._build(op, args), deadline)
             res = self._read_response(conn, rid, deadline)
         except _Closed as e:
+            conn = self._conn          # the one that failed, still open
+            assert conn is not None
             parting = _parting_error(conn)
             if parting is not None:
                 self.close()
@@ -485,20 +500,16 @@ class Client:
         """
         if not requests:
             return []
-        self.connect()
-        conn = self._conn
-        assert conn is not None
         deadline = _deadline(self.timeout if timeout is None else timeout)
-        ids = []
-        chunks = []
-        for op, args in requests:
-            rid, data = self._build(op, args)
-            ids.append(rid)
-            chunks.append(data)
+
+        def build() -> Tuple[List[int], bytes]:
+            built = [self._build(op, args) for op, args in requests]
+            return [rid for rid, _ in built], b"".join(data for _, data in built)
         results: List[Any] = []
+        ids: List[int] = []
         try:
             # send() keeps reading into the decoder while the socket is full
-            conn.send(b"".join(chunks), deadline)
+            conn, ids = self._send(build, deadline)
             for rid in ids:
                 try:
                     results.append(self._read_response(conn, rid, deadline))
@@ -509,6 +520,9 @@ class Client:
                     self.close()
                     break
         except _Closed as e:
+            conn = self._conn          # the one that failed, still open
+            assert conn is not None
+            ids = ids or e.ids         # e.ids: its send failed
             if self._answers_left(conn, ids, results):
                 return results       # a connection-level error answered the rest
             raise self._lost("%s; %d of %d answered" % (e, len(results), len(ids)), results) \

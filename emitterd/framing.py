@@ -73,6 +73,11 @@ class Decoder:
     def feed(self, data: bytes) -> None:
         self._buf += data
 
+    @property
+    def buffered(self) -> int:
+        """Bytes fed and not yet parsed."""
+        return len(self._buf) - self._pos
+
     def take_rest(self) -> bytes:
         """Return and forget the unparsed bytes (used when a connection changes hands)."""
         rest = bytes(self._buf[self._pos:])

@@ -638,3 +638,7 @@ def test_a_client_reconnects_for_its_first_request_after_a_daemon_restart(
     d.start()
     assert c.ping()["pid"] == d.proc.pid != first
     assert c.publish([{"stream": "after", "type": "t"}])["positions"] == [1]
+    assert d.stop() == 0
+    d.start()
+    ping, status = c.pipeline([("ping", None), ("status", {"key": "0123456789abcdef"})])
+    assert ping["pid"] == d.proc.pid and isinstance(status, NotFound), (ping, status)
