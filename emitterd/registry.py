@@ -50,8 +50,7 @@ class Registry:
         pool = Pool(self.ctx, key, spec, checkpoint, int(time.time() * 1_000_000))
         # stored first: a subscription that cannot be stored is refused, not half made
         try:
-            self.ctx.log.save_subscription(key, spec, "running", pool.stored_checkpoint,
-                                           pool.created_at)
+            self._save(pool, "running")
         except sqlite3.Error as e:
             log.error("could not store a new subscription", key=key, error=str(e))
             raise ProtocolError(UNAVAILABLE, "the subscription could not be stored: %s" % e) \
@@ -59,30 +58,31 @@ class Registry:
         self._undeleted.pop(key, None)
         self.pools[key] = pool
         self.desired[key] = "running"
-        self._saved[key] = pool.stored_checkpoint
         return pool
 
-    def persist(self, pool: Pool, desired: Optional[str] = None) -> bool:
-        """Write the pool's subscription (spec, desired state, checkpoint); False when that
-        failed: then it is written at a later flush (see the module's docstring)."""
+    def _save(self, pool: Pool, desired: str) -> None:
+        """Write the pool's subscription (spec, desired state, checkpoint); sqlite3.Error."""
+        cp = pool.stored_checkpoint
+        self.ctx.log.save_subscription(pool.key, pool.spec, desired, cp, pool.created_at)
+        self._saved[pool.key] = cp
+
+    def persist(self, pool: Pool, desired: Optional[str] = None) -> None:
+        """Write the pool's subscription; if that fails it is written at a later flush
+        (see the module's docstring)."""
         if pool.key not in self.pools:
-            return True
+            return
         if desired is not None:
             self.desired[pool.key] = desired
-        cp = pool.stored_checkpoint
         try:
-            self.ctx.log.save_subscription(pool.key, pool.spec, self.desired[pool.key], cp,
-                                           pool.created_at)
+            self._save(pool, self.desired[pool.key])
         except sqlite3.Error as e:
             if pool.key not in self._unsaved:
                 log.error("could not save a subscription; retrying every checkpoint flush",
                           pool=pool.name, error=str(e))
             self._unsaved[pool.key] = str(e)
-            return False
-        self._saved[pool.key] = cp
+            return
         if self._unsaved.pop(pool.key, None) is not None:
             log.info("subscription saved at last", pool=pool.name)
-        return True
 
     def unsaved_error(self, key: str, what: str) -> Optional[ProtocolError]:
         """`unavailable` for an operation whose change (`what`) is not on disk yet."""

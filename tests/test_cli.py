@@ -1,6 +1,7 @@
 """emitterctl (PROTOCOL §6): exit statuses, --json documents, human tables, tail, top."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import socket
 import subprocess
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import msgpack
 import pytest
@@ -447,6 +448,21 @@ def test_publish_file_errors(daemon: Any) -> None:
     assert jdoc(daemon.ctl("--json", "publish", "--file", bom))["published"] == 1
 
 
+TICK = json.dumps({"stream": "gen", "type": "tick"}) + "\n"
+
+
+@contextlib.contextmanager
+def _publishing_two_lines_from_stdin(daemon: Any, c: Any, head: int) -> Iterator[Any]:
+    """`emitterctl --json publish --file -` with two lines written to its open stdin and
+    published (the head at `head` + 2); yields the process, which the block ends."""
+    with daemon.ctl_running("--json", "publish", "--file", "-", stdin=subprocess.PIPE) as p:
+        p.stdin.write(TICK * 2)
+        p.stdin.flush()
+        wait_for(lambda: c.ping()["head"] == head + 2, 10,
+                 "the first 2 lines published while the pipe stays open")
+        yield p
+
+
 @pytest.mark.timeout(60)
 def test_publish_from_a_pipe_publishes_each_line_as_it_comes(daemon: Any) -> None:
     """A generator behind a pipe (stdin, or a FIFO named by --file) may write a line a
@@ -454,13 +470,8 @@ def test_publish_from_a_pipe_publishes_each_line_as_it_comes(daemon: Any) -> Non
     back until --batch-size events are there or the input ends (where a kill would lose
     them)."""
     c = daemon.client()
-    head = c.ping()["head"]
-    line = json.dumps({"stream": "gen", "type": "tick"}) + "\n"
-    with daemon.ctl_running("--json", "publish", "--file", "-", stdin=subprocess.PIPE) as p:
-        p.stdin.write(line * 2)
-        p.stdin.flush()
-        wait_for(lambda: c.ping()["head"] == head + 2, 10,
-                 "the first 2 lines published while the pipe stays open")
+    head, line = c.ping()["head"], TICK
+    with _publishing_two_lines_from_stdin(daemon, c, head) as p:
         assert p.poll() is None
         p.stdin.write(line)
         p.stdin.flush()
@@ -533,12 +544,8 @@ def test_publish_file_splits_a_batch_whose_frame_is_too_large(make_daemon: Any) 
 def test_publish_from_a_stream_ends_cleanly_on_sigint_and_a_file_says_what_was_left(
         daemon: Any) -> None:
     c = daemon.client()
-    head = c.ping()["head"]
-    line = json.dumps({"stream": "gen", "type": "tick"}) + "\n"
-    with daemon.ctl_running("--json", "publish", "--file", "-", stdin=subprocess.PIPE) as p:
-        p.stdin.write(line * 2)
-        p.stdin.flush()
-        wait_for(lambda: c.ping()["head"] == head + 2, 10, "2 lines published")
+    head, line = c.ping()["head"], TICK
+    with _publishing_two_lines_from_stdin(daemon, c, head) as p:
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=10)
     assert p.returncode == 0, err

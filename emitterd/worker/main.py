@@ -138,12 +138,8 @@ class Worker:
         """A consumer connection is ours; `adopted`: one the parent handed over (attach)."""
         if not conn.closed:
             self.consumers.append(conn)
-        msg = {"op": "consumers", "n": len(self.consumers)}
-        if adopted:
-            msg["adopted"] = 1
-        elif conn.closed:
-            return
-        self.report(msg)
+        if adopted or not conn.closed:
+            self.report({"op": "consumers", "n": len(self.consumers), "adopted": int(adopted)})
         if conn.closed:
             return
         sent = []
