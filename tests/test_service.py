@@ -567,6 +567,9 @@ def test_metrics_op_and_http_exporter(make_daemon, short_tmp):
         assert delivered[0].value == 20
         rss = fams["emitterd_worker_rss_bytes"].samples
         assert rss and all(s.labels.get("key") == key and s.value > 0 for s in rss)
+        # an operator alerts on a worker with nobody to deliver to
+        consumers = fams["emitterd_worker_consumers"].samples
+        assert [(s.labels, s.value) for s in consumers] == [({"key": key, "index": "0"}, 1)]
 
         # A slow HTTP client holding an unfinished request must not block the daemon.
         slow = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -599,6 +602,12 @@ def test_metrics_op_and_http_exporter(make_daemon, short_tmp):
         finally:
             slow.close()
         assert c.ping()["head"] == 21
+        sub.close()
+
+        def consumers_now() -> list:
+            fams = _families(c.metrics()["text"])
+            return [s.value for s in fams["emitterd_worker_consumers"].samples]
+        wait_until(lambda: consumers_now() == [0], 10, "the closed subscriber counted as gone")
         assert d.proc.poll() is None
     finally:
         sub.close()

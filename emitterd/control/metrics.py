@@ -43,6 +43,10 @@ class _Collector:
         wl = ["key", "index"]
         rss = GaugeMetricFamily("emitterd_worker_rss_bytes", "Worker resident memory", labels=wl)
         cpu = GaugeMetricFamily("emitterd_worker_cpu_percent", "Worker CPU use", labels=wl)
+        consumers = GaugeMetricFamily("emitterd_worker_consumers",
+                                      "Open consumer connections (unix subscriber or attached): "
+                                      "0 means the worker has nobody to deliver to",
+                                      labels=wl)
         ready = GaugeMetricFamily("emitterd_worker_ready_time_seconds",
                                   "CLOCK_MONOTONIC time at which the worker said ready "
                                   "(system-wide clock: lets a benchmark time a respawn exactly)",
@@ -66,6 +70,7 @@ class _Collector:
                 seen.add(w["index"])
                 rss.add_metric([pool.key, str(w["index"])], w["rss"])
                 cpu.add_metric([pool.key, str(w["index"])], w["cpu_percent"])
+                consumers.add_metric([pool.key, str(w["index"])], w["consumers"])
             for h in pool.slots.values():
                 if h.ready_at:
                     ready.add_metric([pool.key, str(h.index)], h.ready_at)
@@ -73,6 +78,7 @@ class _Collector:
         yield state
         yield rss
         yield cpu
+        yield consumers
         yield ready
 
 
