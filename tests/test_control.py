@@ -282,6 +282,29 @@ def test_already_started_names_the_key(shared: Daemon, world: World) -> None:
     c.stop(st["key"], delete=True)
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("op,extra,field", [
+    ("status", {}, "bogus"), ("stop", {}, "bogus"), ("stop", {}, "delete"),
+    ("update", {"options": {"batch_size": 5}}, "bogus"),
+    # beside the target it resizes; inside the triple it used to answer ok, resizing nothing
+    ("update", {}, "pool_size"), ("parked", {}, "limit")])
+def test_a_field_beyond_the_triple_is_invalid(shared: Daemon, world: World, op: str,
+                                              extra: dict, field: str) -> None:
+    c = shared.client()
+    st = c.start(sub("triple-extra"))
+    shared.collect_children()
+    world.snapshot = world._take()
+    triple = {"name": "triple-extra", "type": "stream", "selector": "orders"}
+    value = {"bogus": 1, "delete": True, "pool_size": 3, "limit": 1}[field]
+    e = expect_error(c, op, dict(extra, subscription=dict(triple, **{field: value})), "invalid")
+    assert e.details == {"field": "subscription." + field}
+    assert "name, type and selector" in e.message
+    after = c.status(st["key"])          # nothing changed: not stopped, deleted or resized
+    assert after["state"] == "running" and after["subscription"] == st["subscription"]
+    world.check()
+    c.stop(st["key"], delete=True)
+
+
 # ---- not_found -----------------------------------------------------------------
 
 TARGETS = [

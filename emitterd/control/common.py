@@ -4,6 +4,10 @@ from typing import Any
 from emitterd import subscription
 from emitterd.errors import NOT_FOUND, UNAVAILABLE, ProtocolError, clip, invalid
 
+TRIPLE = ("name", "type", "selector")
+ARG_FIELDS = ("pool_size", "subscriber", "options", "checkpoint", "delete", "drain_timeout",
+              "action", "limit")     # args some op takes beside the target
+
 
 def resolve_key(args: dict) -> str:
     """The key named by {"key"} or {"subscription": {name, type, selector}}."""
@@ -13,6 +17,18 @@ def resolve_key(args: dict) -> str:
             raise ProtocolError(NOT_FOUND, "no subscription with key %s" % describe(key))
         return key
     if "subscription" in args:
+        triple = args["subscription"]
+        if isinstance(triple, dict):
+            for k in triple:
+                if k not in TRIPLE:
+                    # never ignored: `update` with pool_size inside the triple would
+                    # answer ok and change nothing
+                    name = clip(str(k))
+                    raise invalid("subscription.%s" % name,
+                                  "a target subscription is named by name, type and selector "
+                                  "only; %r is not one of them%s" % (
+                                      name, " (give it beside \"subscription\", as an "
+                                      "argument of the op)" if k in ARG_FIELDS else ""))
         try:
             name, type_, _, normalized = subscription.validate_identity(args["subscription"])
         except ProtocolError:
