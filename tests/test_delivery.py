@@ -474,6 +474,27 @@ def test_giving_an_attached_pool_a_subscriber_lets_its_consumers_go(daemon: Daem
 
 
 @pytest.mark.timeout(30)
+def test_events_waiting_for_a_subscriber_go_to_a_consumer_once_the_subscriber_is_removed(
+        daemon: Daemon, consumers: Any) -> None:
+    """update subscriber nil while every worker holds events for a subscriber that never
+    answered: the one consumer then attached gets them all, also those of the worker it is
+    not on (which used to keep them, and stall their streams, until it had a consumer)."""
+    c = daemon.client()
+    nobody = "unix:" + daemon.root + "/nobody.sock"
+    key = start_pool(daemon, c, sub_spec("unheard", subscriber=nobody, pool_size=2))["key"]
+    ps = c.publish([e for i in range(8) for e in events(1, stream="w-%d" % i)])["positions"]
+    wait_status(c, key, lambda s: all(w["in_flight"] for w in s["workers"]),
+                what="both workers holding events for the subscriber")
+    c.update(key, subscriber=None)
+    one = consumers(daemon, key)
+    ps += c.publish([e for i in range(8) for e in events(1, stream="w-%d" % i)])["positions"]
+    wait_checkpoint(c, key, ps[-1])
+    assert sorted(one.positions()) == ps
+    st = c.status(key)
+    assert [w["in_flight"] for w in st["workers"]] == [0, 0], st["workers"]
+
+
+@pytest.mark.timeout(30)
 def test_update_checkpoint_delivers_the_events_after_it_again(daemon: Daemon,
                                                               subscribers: Any) -> None:
     sub = subscribers()

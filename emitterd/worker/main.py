@@ -89,6 +89,10 @@ class Worker:
                     c.dismiss("unavailable", "the subscription now delivers to %s; attach is "
                               "only for subscriptions without subscriber" % msg["subscriber"])
                 self.sink = UnixSink(self, msg["subscriber"])
+            else:
+                # events that waited for a subscriber that never answered: with none now,
+                # they go where a consumer is (attach mode), not stay here unseen
+                self._hand_back_waiting()
 
     def _heartbeat(self) -> None:
         self.report({"op": "hb", "consumers": len(self.consumers),
@@ -161,12 +165,17 @@ class Worker:
             unfinished=len(lost))
         if lost:
             self.report({"op": "requeue", "positions": lost, "reason": "consumer gone"})
+        self._hand_back_waiting()
+        if self.sink is not None:
+            self.sink.lost(conn)
+
+    def _hand_back_waiting(self) -> None:
+        """Without a subscriber, events wait here only while a consumer may come back to this
+        worker: with none left, the parent routes them to a worker that has one."""
         if not self.consumers and not self.spec.get("subscriber") and self.waiting:
             for positions, _ in self.waiting:
                 self.report({"op": "requeue", "positions": positions, "reason": "no consumer"})
             self.waiting.clear()
-        if self.sink is not None:
-            self.sink.lost(conn)
 
 
 def main(sock: socket.socket, spec: dict) -> None:
