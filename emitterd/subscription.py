@@ -47,7 +47,9 @@ def validate_subscriber(value: Any, field: str) -> Optional[str]:
     path = value[5:]
     if not os.path.isabs(path):
         raise invalid(field, "the subscriber socket path must be absolute")
-    if len(path.encode("utf-8", "surrogateescape")) > UNIX_PATH_MAX or "\0" in path:
+    if "\0" in path:
+        raise invalid(field, "the subscriber socket path contains a NUL character")
+    if len(path.encode("utf-8", "surrogateescape")) > UNIX_PATH_MAX:
         raise invalid(field, "the subscriber socket path is longer than %d bytes" % UNIX_PATH_MAX)
     return value
 

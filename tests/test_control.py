@@ -454,6 +454,16 @@ def test_invalid_subscription_names_the_field(shared: Daemon, world: World, over
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("path,says", [("/tmp/x\0y", "NUL"), ("/" + "p" * 200, "longer than 107")])
+def test_a_refused_subscriber_path_says_why(shared: Daemon, world: World, path: str,
+                                            says: str) -> None:
+    e = expect_error(shared.client(), "start",
+                     {"subscription": sub("bad-path", subscriber="unix:" + path)}, "invalid")
+    assert e.details == {"field": "subscription.subscriber"} and says in e.message, e.message
+    world.check()
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("args,field", [
     ({}, "subscription"),
     ({"subscription": None}, "subscription"),
