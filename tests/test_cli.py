@@ -756,6 +756,38 @@ def test_tail_tells_a_stopped_pool_from_a_daemon_gone(make_daemon: Any) -> None:
     assert rc == 3 and "no longer answers" in err, (rc, err)
 
 
+@pytest.mark.timeout(60)
+def test_tail_of_a_daemon_shutting_down_exits_3(daemon: Any) -> None:
+    """On SIGTERM the daemon stops every pool and still answers while another pool drains:
+    tail, asking why its connection closed, hears "stopped"; that is the daemon going
+    away (exit 3, which a supervising script retries), not another client's stop (1)."""
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)   # accepts, never acks
+    mute.bind(os.path.join(daemon.root, "mute.sock"))
+    mute.listen(4)
+    try:
+        c = daemon.client()
+        held = c.start({"name": "held", "type": "stream", "selector": "held",
+                        "subscriber": "unix:" + os.path.join(daemon.root, "mute.sock")})["key"]
+        key = start_json(daemon, "tailed-down")["key"]
+        c.publish([{"stream": "held", "type": "t"}])
+        wait_status(daemon, held, lambda s: s["workers"][0]["consumers"] == 1
+                    and s["in_flight"] == 1, "the event held by the mute subscriber")
+        wait_status(daemon, key, lambda s: any(w["state"] == "ready" for w in s["workers"]),
+                    "ready")
+        proc = daemon.ctl_popen("tail", key)
+        try:
+            wait_for(lambda: _consumers(daemon, key) == 1, 15, "the tail consumer")
+            daemon.collect_children()
+            daemon.proc.send_signal(signal.SIGTERM)     # drains "held" for 10 s
+            rc = proc.wait(30)
+        finally:
+            _finish(proc)
+        err = proc.stderr.read()
+        assert rc == 3 and "error: the daemon is shutting down" in err, (rc, err)
+    finally:
+        mute.close()
+
+
 @pytest.mark.timeout(90)
 def test_tail_human_lines(daemon: Any) -> None:
     key = start_json(daemon, "tailed-h")["key"]

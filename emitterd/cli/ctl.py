@@ -850,6 +850,9 @@ def _why_tail_ended(st: Any, key: str) -> Tuple[int, str]:
             while pool.get("state") == "running" and time.monotonic() < deadline:
                 time.sleep(0.05)
                 pool = c.status(key)
+            # a daemon draining its pools to exit still answers, and says "stopped": that
+            # is the daemon going away, not another client's stop
+            shutting_down = pool.get("state") != "running" and c.ping().get("shutting_down")
     except Unreachable:
         return EXIT_UNREACHABLE, "the daemon closed the connection and no longer answers"
     except EmitterError as e:
@@ -858,6 +861,8 @@ def _why_tail_ended(st: Any, key: str) -> Tuple[int, str]:
         return EXIT_DAEMON_ERROR, "the daemon closed the connection (status: %s)" % e
     except TimeoutError:
         return EXIT_UNREACHABLE, "the daemon closed the connection and does not answer"
+    if shutting_down:
+        return EXIT_UNREACHABLE, "the daemon is shutting down"
     if pool.get("state") != "running":
         return EXIT_DAEMON_ERROR, "the pool of %s is %s" % (key, pool.get("state"))
     return EXIT_DAEMON_ERROR, ("the daemon closed the connection (the worker serving it "
