@@ -149,6 +149,37 @@ def test_an_unanswered_publish_says_it_may_have_been_stored(daemon: Any) -> None
 
 
 @pytest.mark.timeout(60)
+def test_ctrl_c_is_130_not_a_daemon_error(daemon: Any) -> None:
+    """§6 keeps 1 for an error the daemon answered: Ctrl-C while a command waits for its
+    answer (here: the daemon stopped) exits 130, and a publish says it may be stored."""
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        for args, says in ((["ping"], "error: interrupted\n"),
+                           (["publish", "--stream", "s", "--type", "t"],
+                            "the event may or may not have been stored")):
+            with daemon.ctl_running(*args) as p:
+                time.sleep(0.5)          # connected, request sent, waiting
+                p.send_signal(signal.SIGINT)
+                out, err = p.communicate(timeout=10)
+            assert p.returncode == 130 and out == "" and says in err, (args, p.returncode, err)
+            assert "Aborted" not in err and "Traceback" not in err, err
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(60)
+def test_an_output_that_cannot_be_written_is_an_error_not_a_traceback(daemon: Any) -> None:
+    for args in (["--json", "ping"], ["--json", "publish", "--stream", "s", "--type", "t"]):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run(ctl_argv() + ["--socket", daemon.socket] + args, stdout=full,
+                               stderr=subprocess.PIPE, text=True, env=daemon.env,
+                               cwd=daemon.root, timeout=30, stdin=subprocess.DEVNULL)
+        assert r.returncode == 74, (args, r.returncode, r.stderr)
+        assert r.stderr == "error: cannot write the output: No space left on device\n", r.stderr
+    assert daemon.client().ping()["head"] == 1       # the publish was done all the same
+
+
+@pytest.mark.timeout(60)
 def test_bad_jsonl_file_is_a_usage_error(short_tmp: str) -> None:
     path = os.path.join(short_tmp, "bad.jsonl")
     with open(path, "w") as f:

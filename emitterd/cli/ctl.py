@@ -2,7 +2,9 @@
 
 Exit status: 0 success, 1 an error answered by the daemon (``error: <code>:
 <message>`` on stderr), 2 usage error, 3 the daemon could not be reached
-(no socket, nobody listening, no permission, connection lost, no answer in time).
+(no socket, nobody listening, no permission, connection lost, no answer in time),
+74 the output could not be written (or an input file read), 130 interrupted (Ctrl-C; tail
+ends with 0 that way).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ PARKED_LIST, PARKED_MAX = 100, 100_000      # parked: the protocol's default lim
 BATCH_BYTES = 4 << 20
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-EXIT_STOPPED = 130     # publish --file stopped by SIGINT/SIGTERM with lines read but not sent
+EXIT_IO = 74           # sysexits' EX_IOERR: writing the output (or reading a file) failed
+EXIT_STOPPED = 130     # interrupted (Ctrl-C), or publish --file stopped with lines not sent
 
 
 # ---- shared state ------------------------------------------------------------
@@ -215,7 +218,8 @@ Examples:
 
 \b
 Exit status: 0 success, 1 an error answered by the daemon (its code and
-message on stderr), 2 usage error, 3 the daemon could not be reached.""")
+message on stderr), 2 usage error, 3 the daemon could not be reached,
+74 the output could not be written, 130 interrupted by Ctrl-C (tail: 0).""")
 @click.option("--socket", "socket_path", metavar="PATH", default=None,
               help="Control socket of the daemon. Default: $EMITTERD_SOCKET, else "
                    "$XDG_RUNTIME_DIR/emitterd/emitterd.sock, else /run/emitterd/emitterd.sock "
@@ -735,14 +739,18 @@ def publish(ctx: click.Context, stream: Optional[str], event_type: Optional[str]
     if event_id is not None:
         event["id"] = event_id
     client = st.client().connect()      # a failure here is plain: nothing was sent
+    retry = ("it has an id, so publishing it again stores it once" if event_id is not None
+             else "publishing it again may store it twice (with an --id it would not)")
     try:
         r = client.publish([event], expected_version=expected_version)
     except (Unreachable, TimeoutError) as e:
         click.echo("error: daemon unreachable: %s" % e, err=True)
-        _maybe_stored("the event", "it has an id, so publishing it again stores it once"
-                      if event_id is not None else
-                      "publishing it again may store it twice (with an --id it would not)")
+        _maybe_stored("the event", retry)
         ctx.exit(EXIT_UNREACHABLE)
+    except KeyboardInterrupt:
+        click.echo("\nerror: interrupted before the daemon answered", err=True)
+        _maybe_stored("the event", retry)
+        ctx.exit(EXIT_STOPPED)
 
     def human() -> str:
         pos = (r.get("positions") or [None])[0]
@@ -1044,7 +1052,19 @@ def _details_suffix(e: EmitterError) -> str:
 def main(argv: Optional[List[str]] = None) -> None:
     """Run emitterctl; never returns (exits with the §6 status)."""
     try:
-        cli.main(args=argv, prog_name="emitterctl")   # standalone: exits 0 or 2 itself
+        # not standalone: click would turn Ctrl-C into "Aborted!" and exit 1, which §6
+        # keeps for an error the daemon answered
+        code = cli.main(args=argv, prog_name="emitterctl", standalone_mode=False)
+        sys.stdout.flush()     # here, where a failed write is reported (not at exit)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)   # ctx.exit(n) returns n
+    except click.Abort:
+        # Ctrl-C (click has ended the ^C line); a command with a request in flight has
+        # said what may have happened to it
+        click.echo("error: interrupted", err=True)
+        sys.exit(EXIT_STOPPED)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
     except EmitterError as e:
         click.echo("error: %s: %s%s" % (e.code, e.message, _details_suffix(e)), err=True)
         sys.exit(EXIT_DAEMON_ERROR)
@@ -1062,6 +1082,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     except BrokenPipeError:
         _quiet_stdout()
         sys.exit(EXIT_OK)
+    except OSError as e:
+        # a local file or stdout failed (a full disk under `> out.json`): no traceback, and
+        # not 1, which says the daemon refused (a publish may well have been stored)
+        _quiet_stdout()
+        if e.filename is not None:
+            click.echo("error: %s: %s" % (e.filename, e.strerror or e), err=True)
+        else:
+            click.echo("error: cannot write the output: %s" % (e.strerror or e), err=True)
+        sys.exit(EXIT_IO)
 
 
 if __name__ == "__main__":
