@@ -6,14 +6,16 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import sqlite3
 import time
 from typing import Any, Dict
 
+import msgpack
 import psutil
 import pytest
 
 from daemon_fixture import Daemon
-from emitterd.client import Unavailable
+from emitterd.client import Conflict, Unavailable
 from subscriber_helper import (ACK, HOLD, ack_all, events, start_pool, sub_spec,  # noqa: F401
                                subscribers, wait_checkpoint, wait_status, wait_until)
 
@@ -309,3 +311,63 @@ def test_a_stopped_daemon_does_not_kill_its_healthy_workers_when_it_continues(
     st = c.status(key)
     assert st["restarts"] == 0 and sorted(w["pid"] for w in st["workers"]) == pids, st
     assert "did not run for" in d.log_tail(50)
+
+
+# ---- stream versions after a kill before the first save of the stream heads ----------------
+
+def _restart_after_sigkill(make_daemon: Any, d: Any) -> Any:
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    d2 = make_daemon(start=False)
+    d2.socket, d2.data_dir = d.socket, d.data_dir
+    return d2.start()
+
+
+@pytest.mark.timeout(60)
+def test_stream_versions_continue_after_sigkill_right_after_first_publish(make_daemon: Any) -> None:
+    d = make_daemon()
+    c = d.client()
+    r = c.publish([{"stream": "orders", "type": "T"} for _ in range(5)])
+    assert r["versions"] == [0, 1, 2, 3, 4]
+    c.close()
+    # killed before its first checkpoint flush (checkpoint_interval 1 s)
+    d2 = _restart_after_sigkill(make_daemon, d)
+    c2 = d2.client()
+    # the stream exists with last version 4: "must not exist" is a conflict
+    with pytest.raises(Conflict):
+        c2.publish([{"stream": "orders", "type": "T"}], expected_version=-1)
+    r2 = c2.publish([{"stream": "orders", "type": "T"}])
+    assert r2["positions"] == [6]
+    assert r2["versions"] == [5], (
+        "stream 'orders' held versions 0..4 at positions 1..5; after the SIGKILL the next event "
+        "got version %r (a version the stream already has)" % r2["versions"])
+
+
+@pytest.mark.timeout(60)
+def test_stream_versions_continue_after_upgrade_then_sigkill(make_daemon: Any) -> None:
+    """A version 2 log (README: migrated on open) whose daemon is killed in its first second
+    after the upgrade: the events published since the upgrade are forgotten by the stream heads."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    d = make_daemon(start=False)
+    os.makedirs(d.data_dir, mode=0o700)
+    db = sqlite3.connect(os.path.join(d.data_dir, "emitterd.db"), isolation_level=None)
+    db.executescript(open(os.path.join(here, "data_v2_schema.sql")).read())
+    db.execute("INSERT INTO meta (name, value) VALUES ('id_salt', ?)", ((12345).to_bytes(8, "big"),))
+    pack = msgpack.Packer(use_bin_type=True).pack
+    for pos in (1, 2, 3):
+        body = b"".join(pack(k) + pack(v) for k, v in (
+            ("position", pos), ("id", "v2-%d" % pos), ("stream", "s"), ("version", pos - 1),
+            ("type", "T"), ("data", None), ("metadata", {}), ("tags", []), ("timestamp", 1)))
+        db.execute("INSERT INTO events VALUES (?, 's', ?, 'T', NULL, ?)", (pos, pos - 1, body))
+    db.execute("INSERT INTO streams VALUES ('s', 2)")
+    db.close()
+    d.start()
+    c = d.client()
+    assert c.publish([{"stream": "s", "type": "T"} for _ in range(3)])["versions"] == [3, 4, 5]
+    c.close()
+    d2 = _restart_after_sigkill(make_daemon, d)
+    r = d2.client().publish([{"stream": "s", "type": "T"}])
+    assert r["positions"] == [7]
+    assert r["versions"] == [6], (
+        "after upgrade + SIGKILL the stream's next version is %r; versions 3..5 were already "
+        "given to positions 4..6" % r["versions"])

@@ -261,6 +261,13 @@ class SqliteLog(EventLog):
         self.durable = self.head      # events up to here are on disk (sync() moves it)
         self._stream_versions: dict = {}
         self._unsaved: dict = {}      # stream -> version, newer than the streams table
+        if self.meta("streams_through") is None:
+            # An older log (migrated above) saved every stream's version on each commit:
+            # its table is complete. Any other log without the mark is new, or was killed
+            # before its first save: its streams table may lack what its events say.
+            through = self.head if cols else 0
+            self._db.execute("INSERT INTO meta (name, value) VALUES ('streams_through', ?)",
+                             (through.to_bytes(8, "big"),))
         self._recover_stream_heads()
         # _tail[_tail_off:] are the records from _tail_start on; the slots before _tail_off
         # are already dropped (None), compacted away now and then
@@ -310,9 +317,8 @@ class SqliteLog(EventLog):
 
     def _recover_stream_heads(self) -> None:
         """Versions of the streams written after the last save of the heads, from the events
-        themselves (only after a crash; a file without the mark was saved on every commit)."""
-        mark = self.meta("streams_through")
-        through = self.head if mark is None else int.from_bytes(mark, "big")
+        themselves (only after a crash)."""
+        through = int.from_bytes(self.meta("streams_through") or b"", "big")
         if through >= self.head:
             return
         n = 0
