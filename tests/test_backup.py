@@ -237,3 +237,36 @@ def test_a_damaged_backup_is_refused_and_changes_nothing(make_daemon: Any, short
         == before, "a refused restore changed the data directory"
     d.start()
     assert d.client().ping()["head"] == 3000
+
+
+@pytest.mark.timeout(90)
+def test_a_restore_interrupted_between_its_renames_is_refused_then_run_again(
+        make_daemon: Any, short_tmp: str) -> None:
+    """restore moves the old log aside, then renames the checked copy in: killed between the
+    two, the data directory has no emitterd.db, and a start used to begin a new, empty log
+    there (positions from 1 again). It refuses, naming the restore; running it again ends it."""
+    d = make_daemon()
+    d.client().publish(events(100, 0))
+    dest = os.path.join(short_tmp, "b.db")
+    assert emitterd("backup", "--data-dir", d.data_dir, dest)[0] == 0
+    d.client().publish(events(10, 100))
+    assert d.stop() == 0
+    # the state a restore killed at its second rename leaves
+    aside = os.path.join(d.data_dir, "replaced-interrupted")
+    os.mkdir(aside, 0o700)
+    for n in os.listdir(d.data_dir):
+        if n.startswith("emitterd.db"):
+            os.rename(os.path.join(d.data_dir, n), os.path.join(aside, n))
+    with open(dest, "rb") as src, open(os.path.join(d.data_dir, "emitterd.db.restoring"),
+                                        "wb") as tmp:
+        tmp.write(src.read())
+    r = d.run_refused()
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "cannot start" in out and "a restore was interrupted" in out, out
+    assert not os.path.exists(os.path.join(d.data_dir, "emitterd.db"))
+    rc, _, err = emitterd("restore", "--data-dir", d.data_dir, dest)
+    assert rc == 0, err
+    d.start()
+    assert d.client().ping()["head"] == 100
+    assert sorted(os.listdir(aside)) == ["emitterd.db"]      # the old log, still kept
+

@@ -311,6 +311,59 @@ def test_another_programs_database_is_not_taken_for_an_event_log(make_daemon: An
 
 
 @pytest.mark.timeout(30)
+def test_an_event_log_path_that_is_a_directory_is_named(make_daemon: Any) -> None:
+    d = make_daemon(start=False)
+    os.makedirs(os.path.join(d.data_dir, "emitterd.db"))
+    r = d.run_refused()
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "cannot start" in out, out
+    assert "emitterd.db is a directory, not the event log" in out, out
+
+
+@pytest.mark.timeout(60)
+def test_a_read_only_event_log_is_refused_at_start(make_daemon: Any, needs_root: None) -> None:
+    """SQLite opens a log its user cannot write read-only: the daemon used to say ready and
+    fail every publish. Run as uid 65534 (root ignores modes) on a log made read-only."""
+    d = make_daemon()
+    d.client().publish([{"stream": "s", "type": "t"}])
+    assert d.stop() == 0
+    for dirpath, _, files in os.walk(d.root):
+        os.chown(dirpath, 65534, 65534)
+        for n in files:
+            os.chown(os.path.join(dirpath, n), 65534, 65534)
+    os.chmod(os.path.join(d.data_dir, "emitterd.db"), 0o400)
+    r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+                       + d.argv(), env=d.env, cwd=d.root, stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=20)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "cannot start" in out, out
+    assert "emitterd.db is not readable and writable by uid 65534 (mode 0400" in out, out
+
+
+@pytest.mark.timeout(60)
+def test_a_migrated_log_an_older_daemon_wrote_to_is_refused_with_the_remedy(
+        make_daemon: Any) -> None:
+    """An older emitterd (one row per event) opens a converted log without a word, sees no
+    events, and appends at positions the chunks hold. What it writes is simulated here with
+    its schema; the current daemon refuses, saying what happened and what to do, instead of
+    SQLite's "UNIQUE constraint failed"."""
+    d = make_daemon()
+    d.client().publish([{"stream": "s", "type": "t"} for _ in range(5)])
+    assert d.stop() == 0
+    here = os.path.dirname(os.path.abspath(__file__))
+    db = sqlite3.connect(os.path.join(d.data_dir, "emitterd.db"), isolation_level=None)
+    with open(os.path.join(here, "data_v2_schema.sql")) as f:
+        db.executescript(f.read())
+    db.execute("INSERT INTO events VALUES (1, 's', 5, 't', NULL, ?)", (b"\x80",))
+    db.close()
+    r = d.run_refused()
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "cannot start" in out, out
+    assert "written by an older emitterd after this one had converted it" in out, out
+    assert "restore the backup taken before the upgrade" in out and "UNIQUE" not in out, out
+
+
+@pytest.mark.timeout(30)
 def test_regular_file_at_the_socket_path_is_not_replaced(make_daemon: Any) -> None:
     d = make_daemon(start=False)
     with open(d.socket, "w") as f:

@@ -5,6 +5,7 @@ import os
 import re
 import secrets
 import sqlite3
+import stat
 import time
 import uuid
 from collections import OrderedDict
@@ -102,6 +103,35 @@ _CHUNK_AT = "SELECT first, last, bodies FROM chunks WHERE first <= ? ORDER BY fi
 # chunks are in position order: the last one ends at the head (MAX(last) would scan)
 HEAD_SQL = "SELECT last FROM chunks ORDER BY first DESC LIMIT 1"
 TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA))
+
+
+class LogUnusable(RuntimeError):
+    """The event log's files are there but cannot be used as they are; the message says why
+    and what to do."""
+
+
+def _check_usable(path: str) -> None:
+    """Refuse, in words, what SQLite would open wrongly (read-only, or as a new empty log)
+    or report only as "unable to open database file"."""
+    if not os.path.lexists(path) and os.path.lexists(path + ".restoring"):
+        # backup.restore moves the old log aside, then renames this in: killed between the
+        # two, a start here would begin a new, empty log
+        raise LogUnusable("%s is missing and %s.restoring is there: a restore was interrupted; "
+                          "run `emitterd restore` again (the log it replaced is in a "
+                          "replaced-* directory beside it)" % (path, path))
+    for p in (path, path + "-wal", path + "-shm"):
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            raise LogUnusable("%s is a directory, not the event log" % p)
+        if not os.access(p, os.R_OK | os.W_OK):
+            # SQLite would open the log read-only: the daemon would start, and every
+            # publish would fail
+            raise LogUnusable("%s is not readable and writable by uid %d (mode %04o, owner "
+                              "uid %d): the daemon writes the event log"
+                              % (p, os.geteuid(), stat.S_IMODE(st.st_mode), st.st_uid))
 
 
 def tables_of(db: sqlite3.Connection) -> set:
@@ -222,6 +252,7 @@ class SqliteLog(EventLog):
                  tail_bytes: int = 64 << 20, wal_bytes: int = 0) -> None:
         ensure_private_dir(data_dir)
         self.path = os.path.join(data_dir, "emitterd.db")
+        _check_usable(self.path)
         self._full = synchronous == "full"
         self._unsynced = False        # an append(defer_sync=True) not yet followed by sync()
         self._wal_fd = -1
@@ -240,6 +271,15 @@ class SqliteLog(EventLog):
             raise sqlite3.DatabaseError("%s is not an emitterd event log (its tables: %s)"
                                         % (self.path, ", ".join(sorted(tables)[:5])))
         cols = [r[1] for r in self._db.execute("PRAGMA table_info(events)")]
+        if cols and "chunks" in tables and self._db.execute(
+                "SELECT 1 FROM chunks LIMIT 1").fetchone():
+            # an older emitterd (one row per event) opened this migrated log: it does not
+            # refuse, but sees no events and writes positions the chunks already hold
+            self._db.close()
+            raise LogUnusable(
+                "%s was written by an older emitterd after this one had converted it (it has "
+                "both the old events table and chunks): the two disagree on positions; "
+                "restore the backup taken before the upgrade (emitterd restore)" % self.path)
         if "client_id" in cols:
             self._db.executescript(MIGRATE_FROM_V1)
         self._db.executescript(SCHEMA)
