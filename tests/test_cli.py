@@ -832,6 +832,12 @@ def test_tail_human_lines(daemon: Any) -> None:
         (line,) = reader.lines(1, 15)
         assert line.split()[:3] == [str(pos), "orders-9", "order.paid"], line
         assert '{"amount":12}' in line
+        # one line per event (§6): a client's stream name cannot forge a line, nor send
+        # escape sequences to the terminal
+        pos = daemon.client().publish([{"stream": "evil\n999  fake  x", "type": "t\x1b[2J",
+                                        "data": 1}])["positions"][0]
+        (line,) = reader.lines(1, 15)
+        assert line.rstrip("\n") == "%d  evil\\n999  fake  x  t\\x1b[2J  1" % pos, repr(line)
     finally:
         rc = _finish(proc)
     assert rc == 0

@@ -16,6 +16,7 @@ import base64
 import datetime
 import json
 import math
+import re
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import msgpack
@@ -117,8 +118,18 @@ def rate(v: Optional[float]) -> str:
     return "-" if v is None else ("%.1f" % v if v < 100 else "%d" % round(v))
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(s: str) -> str:
+    """`s` with control characters escaped (\\n, \\x1b...): a client's stream name must
+    not start a line of its own in `tail`, nor send escape sequences to the terminal."""
+    return _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), "\\x%02x" % ord(m.group())), s)
+
+
 def clip(s: str, width: int) -> str:
-    s = s.replace("\n", "\\n").replace("\t", " ")
+    s = printable(s)
     return s if len(s) <= width else s[:max(1, width - 1)] + "…"
 
 
@@ -265,8 +276,8 @@ def event_line(e: Dict[str, Any]) -> str:
     """`tail`: position, stream, type, data on one line (attempt when > 1)."""
     attempt = e.get("attempt")
     extra = "  (attempt %s)" % attempt if isinstance(attempt, int) and attempt > 1 else ""
-    return "%s  %s  %s  %s%s" % (num(e.get("position")), e.get("stream", ""), e.get("type", ""),
-                                 compact(e.get("data")), extra)
+    return "%s  %s  %s  %s%s" % (num(e.get("position")), printable(str(e.get("stream", ""))),
+                                 printable(str(e.get("type", ""))), compact(e.get("data")), extra)
 
 
 def parked_table(events: List[Dict[str, Any]]) -> str:
