@@ -717,6 +717,10 @@ def _read_file(config_path: str) -> dict:
         raise ConfigError("config file %s: cannot read: %s" % (config_path, e.strerror or e)) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("config file %s: invalid TOML: %s" % (config_path, e)) from None
+    except UnicodeDecodeError as e:
+        # TOML is UTF-8: a Latin-1 comment (café) is not
+        raise ConfigError("config file %s: not UTF-8 text (TOML must be): byte 0x%02x at "
+                          "offset %d" % (config_path, e.object[e.start], e.start)) from None
     for key, value in data.items():
         if isinstance(value, dict):
             raise ConfigError("config file %s: [%s]: settings are top-level keys; the section "

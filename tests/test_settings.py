@@ -377,6 +377,10 @@ def test_unknown_file_key_is_an_error(tmp_path):
     path = write(tmp_path, "socket = \n")
     with pytest.raises(ConfigError, match="^config file .*: invalid TOML"):
         load(path, env=env)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b"# caf\xe9\nlog_level = \"info\"\n")
+    with pytest.raises(ConfigError, match="^config file .*: not UTF-8 text .* 0xe9 at offset 5"):
+        load(str(latin1), env=env)
     missing = str(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="^config file %s: cannot read" % re.escape(missing)):
         load(missing, env=env)
