@@ -216,6 +216,28 @@ def test_json_rendering_never_fails() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_stdin_lines_are_whole_however_they_arrive() -> None:
+    """publish --file -: a line is joined from the pieces it came in (a long line arrives
+    in many reads; each read is scanned once, so a 40 MB line costs 0.07 s, not 13 s)."""
+    from emitterd.cli.ctl import _stream_lines
+    r, w = os.pipe()
+    pieces = [b"a", b"bc\nde", b"f\n", b"\n", b"x" * 200_000, b"y\nz"]
+
+    def feed() -> None:
+        for p in pieces:
+            os.write(w, p)
+            time.sleep(0.01)        # one read each
+        os.close(w)
+    t = threading.Thread(target=feed)
+    t.start()
+    try:
+        got = [(n, line) for n, line, _ in _stream_lines(r)]
+    finally:
+        t.join(10)
+        os.close(r)
+    assert got == [(1, b"abc"), (2, b"def"), (3, b""), (4, b"x" * 200_000 + b"y"), (5, b"z")]
+
+
 def test_human_helpers() -> None:
     assert render.human_bytes(1536) == "1.5K"
     assert render.human_bytes(70 * 1024 * 1024) == "70.0M"

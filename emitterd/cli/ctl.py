@@ -474,19 +474,23 @@ def _fifo_lines(path: str) -> Iterator[Tuple[int, bytes, bool]]:
 def _stream_lines(fd: int) -> Iterator[Tuple[int, bytes, bool]]:
     """The lines of a pipe or terminal as they arrive, each with whether another complete
     line is already there to read."""
-    buf = b""
+    part: List[bytes] = []      # the line being read, as it came: joined once, when it ends
     lineno = 0
     while True:
         data = os.read(fd, 1 << 16)
         if not data:
-            if buf:
-                yield lineno + 1, buf, False
+            if part:
+                yield lineno + 1, b"".join(part), False
             return
-        buf += data
-        lines = buf.split(b"\n")
-        buf = lines.pop()
-        if not lines:
-            continue            # the middle of a long line
+        if b"\n" not in data:
+            part.append(data)   # the middle of a long line (no rescan of what came before)
+            continue
+        lines = data.split(b"\n")
+        if part:
+            part.append(lines[0])
+            lines[0] = b"".join(part)
+        rest = lines.pop()
+        part = [rest] if rest else []
         waiting = bool(select.select([fd], [], [], 0)[0])
         last = len(lines) - 1
         for i, raw in enumerate(lines):
