@@ -180,6 +180,18 @@ def test_an_output_that_cannot_be_written_is_an_error_not_a_traceback(daemon: An
 
 
 @pytest.mark.timeout(60)
+def test_an_argument_that_is_not_utf8_is_named(daemon: Any) -> None:
+    for args, says in (([b"--stream", b"order-\xff"], "the value of --stream"),
+                       ([b"--stream=order-\xff"], "the value of --stream")):
+        r = subprocess.run(ctl_argv() + ["--socket", daemon.socket, "publish", "--type", "t"]
+                           + args, capture_output=True, env=daemon.env, cwd=daemon.root,
+                           timeout=30, stdin=subprocess.DEVNULL)
+        err = r.stderr.decode()
+        assert r.returncode == 2 and err == "error: %s is not UTF-8 text: order-\\xff\n" % says, err
+    assert daemon.client().ping()["head"] == 0
+
+
+@pytest.mark.timeout(60)
 def test_bad_jsonl_file_is_a_usage_error(short_tmp: str) -> None:
     path = os.path.join(short_tmp, "bad.jsonl")
     with open(path, "w") as f:

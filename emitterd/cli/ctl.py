@@ -1053,6 +1053,25 @@ def _details_suffix(e: EmitterError) -> str:
     return " (details %s)" % render.compact(d)
 
 
+def _not_utf8_argument(args: List[str]) -> Optional[str]:
+    """The first argument holding bytes that are not UTF-8 (Python gives them to us as lone
+    surrogates), named by its option, or None."""
+    for i, a in enumerate(args):
+        try:
+            a.encode("utf-8")
+        except UnicodeEncodeError:
+            if a.startswith("--") and "=" in a:
+                where, _, a = a.partition("=")
+                where = "the value of " + where
+            elif i and args[i - 1].startswith("-"):
+                where = "the value of %s" % args[i - 1]
+            else:
+                where = "argument %d" % (i + 1)
+            return "%s is not UTF-8 text: %s" % (
+                where, a.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace"))
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Run emitterctl; never returns (exits with the §6 status)."""
     try:
@@ -1081,7 +1100,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     except EncodeError as e:
         # an argument msgpack has no form for (an integer past 64 bits, text that is not
         # Unicode): nothing was sent, so it is the command line's fault
-        click.echo("error: %s" % e, err=True)
+        click.echo("error: %s" % (_not_utf8_argument(sys.argv[1:] if argv is None else argv)
+                                  or e), err=True)
         sys.exit(EXIT_USAGE)
     except BrokenPipeError:
         _quiet_stdout()
