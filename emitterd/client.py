@@ -199,6 +199,8 @@ def _connect(path: str, timeout: float) -> socket.socket:
         raise Unreachable("no daemon socket at %s (is emitterd running?)" % path, path) from None
     except ConnectionRefusedError:
         sock.close()
+        if not _is_socket(path):
+            raise Unreachable("%s is not a socket (is --socket right?)" % path, path) from None
         raise Unreachable("nobody listens on %s (stale socket file? is emitterd running?)"
                           % path, path) from None
     except PermissionError as e:
@@ -816,6 +818,13 @@ class _SubConn:
         self.decoder = Decoder(_CLIENT_MAX_FRAME)
         self.out = bytearray()
         self.hello: Optional[dict] = None
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return True        # cannot tell: say what the connect said
 
 
 def _prepare_socket_path(path: str) -> None:

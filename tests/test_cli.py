@@ -56,7 +56,27 @@ def test_unreachable_stale_socket_exits_3(short_tmp: str) -> None:
     rc, out, err = run_ctl(["--socket", stale, "--json", "list"], env=clean_env(short_tmp),
                            cwd=short_tmp)
     assert rc == 3, (rc, out, err)
-    assert "unreachable" in err
+    assert "unreachable" in err and "nobody listens on %s (stale socket file?" % stale in err
+    regular = os.path.join(short_tmp, "regular")
+    open(regular, "w").close()
+    rc, out, err = run_ctl(["--socket", regular, "ping"], env=clean_env(short_tmp), cwd=short_tmp)
+    assert rc == 3 and "%s is not a socket (is --socket right?)" % regular in err, (rc, err)
+
+
+@pytest.mark.timeout(60)
+def test_publish_file_errors_say_where_and_what_to_do(make_daemon: Any) -> None:
+    d = make_daemon("--max-publish-events", "3")
+    rc, _, err = d.ctl("publish", "--file", "-", "--batch-size", "1",
+                       input='{"stream": "a", "type": "t"}\n{"stream": "", "type": "t"}\n')
+    assert rc == 1 and "(line 2 of standard input, field stream)" in err, err
+    path = os.path.join(d.root, "five.jsonl")
+    with open(path, "w") as f:
+        f.write('{"stream": "a", "type": "t"}\n' * 5)
+    rc, _, err = d.ctl("publish", "--file", path)
+    assert rc == 1 and "events must be a list of 1 to 3 events" in err, err
+    assert "hint: the daemon takes fewer events per publish: give a smaller --batch-size" in err
+    assert jdoc(d.ctl("--json", "publish", "--file", path, "--batch-size", "3")) == \
+        {"published": 5, "first": 2, "last": 6}
 
 
 @pytest.mark.timeout(30)

@@ -654,7 +654,7 @@ def _report_failed_batch(ctx: click.Context, e: Exception, batch: list, publishe
                          path: str, source: str) -> None:
     """publish --file: say why `batch` failed and what of it may be stored; exit."""
     if isinstance(e, EmitterError):
-        at = _where(e, batch, path)
+        at = _where(e, batch, source)
         if isinstance(e, FrameTooLarge) and len(batch) == 1:
             at = " (line %d of %s)" % (batch[0][0], source)
         click.echo("error: %s: %s%s%s" % (e.code, e.message, _details_suffix(e), at), err=True)
@@ -662,6 +662,11 @@ def _report_failed_batch(ctx: click.Context, e: Exception, batch: list, publishe
         click.echo("error: daemon unreachable: %s" % e, err=True)
     click.echo("%d events were published before this batch" % published, err=True)
     if isinstance(e, EmitterError):
+        if e.code == "invalid" and isinstance(e.details, dict) and \
+                e.details.get("field") == "events" and len(batch) > 1:
+            # the daemon's max_publish_events is below --batch-size
+            click.echo("hint: the daemon takes fewer events per publish: give a smaller "
+                       "--batch-size", err=True)
         ctx.exit(EXIT_DAEMON_ERROR)
     if all("id" in ev for _, ev in batch):
         retry = "its events all have ids, so publishing them again stores each once"
@@ -803,7 +808,12 @@ def tail(ctx: click.Context, key: Optional[str], sub_type: Optional[str], select
 
     With --type and --selector instead of KEY, a new ephemeral subscription
     named tail-<random> is started; the daemon deletes it when tail exits.
-    Lines are `position stream type data`; with --json one JSON event per line.
+    Lines are `position stream type data` (control characters escaped); with
+    --json one JSON event per line.
+
+    Exit status: 0 stopped by Ctrl-C, SIGTERM or the reader going away; 1 the
+    pool was stopped or deleted by another client (or its worker exited); 3
+    the daemon went away or is shutting down.
     """
     st = state(ctx)
     if key is not None and (sub_type is not None or selector is not None):
