@@ -46,6 +46,9 @@ def decode_payload(payload: bytes) -> dict:
         raise FrameError(BAD_FRAME, "bytes after the msgpack value") from None
     except UnicodeDecodeError:
         raise FrameError(BAD_FRAME, "invalid UTF-8 in a string") from None
+    except msgpack.StackError:
+        # valid msgpack, but deeper than the decoder's fixed stack
+        raise FrameError(BAD_FRAME, "payload nests arrays and maps more than 1024 deep") from None
     except Exception as e:  # msgpack raises several unrelated types for corrupt input
         raise FrameError(BAD_FRAME, "payload is not valid msgpack (%s)" % type(e).__name__) from None
     if not isinstance(obj, dict):

@@ -598,6 +598,20 @@ def test_bad_frame_answered_with_id_0_then_closed(shared: Daemon, world: World,
 
 
 @pytest.mark.timeout(30)
+def test_a_frame_nested_too_deep_is_named_so(shared: Daemon, world: World) -> None:
+    """valid msgpack deeper than the decoder's stack is not "not valid msgpack"."""
+    raw = Raw(shared.socket)
+    try:
+        raw.send(_frame(b"\x83\xa2id\x01\xa2op\xa4ping\xa4args" + b"\x91" * 1100 + b"\xc0"))
+        resp = raw.frame()
+        assert resp is not None and resp["error"]["code"] == "bad_frame", resp
+        assert resp["error"]["message"] == "payload nests arrays and maps more than 1024 deep"
+    finally:
+        raw.close()
+    world.check()
+
+
+@pytest.mark.timeout(30)
 def test_bad_frame_after_good_requests_answers_them_first(shared: Daemon, world: World) -> None:
     raw = Raw(shared.socket)
     try:
