@@ -583,12 +583,14 @@ def test_arguments_msgpack_cannot_carry_are_usage_errors(daemon: Any) -> None:
     """An integer past 64 bits or text that is not Unicode (argv bytes that are not UTF-8)
     cannot be sent: exit 2 with a message, nothing sent, no traceback."""
     head = daemon.client().ping()["head"]
-    for args in (["start", "x", "--type", "stream", "--selector", "a",
-                  "--pool-size", "99999999999999999999999"],
-                 ["publish", "--stream", "a", "--type", "t", "--data", "-99999999999999999999"],
-                 ["publish", "--stream", "\udcff\udcfe", "--type", "t"]):
+    for args, says in ((["start", "x", "--type", "stream", "--selector", "a",
+                         "--pool-size", "99999999999999999999999"], "cannot be encoded as msgpack"),
+                       (["publish", "--stream", "a", "--type", "t", "--data",
+                         "-99999999999999999999"], "cannot be encoded as msgpack"),
+                       (["publish", "--stream", "\udcff\udcfe", "--type", "t"],
+                        "the value of --stream is not UTF-8 text: \\xff\\xfe")):
         rc, out, err = daemon.ctl(*args)
-        assert rc == 2 and out == "" and "cannot be encoded as msgpack" in err, (args, rc, err)
+        assert rc == 2 and out == "" and says in err, (args, rc, err)
         assert "Traceback" not in err
     assert daemon.client().ping()["head"] == head
     assert daemon.client().list()["subscriptions"] == []
