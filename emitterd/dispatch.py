@@ -15,6 +15,7 @@ from emitterd.filters import match_all
 from emitterd.loop import monotonic
 
 logger = logs.get("dispatch")   # self.log is the event log
+_SAY_AT = (20, 100, 1000, 10000)  # attempts from lost consumers at which to warn, then every 10,000
 
 SCAN_CHUNK = 512
 SCAN_LIMIT = 20_000        # log records examined per pump, so one pool cannot stall the loop
@@ -629,6 +630,12 @@ class Dispatcher:
             self._release(e)
             if sent and e.sent:
                 e.attempt += 1
+                if e.attempt in _SAY_AT or e.attempt % _SAY_AT[-1] == 0:
+                    # a consumer gone is no retry (§3): an event whose consumer dies of it
+                    # every time is never parked; say so, seldom
+                    logger.warning("event delivered again and again: its consumer went away "
+                                   "each time without answering (an event that crashes it?)",
+                                   subscription=self.key, position=p, attempt=e.attempt)
             e.sent = True
             heapq.heappush(self.ready, p)
 

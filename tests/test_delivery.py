@@ -754,6 +754,26 @@ def test_attached_consumers_compete_for_the_events(daemon: Daemon, consumers: An
     assert pa and pb, "round_robin over two consumers: a got %d, b got %d" % (len(pa), len(pb))
 
 
+@pytest.mark.timeout(60)
+def test_an_event_whose_consumer_leaves_every_time_is_reported(daemon: Daemon) -> None:
+    """A consumer gone is no retry (§3), so an event that makes its consumer quit each time
+    (one that crashes it) is never parked: at the 20th attempt the daemon says so."""
+    c = daemon.client()
+    key = start_pool(daemon, c, sub_spec("poison"))["key"]
+    p = c.publish(events(1))["positions"][0]
+    attempts = []
+    while not attempts or attempts[-1] < 21:
+        with c.attach(key) as consumer:             # takes the event, dies of it
+            attempts += [e["attempt"] for e in next(consumer.batches(timeout=10))]
+        wait_status(c, key, lambda s: all(w["consumers"] == 0 for w in s["workers"]),
+                    what="the consumer gone")
+    assert attempts == list(range(1, 22))
+    with open(daemon.log_path, encoding="utf-8") as f:
+        said = [ln for ln in f if "event delivered again and again" in ln]
+    assert len(said) == 1 and "position=%d attempt=20" % p in said[0], said
+    assert c.status(key)["parked"] == 0 and c.status(key)["retried"] == 0
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("strategy", ["round_robin", "pinned"])
 def test_a_consumer_that_leaves_gets_its_unacked_events_redelivered(daemon: Daemon,
