@@ -14,13 +14,16 @@ draws a new salt, so no new event gets the generated id of an event the restore 
 keeps the old one with the last position it covers, so a republished event of the backup is
 still recognised by its generated id (eventlog.sqlite.SqliteLog._lookup_id).
 """
+import glob
 import os
+import re
 import secrets
 import sqlite3
 import time
 from typing import Any, Dict
 
 import msgpack
+import psutil
 
 from emitterd import datalock
 from emitterd.eventlog.sqlite import HEAD_SQL, TABLES, tables_of
@@ -107,6 +110,7 @@ def backup(data_dir: str, dest: str) -> Dict[str, Any]:
     db = _open_existing(src)
     try:
         summary(db, src)      # refuses a file that is not an event log, before copying it
+        _remove_dead_partials(dest)
         tmp = "%s.partial-%d" % (dest, os.getpid())
         try:
             _vacuum_into(db, tmp)
@@ -125,6 +129,15 @@ def backup(data_dir: str, dest: str) -> Dict[str, Any]:
         copy.close()
     info["bytes"] = os.path.getsize(dest)
     return info
+
+
+def _remove_dead_partials(dest: str) -> None:
+    """The unfinished copies (and their SQLite journals) a killed backup to `dest` left;
+    those of a backup still running are its own."""
+    for path in glob.glob(glob.escape(dest) + ".partial-*"):
+        m = re.fullmatch(r"\.partial-(\d+)(-journal|-wal|-shm)?", path[len(dest):])
+        if m and not psutil.pid_exists(int(m.group(1))):
+            _unlink_quietly(path)
 
 
 def restore(source: str, data_dir: str) -> Dict[str, Any]:

@@ -270,3 +270,20 @@ def test_a_restore_interrupted_between_its_renames_is_refused_then_run_again(
     assert d.client().ping()["head"] == 100
     assert sorted(os.listdir(aside)) == ["emitterd.db"]      # the old log, still kept
 
+
+@pytest.mark.timeout(60)
+def test_a_backup_clears_what_a_killed_backup_to_the_same_file_left(make_daemon: Any,
+                                                                   short_tmp: str) -> None:
+    d = make_daemon()
+    d.client().publish(events(10, 0))
+    dest = os.path.join(short_tmp, "b.db")
+    dead = 2 ** 22 + 12345                  # above pid_max's default: no such process
+    left = [dest + ".partial-%d" % dead, dest + ".partial-%d-journal" % dead]
+    mine = dest + ".partial-%d" % os.getpid()     # a backup still running keeps its own
+    for p in left + [mine]:
+        with open(p, "wb") as f:
+            f.write(b"x")
+    assert emitterd("backup", "--data-dir", d.data_dir, dest)[0] == 0
+    assert sorted(n for n in os.listdir(short_tmp) if n.startswith("b.db")) == \
+        ["b.db", os.path.basename(mine)]
+
