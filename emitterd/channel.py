@@ -31,7 +31,8 @@ class Channel:
                  on_frame: Callable[[dict], Any], on_close: Callable[[str], Any],
                  on_frame_error: Optional[Callable[[FrameError], Any]] = None,
                  max_out: int = 0, recv_fds: bool = False,
-                 decode: Optional[Callable[[bytes], Any]] = None) -> None:
+                 decode: Optional[Callable[[bytes], Any]] = None,
+                 backpressure: bool = False) -> None:
         self.loop = loop
         self.sock = sock
         sock.setblocking(False)
@@ -49,6 +50,10 @@ class Channel:
         self._progress_at = 0.0            # last time bytes left the output buffer
         self.closed = False
         self.reading = True
+        # backpressure: over max_out, read no more (each request read makes more output)
+        # until the peer has taken half of it; `reading` stays the owner's own switch
+        self.backpressure = backpressure
+        self._held = False
         self._close_when_flushed = False
         self._events = 0
         self._update_events()
@@ -80,7 +85,7 @@ class Channel:
 
     def process(self) -> None:
         """Decode and dispatch every complete frame in the buffer."""
-        while self.reading and not self.closed:
+        while self.reading and not self._held and not self.closed:
             try:
                 msg = self.decoder.next()
             except FrameError as e:
@@ -122,6 +127,9 @@ class Channel:
         self._out += data
         if self.max_out and len(self._out) > self.max_out:
             self.flush()      # a reading peer takes it now; stalled() decides about the others
+            if self.backpressure and len(self._out) > self.max_out and not self._held:
+                self._held = True
+                self._update_events()
             return
         self.loop.mark_dirty(self)
 
@@ -132,6 +140,11 @@ class Channel:
                 and now - self._progress_at > STALL_SECONDS)
 
     def close_if_stalled(self, now: float) -> bool:
+        if self.stalled(now):
+            # a socket polls writable only once most of its queue is read (a unix socket:
+            # a quarter of its send buffer), so a peer reading slowly can go seconds without
+            # a writable event: try a send before deciding it reads nothing
+            self.flush()
         if self.stalled(now):
             self.close("output buffer over %d bytes and no progress for %.0fs (peer not reading)"
                        % (self.max_out, STALL_SECONDS))
@@ -186,6 +199,9 @@ class Channel:
             self._out_base += n
             if n:
                 self._progress_at = monotonic()
+        if self._held and len(out) <= self.max_out // 2:
+            self._held = False
+            self.loop.call_later(0, self.process)   # the frames already read, next turn
         if not out:
             callbacks, self._after_flush = self._after_flush, []
             for cb in callbacks:
@@ -203,7 +219,7 @@ class Channel:
         if self.closed:
             return
         events = 0
-        if self.reading:
+        if self.reading and not self._held:
             events |= selectors.EVENT_READ
         if self._out:
             events |= selectors.EVENT_WRITE

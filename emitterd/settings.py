@@ -212,9 +212,11 @@ SETTINGS: tuple[Setting, ...] = (
         Most registered subscriptions (pools); starting one more fails.""",
        minimum=1, maximum=1_000_000),
     _s("output_buffer_bytes", INT, 16 * _MIB, L, True, """
-        Unsent output, in bytes, one connection may hold. A consumer that stops
-        reading and passes it is disconnected and its events are delivered
-        again. At least max_frame_bytes.""",
+        Unsent output, in bytes, one connection may hold. A consumer or client
+        that passes it and takes nothing for 2 s is disconnected (a consumer's
+        events are delivered again); a control client over it that still reads
+        is sent no more answers, its requests left unread, until it has taken
+        half. At least max_frame_bytes.""",
        minimum=64 * 1024, maximum=2 ** 40, metavar="BYTES"),
     # -- workers
     _s("heartbeat_interval", FLOAT, 1.0, W, False, """

@@ -25,10 +25,12 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import msgpack
+import psutil
 import pytest
 
 from daemon_fixture import Daemon
@@ -401,6 +403,49 @@ def test_a_pipelining_client_that_reads_is_not_cut_off(make_daemon: Any) -> None
         assert all(isinstance(r, dict) and len(r["subscriptions"]) == 20 for r in results)
         assert reader.ping()["pid"] == d.proc.pid
     assert c.ping()["pid"] == d.proc.pid
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_reads_slowly_while_pipelining_is_held_back_not_buffered(
+        make_daemon: Any) -> None:
+    """A client that pipelines pings flat out and reads 64 KiB a second makes progress, so
+    the no-progress cut-off never comes: the daemon used to read and answer all it sent,
+    buffering the answers (13 MiB/s, unbounded). Over output_buffer_bytes it now reads no
+    more requests of that connection until the client has taken half of them."""
+    cap = 1 << 20
+    d = make_daemon("--output-buffer-bytes", cap, "--max-frame-bytes", cap,
+                    "--max-event-bytes", cap - 4096)
+    parent = psutil.Process(d.proc.pid)
+    rss0 = parent.memory_info().rss
+    slow = raw_connect(d.socket, timeout=10, rcvbuf=4096)
+    burst = b"".join(encode({"id": i, "op": "ping"}) for i in range(1, 2001))
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            try:
+                slow.sendall(burst)
+            except OSError:
+                return
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    got = 0
+    peak = rss0
+    try:
+        for _ in range(8):
+            time.sleep(1.0)
+            chunk = slow.recv(65536)
+            assert chunk, "a client that reads (%d bytes so far) was cut off" % got
+            got += len(chunk)
+            peak = max(peak, parent.memory_info().rss)
+        with Client(d.socket, timeout=5) as other:       # others are served meanwhile
+            assert other.ping()["pid"] == d.proc.pid
+    finally:
+        stop.set()
+        slow.close()
+        t.join(5)
+    assert peak - rss0 < 32 << 20, "the parent grew %.0f MiB for one slow reader" % (
+        (peak - rss0) / 2**20)
 
 
 # ---- 4. a full disk, a read-only event log ----------------------------------------------------

@@ -58,7 +58,8 @@ class ControlConn:
         self.slots: deque = deque()    # [response or None, close_after]
         self.channel = Channel(server.ctx.loop, sock, cfg.max_frame_bytes, self._on_frame,
                                self._on_close, self._on_frame_error,
-                               max_out=cfg.output_buffer_bytes, decode=server.decode)
+                               max_out=cfg.output_buffer_bytes, decode=server.decode,
+                               backpressure=True)
         self.after_reply = None        # callable run once this connection's slots are all sent
         self._unfinished: Optional[list] = None   # the slot of a deferred op reading waits for
 
