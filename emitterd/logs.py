@@ -19,6 +19,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import time
 import sys
 from typing import IO, Any, Optional
@@ -91,11 +92,27 @@ def get(name: str = "") -> KVLogger:
     return KVLogger(name)
 
 
+# Characters that end or rewrite a line somewhere: C0 and C1 controls, DEL, the Unicode line
+# and paragraph separators (journald ends a record at NUL or newline; a terminal obeys CR and
+# ESC; str.splitlines splits at U+2028). Client strings reach the log, so none goes out raw.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(m: "re.Match[str]") -> str:
+    c = m.group()
+    return _SHORT.get(c) or ("\\x%02x" % ord(c) if ord(c) < 0x100 else "\\u%04x" % ord(c))
+
+
 def _fmt_value(v: Any) -> str:
     s = str(v)
-    if not s or any(c in s for c in ' "=\n'):
-        return '"%s"' % s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    if not s or any(c in s for c in ' "=') or _UNSAFE.search(s):
+        return '"%s"' % _UNSAFE.sub(_escape, s.replace("\\", "\\\\").replace('"', '\\"'))
     return s
+
+
+def _json_safe(m: "re.Match[str]") -> str:
+    return "\\u%04x" % ord(m.group())
 
 
 def syslog_priority(levelno: int) -> int:
@@ -160,6 +177,8 @@ class _JsonFormatter(logging.Formatter):
             obj["exc"] = self.formatException(record.exc_info)
         # default=str: a field value that JSON cannot hold (bytes, paths) is shown as text
         line = json.dumps(obj, default=str, ensure_ascii=False, separators=(",", ":"))
+        # json escapes C0 controls, not DEL, C1 or U+2028/9 (only inside strings: valid JSON)
+        line = _UNSAFE.sub(_json_safe, line)
         if self.journal:
             line = "<%d>%s" % (syslog_priority(record.levelno), line)
         return line

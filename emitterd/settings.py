@@ -298,7 +298,9 @@ SETTINGS: tuple[Setting, ...] = (
        choices=("debug", "info", "warning", "error")),
     _s("log_format", CHOICE, "text", OBS, True, """
         text: one line per event with key=value fields (with a syslog priority
-        prefix and no timestamp under journald); json: one JSON object per line.""",
+        prefix and no timestamp under journald; a value with a space, quote, =
+        or control character is quoted, its controls escaped); json: one JSON
+        object per line.""",
        choices=("text", "json")),
     _s("metrics_listen", HOSTPORT, "", OBS, False, """
         Serve Prometheus metrics over HTTP at HOST:PORT, e.g. 127.0.0.1:9464;

@@ -656,6 +656,30 @@ def test_recycling_by_rss_is_planned_and_loses_nothing(make_daemon, short_tmp):
 _TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
 
 
+@pytest.mark.timeout(60)
+def test_client_strings_reach_the_log_escaped(daemon):
+    """A subscription name or a nack reason is the client's text: a NUL ends a journald
+    record (a forged entry after it), CR and ESC rewrite a terminal line, TAB splits a
+    key=value field. None reaches a log line raw."""
+    c = daemon.client(timeout=10)
+    evil = "n\x00<3>emitterd.control:\tFORGED\r\x1b[2K\u2028"
+    key = c.start({"name": evil, "type": "stream", "selector": "inj",
+                   "options": {"max_retries": 0}})["key"]
+    c.publish([{"stream": "inj", "type": "t"}])
+    with Client(daemon.socket, timeout=10).attach(key) as consumer:
+        consumer.nack([e["position"] for e in consumer.recv(10)["events"]], "park",
+                      reason="r" + evil)
+        wait_until(lambda: c.parked(key)["events"], 10, "the event parked")
+    wait_until(lambda: "events parked" in read_log(daemon.log_path), 10, "the park logged")
+    with open(daemon.log_path, "rb") as f:
+        lines = [ln for ln in f.read().split(b"\n")
+                 if b"pool started" in ln or b"events parked" in ln]
+    assert len(lines) == 2, lines
+    for ln in lines:
+        assert not re.search(rb"[\x00-\x1f\x7f]|\xe2\x80\xa8", ln), ln
+        assert b'n\\x00<3>emitterd.control:\\tFORGED\\r\\x1b[2K\\u2028"' in ln, ln
+
+
 @pytest.mark.timeout(45)
 def test_log_formats_json_and_journald(make_daemon, short_tmp):
     # json, with a JOURNAL_STREAM that names another file: plain JSON lines
