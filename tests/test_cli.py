@@ -435,6 +435,13 @@ def test_human_tables(daemon: Any) -> None:
     assert any(u in rows[0] for u in ("K", "M", "G")), "rss is human readable: " + rows[0]
     rc, out, err = daemon.ctl("stop", key)
     assert rc == 0 and "stopped" in out, err
+    # another client's text cannot forge a line of status (a second "state:")
+    forged = daemon.client().start({"name": "x\x1b[31m", "type": "stream",
+                                    "selector": "s\nstate:       failed"})["key"]
+    rc, out, err = daemon.ctl("status", forged)
+    assert rc == 0 and [ln for ln in out.splitlines() if ln.startswith("state:")] == \
+        ["state:       running"], out
+    assert "selector:    s\\nstate:       failed" in out and "x\\x1b[31m" in out, out
 
 
 @pytest.mark.timeout(60)

@@ -216,7 +216,9 @@ def workers_table(workers: List[Dict[str, Any]]) -> str:
 
 def _block(pairs: Sequence[tuple]) -> str:
     width = max(len(k) for k, _ in pairs)
-    return "\n".join("%s  %s" % ((k + ":").ljust(width + 1), v) for k, v in pairs)
+    # values carry clients' text (a name, a selector): one line each, no escape sequences
+    return "\n".join("%s  %s" % ((k + ":").ljust(width + 1), printable(str(v)))
+                     for k, v in pairs)
 
 
 def _subscriber_text(subscriber: Any, workers: List[Dict[str, Any]]) -> str:
