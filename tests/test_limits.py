@@ -839,3 +839,33 @@ def test_an_attach_whose_first_consumer_frame_is_invalid_leaves_no_phantom_consu
         got = [e["position"] for e in next(consumer.batches(timeout=10))]
         consumer.ack(got)
     assert got == ps
+
+
+@pytest.mark.timeout(60)
+def test_a_subscriber_that_closes_at_once_is_reconnected_with_a_growing_backoff(
+        make_daemon: Any, short_tmp: str) -> None:
+    """§3's backoff (0.1 s doubling to 5 s) also holds for a subscriber that accepts and
+    closes at once (or that a worker closes for a bad frame): the backoff used to start over
+    on every connect, 10 connections (and log lines) a second per worker, forever."""
+    d = make_daemon()
+    path = os.path.join(short_tmp, "slam.sock")
+    slam = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slam.bind(path)
+    slam.listen(64)
+    slam.settimeout(0.2)
+    accepted = 0
+    try:
+        c = d.client(timeout=10)
+        start_pool(d, c, sub_spec("slammed", subscriber="unix:" + path))
+        t_end = time.monotonic() + 6.0
+        while time.monotonic() < t_end:
+            try:
+                conn, _ = slam.accept()
+            except socket.timeout:
+                continue
+            accepted += 1
+            conn.close()
+    finally:
+        slam.close()
+    # 0.1 + 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s: about 6 connections in 6 s (60 before)
+    assert 3 <= accepted <= 12, accepted

@@ -365,3 +365,63 @@ def test_systemd_unit_security_exposure_is_under_the_threshold() -> None:
         pytest.skip(text.strip())
     assert r.returncode == 0, text
     assert "security: ok" in text, text
+
+
+# ---- unix: subscribers the client could not reach itself -----------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_client_cannot_make_the_daemon_connect_where_it_could_not(make_daemon: Any,
+                                                                     short_tmp: str) -> None:
+    """The daemon (root here) connects to a unix: subscriber with its own rights: a client
+    may only name a socket it could connect to itself, or it would reach, through the
+    daemon, sockets kept from it (a confused deputy). And no client may name the daemon's
+    own control socket (every worker would reconnect to it forever)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the test switches forked children to uid 65534")
+    d = make_daemon(start=False)
+    os.chmod(d.root, 0o755)
+    d.extra_args = ["--socket-mode", "0666", "--allow-uids", str(NOBODY)]
+    d.start()
+    private = os.path.join(short_tmp, "private")
+    open_dir = os.path.join(short_tmp, "open")
+    os.mkdir(private, 0o700)
+    os.mkdir(open_dir, 0o755)
+    os.chmod(short_tmp, 0o755)
+    listeners = []
+    for where, mode in ((private, 0o777), (open_dir, 0o777), (open_dir, 0o755)):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path = os.path.join(where, "sub-%o.sock" % mode)
+        s.bind(path)
+        os.chmod(path, mode)
+        s.listen(4)
+        listeners.append((s, path))
+    try:
+        def start(path: str, name: str) -> Dict[str, Any]:
+            got = as_user(d.socket, NOBODY, NOBODY, [], {"id": 1, "op": "start", "args": {
+                "subscription": sub_spec(name, subscriber="unix:" + path)}})
+            assert "error" not in got and got["frame"] is not None, got
+            return got["frame"]
+        hidden, reachable, read_only = (p for _, p in listeners)
+        for path, why in ((hidden, "no search permission on directory %s" % private),
+                          (read_only, "no write permission on %s" % read_only)):
+            frame = start(path, "deputy-%s" % os.path.basename(path))
+            assert frame["ok"] is False and frame["error"]["code"] == "permission_denied", frame
+            assert why in frame["error"]["message"], frame
+            assert frame["error"]["details"] == {"field": "subscription.subscriber"}, frame
+        frame = start(d.socket, "itself")
+        assert frame["ok"] is False and frame["error"]["code"] == "invalid", frame
+        assert "the daemon's own control socket" in frame["error"]["message"], frame
+        c = d.client(timeout=10)
+        assert c.list()["subscriptions"] == [], "a refused start was run"
+        ok = start(reachable, "reachable")
+        assert ok["ok"] is True, ok
+        # update is held to the same rule; root (the daemon's own user here) is not
+        got = as_user(d.socket, NOBODY, NOBODY, [], {"id": 2, "op": "update", "args": {
+            "key": ok["result"]["key"], "subscriber": "unix:" + hidden}})
+        assert got["frame"]["error"]["code"] == "permission_denied", got
+        assert c.update(ok["result"]["key"], subscriber="unix:" + hidden)["subscription"][
+            "subscriber"] == "unix:" + hidden
+        d.collect_children()
+    finally:
+        for s, _ in listeners:
+            s.close()

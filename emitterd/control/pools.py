@@ -2,6 +2,7 @@
 from typing import Any
 
 from emitterd import logs, subscription
+from emitterd.control import subscriber_access
 from emitterd.control.common import (bool_arg, find_pool, not_shutting_down, number_arg,
                                      only_keys)
 from emitterd.control.server import DEFERRED
@@ -16,6 +17,7 @@ def start(ctx: Any, req: Any) -> Any:
     if "subscription" not in req.args:
         raise invalid("subscription", "subscription is required")
     spec = subscription.validate(req.args["subscription"], ctx.cfg)
+    subscriber_access.check(ctx, req.conn.peer, spec["subscriber"], "subscription.subscriber")
     key = subscription.key_of(spec)
     reg = ctx.registry
     pool = reg.pools.get(key)
@@ -70,6 +72,7 @@ def update(ctx: Any, req: Any) -> Any:
         spec["pool_size"] = subscription.validate_pool_size(args["pool_size"], "pool_size")
     if "subscriber" in args:
         spec["subscriber"] = subscription.validate_subscriber(args["subscriber"], "subscriber")
+        subscriber_access.check(ctx, req.conn.peer, spec["subscriber"], "subscriber")
     if "options" in args:
         spec["options"] = subscription.validate_options(args["options"], pool.spec["options"], "options")
     if spec["options"]["ephemeral"] and spec["subscriber"] is not None:

@@ -4,6 +4,7 @@ import socket
 from typing import Any, Optional
 
 from emitterd import logs
+from emitterd.loop import monotonic
 from emitterd.worker.consumer import ConsumerConn, hello
 
 log = logs.get("worker")
@@ -22,6 +23,7 @@ class UnixSink:
         self.conn: Optional[ConsumerConn] = None
         self.stopped = False
         self.failures = 0
+        self.opened_at = 0.0
         self.connect()
 
     def connect(self) -> None:
@@ -45,7 +47,7 @@ class UnixSink:
             log.info("subscriber connected", path=self.path, worker=self.worker.index,
                      after_failures=self.failures)
         self.failures = 0
-        self.backoff = BACKOFF_START
+        self.opened_at = monotonic()
         spec = self.worker.spec
         self.conn = ConsumerConn(self.worker, s, "unix")
         self.conn.channel.send_raw(hello(spec["key"], spec["name"], spec["index"]))
@@ -54,6 +56,10 @@ class UnixSink:
     def lost(self, conn: ConsumerConn) -> None:
         if conn is self.conn:
             self.conn = None
+            if monotonic() - self.opened_at >= BACKOFF_MAX:
+                # it served a while: back soon. One that closes at once (or is closed for a
+                # bad frame) is no better than a refused connect: the backoff goes on growing
+                self.backoff = BACKOFF_START
             if not self.stopped and self.timer is None:
                 self.timer = self.worker.loop.call_later(self.backoff, self.connect)
                 self.backoff = min(self.backoff * 2, BACKOFF_MAX)

@@ -1,0 +1,86 @@
+"""May this client name that `unix:` subscriber? The daemon connects to it with its own rights,
+which may reach sockets the client cannot (a confused deputy): a client may only name a socket
+it could connect to itself, and never the daemon's own control socket."""
+import os
+import stat
+from typing import Any, Optional, Sequence
+
+from emitterd.errors import PERMISSION_DENIED, ProtocolError, invalid
+
+
+def check(ctx: Any, peer: tuple, subscriber: Optional[str], field: str) -> None:
+    """Raise ProtocolError unless the client `peer` (pid, uid, gid) may make the daemon
+    deliver to `subscriber`."""
+    if subscriber is None:
+        return
+    path = subscriber[len("unix:"):]
+    if _same_file(path, ctx.cfg.socket):
+        raise invalid(field, "the subscriber is the daemon's own control socket")
+    pid, uid, gid = peer
+    if uid in (0, os.geteuid()):
+        return       # root could anyway; the daemon's own user gains nothing
+    why = why_not(path, uid, _groups(pid, gid))
+    if why is not None:
+        raise ProtocolError(PERMISSION_DENIED, "uid %d could not connect to %s itself (%s): "
+                            "the daemon does not connect there for it" % (uid, path, why),
+                            {"field": field})
+
+
+def why_not(path: str, uid: int, groups: Sequence[int]) -> Optional[str]:
+    """Why `uid` (in `groups`) could not connect to the unix socket `path`, judged by mode
+    bits (ACLs are not read: they can only be refused here, never let through); None if
+    it could. A path that does not exist yet needs searchable directories up to it."""
+    real = os.path.realpath(path)     # connect() follows symlinks, and so does the check
+    parts = real.split("/")[1:]
+    d = "/"
+    for name in parts[:-1]:
+        st = _stat(d)
+        if st is None:
+            return None          # not there yet: connect() will say so, to the daemon alone
+        if not _allows(st, uid, groups, 0o1):
+            return "no search permission on directory %s" % d
+        d = os.path.join(d, name)
+    st = _stat(d)
+    if st is not None and not _allows(st, uid, groups, 0o1):
+        return "no search permission on directory %s" % d
+    st = _stat(real)
+    if st is not None and not _allows(st, uid, groups, 0o2):
+        return "no write permission on %s" % real
+    return None
+
+
+def _allows(st: os.stat_result, uid: int, groups: Sequence[int], bit: int) -> bool:
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == uid:
+        return bool(mode & (bit << 6))
+    if st.st_gid in groups:
+        return bool(mode & (bit << 3))
+    return bool(mode & bit)
+
+
+def _stat(path: str) -> Optional[os.stat_result]:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _groups(pid: int, gid: int) -> list:
+    """The client's primary and supplementary groups (from /proc: SO_PEERCRED gives one)."""
+    groups = [gid]
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups += [int(g) for g in line.split()[1:]]
+                    break
+    except (OSError, ValueError):
+        pass
+    return groups
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
