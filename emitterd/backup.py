@@ -14,11 +14,14 @@ draws a new salt, so no new event gets the generated id of an event the restore 
 keeps the old one with the last position it covers, so a republished event of the backup is
 still recognised by its generated id (eventlog.sqlite.SqliteLog._lookup_id).
 """
+import errno
 import glob
 import os
 import re
 import secrets
+import shutil
 import sqlite3
+import tempfile
 import time
 from typing import Any, Dict
 
@@ -111,14 +114,20 @@ def backup(data_dir: str, dest: str) -> Dict[str, Any]:
     try:
         summary(db, src)      # refuses a file that is not an event log, before copying it
         _remove_dead_partials(dest)
-        tmp = "%s.partial-%d" % (dest, os.getpid())
+        # The copy is made in a new directory only we can enter: a name of our own beside
+        # DEST could be a symlink someone planted there, which VACUUM INTO would follow
+        # (a root backup writing wherever it points).
+        private = tempfile.mkdtemp(prefix="%s.partial-%d-" % (os.path.basename(dest),
+                                                               os.getpid()), dir=where)
+        tmp = os.path.join(private, "copy.db")
         try:
             _vacuum_into(db, tmp)
             _check(tmp)
-            os.rename(tmp, dest)
+            _place(tmp, dest)
         except (sqlite3.Error, OSError, BackupError) as e:
-            _unlink_quietly(tmp)
             raise BackupError("backup to %s failed: %s" % (dest, e)) from None
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
     finally:
         db.close()
     # the head of the copy, not of the log (which the daemon may have moved on since)
@@ -131,12 +140,34 @@ def backup(data_dir: str, dest: str) -> Dict[str, Any]:
     return info
 
 
+def _place(tmp: str, dest: str) -> None:
+    """Give the finished copy its name: never over an existing DEST (link() refuses one,
+    a symlink included), by rename on a filesystem without hard links."""
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise BackupError("%s exists; name a new file (a backup never overwrites one)"
+                          % dest) from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if os.path.lexists(dest):
+            raise BackupError("%s exists; name a new file (a backup never overwrites one)"
+                              % dest) from None
+        os.rename(tmp, dest)
+    _fsync(os.path.dirname(os.path.abspath(dest)))
+
+
 def _remove_dead_partials(dest: str) -> None:
-    """The unfinished copies (and their SQLite journals) a killed backup to `dest` left;
-    those of a backup still running are its own."""
+    """What a killed backup to `dest` left (its private directory, or the unfinished copy
+    and journals of an older emitterd); a backup still running keeps its own."""
     for path in glob.glob(glob.escape(dest) + ".partial-*"):
-        m = re.fullmatch(r"\.partial-(\d+)(-journal|-wal|-shm)?", path[len(dest):])
-        if m and not psutil.pid_exists(int(m.group(1))):
+        m = re.fullmatch(r"\.partial-(\d+)(-\w+)?", path[len(dest):])
+        if not m or psutil.pid_exists(int(m.group(1))):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             _unlink_quietly(path)
 
 

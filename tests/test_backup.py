@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -287,3 +288,31 @@ def test_a_backup_clears_what_a_killed_backup_to_the_same_file_left(make_daemon:
     assert sorted(n for n in os.listdir(short_tmp) if n.startswith("b.db")) == \
         ["b.db", os.path.basename(mine)]
 
+
+
+@pytest.mark.timeout(60)
+def test_a_backup_never_writes_through_a_symlink_planted_beside_dest(make_daemon: Any,
+                                                                    short_tmp: str) -> None:
+    """In a directory others can write to, a symlink at the backup's working name would
+    have had a (root) backup write the copy wherever it points."""
+    d = make_daemon()
+    d.client().publish(events(10, 0))
+    dest = os.path.join(short_tmp, "b.db")
+    target = os.path.join(short_tmp, "elsewhere", "planted.db")
+    os.mkdir(os.path.dirname(target))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMITTERD_")}
+    # $$ is the pid the backup runs as (exec): the working name it would have used
+    r = subprocess.run(["sh", "-c", 'ln -s "$1" "$2.partial-$$" && exec "$3" -m emitterd backup '
+                        '--data-dir "$4" "$2"', "sh", target, dest, sys.executable, d.data_dir],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.lexists(target), "the backup followed the planted symlink"
+    assert os.path.isfile(dest) and not os.path.islink(dest)
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600
+    assert not [n for n in os.listdir(short_tmp) if n.startswith("b.db.partial-") and
+                os.path.isdir(os.path.join(short_tmp, n))], "its working directory was left"
+    # DEST itself a symlink: refused, nothing written there
+    link = os.path.join(short_tmp, "c.db")
+    os.symlink(target, link)
+    rc, _, err = emitterd("backup", "--data-dir", d.data_dir, link)
+    assert rc == 1 and "exists" in err and not os.path.lexists(target), err
