@@ -519,6 +519,13 @@ class Pool:
                 "in_flight": d.in_flight, "delivered": d.delivered, "retried": d.retried,
                 "parked": self.parked_count, "restarts": self.restarts, "workers": workers}
 
+    def forget_in_flight(self) -> None:
+        """After the dispatcher's checkpoint moved: the workers drop the old deliveries'
+        bookkeeping too (their consumers' late acks are then ignored)."""
+        for h in list(self.slots.values()) + self.retiring:
+            if h.channel is not None:
+                h.channel.send({"op": "forget"})
+
     def configure_workers(self) -> None:
         cfg = self.ctx.cfg
         msg = {"op": "configure", "subscriber": self.spec["subscriber"],

@@ -517,6 +517,59 @@ def test_update_checkpoint_delivers_the_events_after_it_again(daemon: Daemon,
     assert c.status(key)["checkpoint"] == ps[-1]
 
 
+@pytest.mark.timeout(30)
+def test_after_update_checkpoint_a_late_ack_of_the_old_delivery_is_ignored(
+        daemon: Daemon) -> None:
+    """update checkpoint 0 delivers 1..4 again, here to a second consumer of the same
+    worker; the first one's late ack of its old delivery used to be passed up and taken for
+    the new delivery's: the checkpoint passed events nobody acked, and they were not
+    delivered again when the second consumer left without acking."""
+    c = daemon.client()
+    key = start_pool(daemon, c, sub_spec("late", start_from="now"))["key"]
+    a = c.attach(key)
+    ps = c.publish(events(4))["positions"]
+    got: List[dict] = []
+    while len(got) < 4:
+        got += a.recv(timeout=10)["events"]
+    b = c.attach(key)
+    wait_status(c, key, lambda s: s["workers"][0]["consumers"] == 2, what="two consumers")
+    c.update(key, checkpoint=0)
+    again = b.recv(timeout=10)["events"]        # the tie goes to the newer consumer
+    assert [e["position"] for e in again] == ps
+    a.ack(ps)                                   # late: for the delivery before the update
+    time.sleep(1.0)
+    st = c.status(key)
+    assert st["checkpoint"] == 0 and st["in_flight"] == 4, st
+    b.close()                                   # leaves without acking: they come again
+    redone = []
+    while len(redone) < 4:
+        redone += [e["position"] for e in a.recv(timeout=10)["events"]]
+    assert sorted(redone) == ps
+    a.ack(ps)
+    wait_checkpoint(c, key, ps[-1])
+    a.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_lowered_ack_timeout_holds_for_what_is_delivered_after_it(daemon: Daemon) -> None:
+    """The worker's ack deadlines were a queue: after an update lowering ack_timeout, an
+    event's 1 s deadline waited behind the 30 s deadlines of events delivered (and acked)
+    before the update."""
+    c = daemon.client()
+    key = start_pool(daemon, c, sub_spec("ackt", start_from="now"))["key"]
+    with c.attach(key) as consumer:
+        ps = c.publish(events(4))["positions"]
+        got: List[dict] = []
+        while len(got) < 4:
+            got += consumer.recv(timeout=10)["events"]
+        consumer.ack(ps)
+        c.update(key, options={"ack_timeout": 1.0})
+        p = c.publish(events(1))["positions"][0]
+        assert [e["position"] for e in consumer.recv(timeout=10)["events"]] == [p]
+        again = consumer.recv(timeout=8)["events"]   # TimeoutError before the fix
+        assert [(e["position"], e["attempt"]) for e in again] == [(p, 2)]
+
+
 # ---- publish: idempotency, expected_version, atomicity ----------------------------------
 
 

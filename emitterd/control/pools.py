@@ -94,6 +94,7 @@ def update(ctx: Any, req: Any) -> Any:
         pool.configure_workers()
     if checkpoint is not None:
         pool.dispatcher.set_checkpoint(checkpoint)
+        pool.forget_in_flight()
         log.info("checkpoint moved", pool=pool.name, checkpoint=checkpoint)
     if new_size != pool.spec["pool_size"]:
         log.info("pool resized", pool=pool.name, old=pool.spec["pool_size"], new=new_size)

@@ -1,5 +1,5 @@
 """One consumer connection inside a worker: events out, ack/nack in, in-flight and timeouts."""
-from collections import deque
+import heapq
 from typing import Any
 
 from emitterd import framing
@@ -29,7 +29,9 @@ class ConsumerConn:
         self.worker = worker
         self.kind = kind
         self.inflight: dict = {}        # position -> ack deadline
-        self._deadlines: deque = deque()
+        # (deadline, positions) as a heap: an update of ack_timeout makes a later batch's
+        # deadline earlier than one before it (a queue held it behind the older deadline)
+        self._deadlines: list = []
         self.channel = Channel(worker.loop, sock, worker.spec["max_frame"], self._on_frame,
                                self._on_close, self._on_frame_error, max_out=worker.spec["out_cap"])
         if pending:
@@ -44,7 +46,7 @@ class ConsumerConn:
         deadline = monotonic() + self.worker.spec["ack_timeout"]
         for p in positions:
             self.inflight[p] = deadline
-        self._deadlines.append((deadline, positions))
+        heapq.heappush(self._deadlines, (deadline, positions))
         self.channel.send_raw(frame)
 
     def expire(self, now: float) -> list:
@@ -52,7 +54,7 @@ class ConsumerConn:
         expired = []
         dl = self._deadlines
         while dl and dl[0][0] <= now:
-            deadline, positions = dl.popleft()
+            deadline, positions = heapq.heappop(dl)
             for p in positions:
                 if self.inflight.get(p) == deadline:
                     del self.inflight[p]

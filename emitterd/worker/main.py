@@ -63,6 +63,8 @@ class Worker:
             attached.adopt(self, fd, msg.get("pending") or b"")
         elif op == "configure":
             self._configure(msg)
+        elif op == "forget":
+            self._forget()
         else:
             log.warning("unknown message from parent", op=op, worker=self.index)
 
@@ -93,6 +95,15 @@ class Worker:
                 # events that waited for a subscriber that never answered: with none now,
                 # they go where a consumer is (attach mode), not stay here unseen
                 self._hand_back_waiting()
+
+    def _forget(self) -> None:
+        """The checkpoint moved (update checkpoint): the parent delivers from it anew. What
+        this worker holds or has in flight is of the old deliveries: a late ack of one must
+        not count for the new one of that position (it would be ignored: §3)."""
+        for c in self.consumers:
+            c.inflight.clear()
+        self.waiting.clear()
+        self.held.clear()
 
     def _heartbeat(self) -> None:
         self.report({"op": "hb", "consumers": len(self.consumers),
