@@ -393,6 +393,12 @@ def test_a_pattern_that_starts_with_a_bracket_is_pointed_to_the_map_form(daemon:
     assert hint, err
     selector = hint.group(1)
     assert json.loads(selector) == {"stream": "[eu]-*"}
+    # a stream or event_type selector has no such form: the message does not offer it
+    for sub_type in ("stream", "event_type"):
+        rc, out, err = daemon.ctl("start", "br", "--type", sub_type, "--selector", "[eu]-*")
+        assert rc == 2 and "map form" not in err, err
+        assert "a %s selector that starts with [ cannot be given on the command line" \
+            % sub_type in err, err
     c = daemon.client()
     assert c.list()["subscriptions"] == []          # the usage error created nothing
     proc = daemon.ctl_popen("--json", "tail", "--type", "event_pattern", "--selector", selector)
@@ -658,6 +664,34 @@ def test_publish_from_a_stream_ends_cleanly_on_sigint_and_a_file_says_what_was_l
     stored = c.ping()["head"] - head - 2
     assert doc["published"] == stored and 1000 <= stored < 200_000, (doc, stored)
     assert "after line %d were not sent" % stored in err, err
+
+
+@pytest.mark.timeout(90)
+def test_publish_file_stopped_while_checking_the_file_says_nothing_was_published(
+        daemon: Any) -> None:
+    """The first pass (every line checked before anything is sent) had no signal handler:
+    SIGTERM then killed emitterctl silently (143)."""
+    path = os.path.join(daemon.root, "million.jsonl")
+    with open(path, "w") as f:
+        f.write(TICK * 1_000_000)
+    c = daemon.client()
+    head = c.ping()["head"]
+    with daemon.ctl_running("publish", "--file", path) as p:
+        def reading() -> bool:
+            fds = "/proc/%d/fd" % p.pid
+            for fd in os.listdir(fds):
+                try:
+                    if os.readlink(os.path.join(fds, fd)) == path:
+                        return True
+                except OSError:      # closed meanwhile
+                    pass
+            return False
+        wait_for(reading, 20, "the first pass reading the file")
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and out == "", (p.returncode, out, err)
+    assert "stopped by a signal while checking %s: nothing was published" % path in err, err
+    assert c.ping()["head"] == head
 
 
 @pytest.mark.timeout(60)

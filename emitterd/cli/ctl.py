@@ -4,7 +4,7 @@ Exit status: 0 success, 1 an error answered by the daemon (``error: <code>:
 <message>`` on stderr), 2 usage error, 3 the daemon could not be reached
 (no socket, nobody listening, no permission, connection lost, no answer in time),
 74 the output could not be written (or an input file read), 130 interrupted (Ctrl-C; tail
-ends with 0 that way).
+and top end with 0 that way).
 """
 from __future__ import annotations
 
@@ -115,11 +115,19 @@ def parse_selector(ctx: click.Context, param: click.Parameter, value: Optional[s
     except click.BadParameter as e:
         if not value.lstrip().startswith("["):
             raise
-        # PROTOCOL §6 reads "[x]-*" as JSON; an event_pattern has the map form left
-        raise click.BadParameter(
-            "%s; an event_pattern that starts with [ can be given in the map form: "
-            "--selector '{\"stream\": %s}'" % (e.message, json.dumps(value)),
-            param_hint="--selector") from None
+        # PROTOCOL §6 reads "[x]-*" as JSON; an event_pattern has the map form left, a
+        # stream or event_type nothing on the command line (--type may come later in argv)
+        sub_type = ctx.params.get("sub_type")
+        form = "--selector '{\"stream\": %s}'" % json.dumps(value)
+        if sub_type == "event_pattern":
+            hint = "as an event_pattern it can be given in the map form: " + form
+        elif sub_type is not None:
+            hint = ("a %s selector that starts with [ cannot be given on the command line "
+                    "(the Python client takes it)" % sub_type)
+        else:
+            hint = ("an event_pattern that starts with [ can be given in the map form: %s; "
+                    "a stream or event_type selector cannot" % form)
+        raise click.BadParameter("%s; %s" % (e.message, hint), param_hint="--selector") from None
 
 
 def parse_options(ctx: click.Context, param: click.Parameter,
@@ -219,7 +227,7 @@ Examples:
 \b
 Exit status: 0 success, 1 an error answered by the daemon (its code and
 message on stderr), 2 usage error, 3 the daemon could not be reached,
-74 the output could not be written, 130 interrupted by Ctrl-C (tail: 0).""")
+74 the output could not be written, 130 interrupted by Ctrl-C (tail, top: 0).""")
 @click.option("--socket", "socket_path", metavar="PATH", default=None,
               help="Control socket of the daemon. Default: $EMITTERD_SOCKET, else "
                    "$XDG_RUNTIME_DIR/emitterd/emitterd.sock, else /run/emitterd/emitterd.sock "
@@ -580,11 +588,17 @@ class _StopBetweenPublishes:
 
 def _publish_file(ctx: click.Context, st: State, path: str, batch_size: int) -> None:
     total: Optional[int] = None
+    source = "standard input" if path == "-" else path
     if not _is_stream(path):
         # first pass: validate every line before anything is published, and count
-        total = sum(1 for _ in _read_jsonl(path))
+        try:
+            with _StopBetweenPublishes():
+                total = sum(1 for _ in _read_jsonl(path))
+        except _Stopped:
+            click.echo("stopped by a signal while checking %s: nothing was published"
+                       % source, err=True)
+            ctx.exit(EXIT_STOPPED)
     client = st.client().connect()      # a failure here is plain: nothing was sent
-    source = "standard input" if path == "-" else path
     published = 0
     low: Optional[int] = None
     high: Optional[int] = None
