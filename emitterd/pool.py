@@ -319,6 +319,13 @@ class Pool:
         if h in self.retiring:
             self.retiring.remove(h)
         lost = self.dispatcher.worker_lost(h.wid) if self.dispatcher else 0
+        if (h.consumers + h.pending_consumers and self.spec["options"]["ephemeral"]
+                and self.stopping is None and self.consumer_count() == 0):
+            # its consumers went with it (the worker reports no close when it dies)
+            log.info("ephemeral subscription lost its last consumer", pool=self.name,
+                     worker_exited=h.index)
+            self.ctx.registry.delete(self.key)
+            return
         if h.planned:
             log.debug("worker stopped", pool=self.name, index=h.index, pid=h.pid)
             self._check_stopped()

@@ -4,6 +4,8 @@ routing, publish atomicity and idempotency."""
 from __future__ import annotations
 
 import collections
+import os
+import signal
 import time
 import uuid
 from typing import Any, Dict, List
@@ -952,6 +954,24 @@ def test_an_ephemeral_subscription_nobody_attaches_to_is_deleted_after_60s(daemo
         c.status(key)
     time.sleep(2)
     assert c.status(gkey)["state"] == "running", "the durable subscription was deleted"
+
+
+@pytest.mark.timeout(30)
+def test_an_ephemeral_subscription_goes_when_its_last_consumers_worker_dies(
+        daemon: Daemon) -> None:
+    """§3: deleted when its last consumer leaves. A consumer whose worker is killed has
+    left too (its connection died with it): the subscription used to stay for good, with
+    no consumer and no timer (`emitterctl tail` then leaked one per worker death)."""
+    c = daemon.client()
+    key = start_pool(daemon, c, sub_spec("eph-killed", ephemeral=True))["key"]
+    consumer = c.attach(key)
+    st = wait_status(c, key, lambda s: s["workers"][0]["consumers"] == 1, what="attached")
+    os.kill(st["workers"][0]["pid"], signal.SIGKILL)
+    assert consumer.recv(timeout=10) is None          # its connection went with the worker
+    wait_until(lambda: key not in [p["key"] for p in c.list()["subscriptions"]], 10,
+               "the ephemeral subscription deleted")
+    with pytest.raises(NotFound):
+        c.status(key)
 
 
 @pytest.mark.timeout(30)
