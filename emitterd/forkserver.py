@@ -176,7 +176,12 @@ def serve(sock: socket.socket) -> None:
     while True:
         msg = decoder.next()
         if msg is None:
-            data, got, _, _ = socket.recv_fds(sock, 65536, 4)
+            try:
+                data, got, _, _ = socket.recv_fds(sock, 65536, 4)
+            except ConnectionResetError:
+                # the daemon closed its end with our "ready" unread (it forked nothing):
+                # gone, as with EOF; not worth the warning every such shutdown logged
+                return
             fds.extend(got)
             if not data:
                 return                           # the daemon is gone

@@ -156,3 +156,40 @@ def test_an_intermediate_whose_fork_server_died_exits_quietly(tmp_path: Any) -> 
             p.wait()
     assert p.returncode == -signal.SIGKILL
     assert "Traceback" not in err, err
+
+
+@pytest.mark.timeout(30)
+def test_a_daemon_that_closes_without_reading_ready_ends_the_server_quietly() -> None:
+    """An idle daemon (no worker forked) closes its end at shutdown with the server's
+    "ready" unread: the server's next read gets ECONNRESET, not EOF. That is the daemon
+    gone all the same; it used to end the server with a warning on many clean shutdowns."""
+    import socket
+    import threading
+    from emitterd import forkserver
+    daemon_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    outcome: List[Any] = []
+
+    def run() -> None:
+        try:
+            forkserver.serve(server_end)
+            outcome.append("returned")
+        except BaseException as e:  # noqa: BLE001
+            outcome.append(e)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    daemon_end.settimeout(5)
+    deadline = time.monotonic() + 5       # "ready" is in the daemon's queue, unread
+    while not _pending(daemon_end) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    daemon_end.close()
+    t.join(10)
+    server_end.close()
+    assert outcome == ["returned"], outcome
+
+
+def _pending(sock: Any) -> bool:
+    import socket
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
