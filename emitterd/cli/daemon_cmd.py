@@ -126,8 +126,9 @@ def config_command(config_path: Optional[str], effective: bool, as_toml: bool) -
 
 def _data_dir_options(f: Any) -> Any:
     f = click.option("--data-dir", "data_dir", type=str, default=None, metavar="DIR",
-                     help="Data directory; default: the daemon's (data_dir from --config, "
-                          "$EMITTERD_DATA_DIR, else derived as for `emitterd run`).")(f)
+                     help="Data directory; default: the daemon's, found as `emitterd run` "
+                          "does ($EMITTERD_DATA_DIR, then data_dir in the --config file, "
+                          "else the built-in default).")(f)
     return click.option("--config", "config_path", type=str, default=None, metavar="FILE",
                         help="TOML config file the daemon runs with (for its data_dir); "
                              "default $EMITTERD_CONFIG, else none.")(f)
