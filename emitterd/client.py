@@ -45,13 +45,14 @@ __all__ = [
     "EmitterError", "NotFound", "Invalid", "AlreadyStarted", "Conflict", "Unavailable",
     "PermissionDenied", "UnknownOp", "BadFrame", "FrameTooLarge", "Internal",
     "ProtocolViolation", "ERROR_CLASSES", "error_from_wire", "Unreachable",
-    "Client", "Consumer", "serve_subscriber",
+    "EncodeError", "Client", "Consumer", "serve_subscriber",
 ]
 
 #: Responses from the daemon are not limited by the client: the daemon's own
 #: max_frame_bytes may be configured above the 8 MiB default.
 _CLIENT_MAX_FRAME = 0xFFFFFFFF
 _RECV_SIZE = 1 << 18
+_ANSWER_EVERY = 0.1      # serve_subscriber: a slow handler's verdicts go out this often
 
 Key = Union[str, Dict[str, Any]]
 
@@ -187,31 +188,50 @@ class _Closed(Exception):
 
 def _connect(path: str, timeout: float) -> socket.socket:
     """Connect a Unix stream socket; every way of failing becomes Unreachable/TimeoutError."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(path)
-    except socket.timeout:
-        sock.close()
-        raise TimeoutError("connecting to %s took more than %.1fs" % (path, timeout)) from None
-    except FileNotFoundError:
-        sock.close()
-        raise Unreachable("no daemon socket at %s (is emitterd running?)" % path, path) from None
-    except ConnectionRefusedError:
-        sock.close()
-        if not _is_socket(path):
-            raise Unreachable("%s is not a socket (is --socket right?)" % path, path) from None
-        raise Unreachable("nobody listens on %s (stale socket file? is emitterd running?)"
-                          % path, path) from None
-    except PermissionError as e:
-        sock.close()
-        raise Unreachable("permission denied connecting to %s: %s" % (path, e.strerror), path) \
-            from None
-    except OSError as e:
-        sock.close()
-        raise Unreachable("cannot connect to %s: %s" % (path, e.strerror or e), path) from None
-    sock.setblocking(False)
-    return sock
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock.connect(path)
+        except socket.timeout:
+            sock.close()
+            raise TimeoutError("connecting to %s took more than %.1fs" % (path, timeout)) \
+                from None
+        except FileNotFoundError:
+            sock.close()
+            raise Unreachable("no daemon socket at %s (is emitterd running?)" % path, path) \
+                from None
+        except ConnectionRefusedError:
+            sock.close()
+            if not _is_socket(path):
+                raise Unreachable("%s is not a socket (is --socket right?)" % path, path) \
+                    from None
+            raise Unreachable("nobody listens on %s (stale socket file? is emitterd running?)"
+                              % path, path) from None
+        except PermissionError as e:
+            sock.close()
+            raise Unreachable("permission denied connecting to %s: %s" % (path, e.strerror),
+                              path) from None
+        except BlockingIOError:
+            # EAGAIN: the daemon's accept queue is full (it is busy, or stopped), not gone;
+            # connect() does not wait for room, so wait here, within the timeout
+            sock.close()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("connecting to %s took more than %.1fs (its accept queue "
+                                   "stayed full: the daemon is busy or stopped)"
+                                   % (path, timeout)) from None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.1)
+            continue
+        except OSError as e:
+            sock.close()
+            raise Unreachable("cannot connect to %s: %s" % (path, e.strerror or e), path) \
+                from None
+        sock.setblocking(False)
+        return sock
 
 
 class _Conn:
@@ -224,11 +244,13 @@ class _Conn:
         self.sel = selectors.DefaultSelector()
         self.sel.register(sock, selectors.EVENT_READ)
         self.eof = False
+        self.closed = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def close(self) -> None:
+        self.closed = True
         try:
             self.sel.close()
         except Exception:  # noqa: BLE001
@@ -239,10 +261,19 @@ class _Conn:
             pass
 
     def _wait(self, events: int, deadline: Optional[float]) -> bool:
-        """Wait until the socket is ready for `events`; False on deadline."""
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        """Wait until the socket is ready for `events`; False on deadline. _Closed when
+        close() is called meanwhile from another thread: a wait on the socket is not
+        woken by its close (the kernel drops the closed fd from the epoll set before the
+        waiter looks), so it wakes every second to look."""
         self.sel.modify(self.sock, events)
-        return bool(self.sel.select(timeout))
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self.sel.select(1.0 if left is None else min(left, 1.0)):
+                return True
+            if self.closed:
+                raise _Closed("closed")
+            if left is not None and left <= 1.0:
+                return False
 
     def _read_some(self) -> None:
         """One recv into the decoder; raises _Closed on EOF or reset."""
@@ -702,14 +733,21 @@ class Consumer:
         Returns None once the daemon has closed the connection; raises
         TimeoutError when nothing arrives within `timeout` (None = forever),
         and the typed EmitterError when the daemon sends an error frame."""
-        if self._conn is None:
+        conn = self._conn
+        if conn is None:
             return None
         try:
-            frame = self._conn.recv(_deadline(timeout))
+            frame = conn.recv(_deadline(timeout))
         except _Closed:
+            if self._conn is None:     # close() from another thread: iteration ends
+                return None
             self.closed_by_peer = True
             self.close()
             return None
+        except (OSError, ValueError, RuntimeError, KeyError):
+            if self._conn is None:     # the same, caught on a closed socket or selector
+                return None
+            raise
         if frame.get("ok") is False and "error" in frame:
             err = error_from_wire(frame.get("error"), frame.get("id"))
             self.closed_by_peer = True      # the daemon closes the connection after one
@@ -775,10 +813,16 @@ class Consumer:
         return self._conn is None
 
     def close(self) -> None:
-        """Close the connection (unacked events are delivered again)."""
-        if self._conn is not None:
-            self._conn.close()
+        """Close the connection (unacked events are delivered again). Another thread may
+        call it to end an iteration blocked in recv()."""
+        conn = self._conn
+        if conn is not None:
             self._conn = None
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)   # wakes a thread waiting on it
+            except OSError:
+                pass
+            conn.close()
 
     def __enter__(self) -> "Consumer":
         return self
@@ -863,11 +907,17 @@ def serve_subscriber(path: str, handler: Callable[[dict], Any], *,
     * ``("nack", action[, reason])`` nacks it (action ``retry``, ``park``
       or ``skip``); the strings ``"retry"``, ``"park"``, ``"skip"`` and
       ``False`` / ``"nack"`` (= retry) are shorthands;
-    * an exception nacks it with ``retry`` and reason ``str(exc)``.
+    * an exception nacks it with ``retry`` and reason ``str(exc)`` (any
+      other return value too, with a reason naming it); an exception from
+      `on_hello` ends the server.
 
     One ``ack`` frame answers each events frame (plus one ``nack`` frame per
-    distinct action and reason). `ready` is set once the socket listens.
-    The socket file is removed on return. Without `stop` it runs forever.
+    distinct action and reason), or more when the handler is slow: what it
+    has handled goes out every 0.1 s, so an event answered in time is not
+    taken for timed out because the rest of its frame took long. `ready` is
+    set once the socket listens. The socket file is created with the
+    process's umask (workers running as another user need write permission
+    on it) and removed on return. Without `stop` it runs forever.
     """
     _prepare_socket_path(path)
     lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -915,11 +965,28 @@ def serve_subscriber(path: str, handler: Callable[[dict], Any], *,
                 return   # unknown frames are ignored (forward compatible)
             acks: List[int] = []
             nacks: Dict[Verdict, List[int]] = {}
+
+            def answer() -> None:
+                if acks:
+                    c.out += encode({"op": "ack", "positions": acks})
+                for (action, reason), positions in nacks.items():
+                    msg: Dict[str, Any] = {"op": "nack", "positions": positions,
+                                           "action": action}
+                    if reason is not None:
+                        msg["reason"] = reason
+                    c.out += encode(msg)
+                acks.clear()
+                nacks.clear()
+
+            started = time.monotonic()
             for event in frame["events"]:
                 try:
                     action, reason = _verdict(handler(event))
                 except Exception as exc:  # noqa: BLE001 - the handler's failure nacks the event
                     action, reason = "retry", str(exc) or type(exc).__name__
+                if reason is not None:
+                    # a message from os.fsdecode() holds lone surrogates: no UTF-8 for them
+                    reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
                 pos = event.get("position") if isinstance(event, dict) else None
                 if not isinstance(pos, int):
                     continue
@@ -927,13 +994,15 @@ def serve_subscriber(path: str, handler: Callable[[dict], Any], *,
                     acks.append(pos)
                 else:
                     nacks.setdefault((action, reason), []).append(pos)
-            if acks:
-                c.out += encode({"op": "ack", "positions": acks})
-            for (action, reason), positions in nacks.items():
-                msg: Dict[str, Any] = {"op": "nack", "positions": positions, "action": action}
-                if reason is not None:
-                    msg["reason"] = reason
-                c.out += encode(msg)
+                if time.monotonic() - started >= _ANSWER_EVERY:
+                    # a slow handler: what it has handled goes out now, not after the
+                    # frame's last event (the first ones' ack_timeout runs meanwhile)
+                    answer()
+                    flush(c)
+                    if c.sock.fileno() < 0:
+                        return
+                    started = time.monotonic()
+            answer()
 
         while stop is None or not stop.is_set():
             for skey, mask in sel.select(0.1):

@@ -46,6 +46,10 @@ def decode_payload(payload: bytes) -> dict:
         raise FrameError(BAD_FRAME, "bytes after the msgpack value") from None
     except UnicodeDecodeError:
         raise FrameError(BAD_FRAME, "invalid UTF-8 in a string") from None
+    except TypeError:
+        # msgpack allows an array or a map as a map key; a Python dict cannot hold one
+        raise FrameError(BAD_FRAME, "a map key is an array or a map (keys must be strings, "
+                                    "numbers, booleans, nil or bytes)") from None
     except msgpack.StackError:
         # valid msgpack, but deeper than the decoder's fixed stack
         raise FrameError(BAD_FRAME, "payload nests arrays and maps more than 1024 deep") from None

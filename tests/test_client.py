@@ -642,3 +642,190 @@ def test_a_client_reconnects_for_its_first_request_after_a_daemon_restart(
     d.start()
     ping, status = c.pipeline([("ping", None), ("status", {"key": "0123456789abcdef"})])
     assert ping["pid"] == d.proc.pid and isinstance(status, NotFound), (ping, status)
+
+
+# ---- against a real daemon: serve_subscriber, Consumer threads, a full accept queue ------
+
+def _serve(path: str, handler: Any, **kw: Any) -> Any:
+    """serve_subscriber in a thread; returns (thread, stop, outcome dict)."""
+    stop, ready = threading.Event(), threading.Event()
+    outcome: Dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            serve_subscriber(path, handler, stop=stop, ready=ready, **kw)
+            outcome["returned"] = True
+        except BaseException as e:  # noqa: BLE001 - what the test looks at
+            outcome["raised"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert ready.wait(5)
+    return t, stop, outcome
+
+
+@pytest.mark.timeout(60)
+def test_serve_subscriber_survives_a_handler_exception_whose_message_is_not_utf8(
+        daemon: Any, short_tmp: str) -> None:
+    """serve_subscriber's docstring: "an exception nacks it with retry and reason str(exc)".
+    An exception message holding a surrogate escape (os.fsdecode of a non-UTF-8 file name,
+    a very common source of messages) makes encode() of the nack frame raise
+    UnicodeEncodeError out of serve_subscriber: the whole subscriber server dies, every
+    worker's connection drops, and the event comes back and kills it again."""
+    path = os.path.join(short_tmp, "sub.sock")
+    seen: List[int] = []
+
+    def handler(e: Dict[str, Any]) -> None:
+        seen.append(e["position"])
+        if e["data"] == "bad-name" and e["attempt"] == 1:
+            raise FileNotFoundError("no such file: " + os.fsdecode(b"report-\xff.csv"))
+
+    t, stop, outcome = _serve(path, handler)
+    try:
+        c = daemon.client()
+        key = c.start({"name": "fsdecode", "type": "stream", "selector": "fs",
+                       "subscriber": "unix:" + path,
+                       "options": {"retry_backoff": [0.1, 0.1]}})["key"]
+        pos = c.publish([{"stream": "fs", "type": "t", "data": "bad-name"},
+                         {"stream": "fs", "type": "t", "data": "fine"}])["positions"]
+        wait_for(lambda: len(seen) >= 2 or "raised" in outcome, 15, "the events to be handled")
+        time.sleep(0.3)
+        assert "raised" not in outcome, (
+            "serve_subscriber died on a handler exception: %r" % (outcome.get("raised"),))
+        wait_for(lambda: c.status(key)["checkpoint"] == pos[-1], 15,
+                 "the retried event to be handled and acked")
+    finally:
+        stop.set()
+        t.join(5)
+
+
+@pytest.mark.timeout(60)
+def test_serve_subscriber_does_not_let_events_it_handled_in_time_be_parked(
+        daemon: Any, short_tmp: str) -> None:
+    """serve_subscriber: a handler returning None "acks" the event. It sends that ack only
+    after the handler has run for every event of the frame, so with a handler that takes
+    0.3 s and ack_timeout 1 s, the FIRST event of a 10-event frame (handled 0.3 s after it
+    arrived) times out and is parked as "max_retries" (max_retries 0), though the handler
+    accepted it well within ack_timeout. Every event of the frame ends parked, delivered 0."""
+    path = os.path.join(short_tmp, "sub.sock")
+    handled_at: Dict[int, float] = {}
+
+    def handler(e: Dict[str, Any]) -> None:
+        time.sleep(0.3)
+        handled_at.setdefault(e["position"], time.monotonic())
+
+    t, stop, outcome = _serve(path, handler)
+    try:
+        c = daemon.client()
+        key = c.start({"name": "slow", "type": "stream", "selector": "slow",
+                       "subscriber": "unix:" + path,
+                       "options": {"ack_timeout": 1.0, "max_retries": 0}})["key"]
+        wait_for(lambda: c.status(key)["workers"][0]["consumers"] == 1, 10, "the connection")
+        pos = c.publish([{"stream": "slow", "type": "t", "data": i} for i in range(10)])[
+            "positions"]
+        wait_for(lambda: c.status(key)["checkpoint"] == pos[-1], 30, "every event handled")
+        parked = {e["position"]: e["reason"] for e in c.parked(key)["events"]}
+        assert pos[0] in handled_at
+        assert pos[0] not in parked, (
+            "event %d was accepted by the handler 0.3 s after delivery (ack_timeout 1 s) but "
+            "parked with reason %r; parked: %s" % (pos[0], parked.get(pos[0]), sorted(parked)))
+    finally:
+        stop.set()
+        t.join(15)
+
+
+@pytest.mark.timeout(60)
+def test_consumer_close_from_another_thread_ends_a_blocked_iteration(daemon: Any) -> None:
+    """Consumer.close(): "Close the connection"; iterating "ends when ... the connection"
+    closes. The usual way to stop a consumer loop running in a thread is close() from
+    another thread; the loop blocked in recv() (epoll_wait, no idle limit) never wakes: it
+    hangs for good, even after the pool is deleted (its fd and selector are already
+    closed, so the daemon's close cannot reach it)."""
+    c = daemon.client()
+    key = c.start({"name": "thr", "type": "stream", "selector": "thr"})["key"]
+    wait_for(lambda: c.status(key)["workers"] and
+             c.status(key)["workers"][0]["state"] == "ready", 10, "a ready worker")
+    cons = c.attach(key)
+    out: List[Any] = []
+
+    def consume() -> None:
+        try:
+            for ev in cons:
+                out.append(ev["position"])
+                cons.ack([ev["position"]])
+            out.append("ended")
+        except BaseException as e:  # noqa: BLE001
+            out.append(e)
+    th = threading.Thread(target=consume, daemon=True)
+    th.start()
+    (p,) = c.publish([{"stream": "thr", "type": "t"}])["positions"]
+    wait_for(lambda: p in out, 10, "the event")
+    cons.close()
+    th.join(5)
+    alive = th.is_alive()
+    c.stop(key, delete=True)
+    assert not alive, "the consumer loop still blocks 5 s after close(): %r" % (out,)
+
+
+@pytest.mark.timeout(60)
+def test_client_timeout_holds_while_the_daemons_accept_queue_is_full(daemon: Any) -> None:
+    """Client: `timeout` "bounds each request"; Unreachable means no socket file, nobody
+    listening, no permission, or a lost connection. A live daemon whose listen backlog is
+    momentarily full (a burst of connections from one process) makes connect() fail with
+    EAGAIN, which the client turns at once (0 s of a 10 s timeout) into
+    Unreachable("cannot connect ...: Resource temporarily unavailable"), so emitterctl
+    would say the daemon could not be reached while it runs fine."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    opened: List[Client] = []
+    failures: List[BaseException] = []
+    try:
+        for _ in range(600):
+            cl = Client(daemon.socket, timeout=10)
+            try:
+                cl.connect()
+                opened.append(cl)
+            except (Unreachable, TimeoutError) as e:
+                failures.append(e)
+                break
+    finally:
+        for cl in opened:
+            cl.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert daemon.proc.poll() is None                          # it was alive throughout
+    assert not failures, ("connect %d failed on a live daemon with timeout 10: %r"
+                          % (len(opened) + 1, failures[0]))
+
+
+@pytest.mark.timeout(30)
+def test_encode_error_is_public_and_documented_by_help() -> None:
+    """emitterd.client documents itself through help() and its docstrings; EncodeError is
+    what every request with an un-encodable value raises ("nothing was sent"), yet it is
+    missing from __all__: `from emitterd.client import *` does not bring it, and
+    help(emitterd.client) (pydoc lists only __all__) never shows the class."""
+    import pydoc
+
+    import emitterd.client as cl
+    own = sorted(n for n in dir(cl) if not n.startswith("_") and isinstance(getattr(cl, n), type)
+                 and getattr(cl, n).__module__ == cl.__name__)
+    missing = sorted(set(own) - set(cl.__all__))
+    assert not missing, "public classes missing from __all__: %s" % missing
+    text = pydoc.render_doc(cl, renderer=pydoc.plaintext)
+    assert "class EncodeError" in text, "help(emitterd.client) does not document EncodeError"
+
+
+@pytest.mark.timeout(60)
+def test_a_map_with_a_tuple_key_is_refused_with_a_true_reason(daemon: Any) -> None:
+    """A tuple map key encodes (msgpack allows any key type: the payload is one valid
+    msgpack map), the daemon refuses it (README: a publish is checked for "hashable map
+    keys"), but what the user gets is BadFrame "payload is not valid msgpack (TypeError)"
+    and a dropped connection: neither the EncodeError that the client raises, before
+    sending, for other values the daemon cannot take, nor a message naming the map key."""
+    from emitterd.client import BadFrame, EncodeError
+    c = daemon.client()
+    with pytest.raises((EncodeError, BadFrame)) as info:
+        c.publish([{"stream": "k", "type": "t", "data": {(1, 2): "point"}}])
+    msg = str(info.value)
+    assert "not valid msgpack" not in msg, (
+        "a valid msgpack payload is reported as invalid msgpack: %r" % msg)
+    assert "key" in msg, "the error does not say the map key is the problem: %r" % msg
