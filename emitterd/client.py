@@ -708,6 +708,9 @@ def _positions(positions: Sequence[int]) -> List[int]:
             raise TypeError("positions must be ints, got %s" % (
                 "an event map: pass event[\"position\"]" if isinstance(p, dict)
                 else "%s %r" % (type(p).__name__, p)))
+        if not -(1 << 63) <= p < 1 << 64:
+            # msgpack has no form for it (an OverflowError from deep inside otherwise)
+            raise ValueError("position %d is out of range: positions are 1 .. 2**64 - 1" % p)
     return out
 
 

@@ -537,6 +537,8 @@ def test_consumer_acks_take_only_int_positions(daemon: Any) -> None:
                 consumer.ack(bad)
             with pytest.raises(TypeError, match="positions must be ints"):
                 consumer.nack(bad, "skip")
+        with pytest.raises(ValueError, match="out of range"):     # not a raw OverflowError
+            consumer.ack([2 ** 70])
         st = c.status(key)                 # nothing went out: the event is still in flight
         assert st["in_flight"] == 1 and st["checkpoint"] == pos - 1, st
         consumer.ack([pos])
