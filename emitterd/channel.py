@@ -100,6 +100,11 @@ class Channel:
                 return
             self.on_frame(msg)
 
+    @property
+    def receiving(self) -> bool:
+        """Open and reading (not paused by its owner nor held back by its own output)."""
+        return self.reading and not self._held and not self.closed
+
     def pause(self) -> None:
         self.reading = False
         self._update_events()

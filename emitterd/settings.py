@@ -218,6 +218,11 @@ SETTINGS: tuple[Setting, ...] = (
         is sent no more answers, its requests left unread, until it has taken
         half. At least max_frame_bytes.""",
        minimum=64 * 1024, maximum=2 ** 40, metavar="BYTES"),
+    _s("partial_frame_timeout", FLOAT, 60.0, L, True, """
+        Seconds a control connection may leave a frame half sent (some of it
+        read, the rest not coming) before it is closed: a client that sends the
+        start of a large frame and stops would hold that memory for good.""",
+       minimum=0.1),
     # -- workers
     _s("heartbeat_interval", FLOAT, 1.0, W, False, """
         Seconds between a worker's heartbeats to the parent. Workers take it when

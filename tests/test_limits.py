@@ -205,6 +205,34 @@ def test_a_half_sent_frame_blocks_nobody_and_is_served_once_complete(daemon: Dae
     assert d.proc.poll() is None
 
 
+@pytest.mark.timeout(40)
+def test_a_frame_left_half_sent_is_closed_after_partial_frame_timeout(make_daemon: Any) -> None:
+    """A client that sends the start of a frame and stops holds its buffer for good (up to
+    max_frame_bytes per connection, max_connections of them): after partial_frame_timeout
+    the connection is closed. One that sends a frame slowly, byte by byte, keeps going."""
+    d = make_daemon("--partial-frame-timeout", "1.5")
+    c = d.client(timeout=10)
+    stalled = raw_connect(d.socket)
+    slow = raw_connect(d.socket)
+    ping = encode({"id": 3, "op": "ping"})
+    try:
+        stalled.sendall(HEADER.pack(100) + padded_publish_payload(9, 100)[:10])
+        t0 = time.monotonic()
+        for i in range(len(ping)):               # one byte every 0.25 s: ~5 s in all
+            slow.sendall(ping[i:i + 1])
+            time.sleep(0.25)
+        got = read_frame(slow, Decoder(1 << 30), 5)
+        assert got is not None and got["id"] == 3 and got["ok"] is True, got
+        assert hung_up(stalled, 5), "the half-sent frame's connection is still open"
+        assert time.monotonic() - t0 >= 1.5
+        assert "control connection closed: a frame half sent for" in log_text(d), \
+            log_text(d)[-1500:]
+        assert c.ping()["head"] == 0         # nothing of the half-sent publish stored
+    finally:
+        stalled.close()
+        slow.close()
+
+
 # ---- 2. an attached consumer that stops reading -----------------------------------------------
 
 @pytest.mark.timeout(60)

@@ -62,6 +62,7 @@ class ControlConn:
                                backpressure=True)
         self.after_reply = None        # callable run once this connection's slots are all sent
         self._unfinished: Optional[list] = None   # the slot of a deferred op reading waits for
+        self._partial = (0, 0.0)       # (bytes of a frame begun, since when): see cut_off_stalled
 
     # ---- requests ----------------------------------------------------------------
     def _on_frame(self, msg: dict) -> None:
@@ -141,6 +142,18 @@ class ControlConn:
         if not self.slots and self.after_reply is not None:
             cb, self.after_reply = self.after_reply, None
             ch.after_flush(cb)
+
+    def close_if_frame_stalled(self, now: float, limit: float) -> None:
+        """A frame begun and not finished for `limit` seconds (checked, not timed per read:
+        the bytes waiting in the decoder have stayed the same since `since`)."""
+        ch = self.channel
+        pending = ch.decoder.buffered if ch.receiving else 0
+        if pending != self._partial[0]:
+            self._partial = (pending, now)
+        elif pending and now - self._partial[1] >= limit:
+            log.warning("control connection closed: a frame half sent for %.0fs" % limit,
+                        buffered=pending, peer_pid=self.peer[0])
+            ch.close("frame half sent for %.0fs" % limit)
 
     def _on_frame_error(self, err: framing.FrameError) -> None:
         extra = self.server._throttles["frame"].allow()
@@ -230,9 +243,12 @@ class ControlServer:
         sock.close()
 
     def cut_off_stalled(self, now: float) -> None:
-        """Close clients that stopped reading their responses (over output_buffer_bytes)."""
+        """Close clients that stopped reading their responses (over output_buffer_bytes),
+        or stopped sending in the middle of a frame (partial_frame_timeout)."""
+        limit = self.ctx.cfg.partial_frame_timeout
         for c in list(self.conns):
-            c.channel.close_if_stalled(now)
+            if not c.channel.close_if_stalled(now):
+                c.close_if_frame_stalled(now, limit)
 
     def detach(self, conn: ControlConn) -> socket.socket:
         self.conns.discard(conn)
