@@ -105,7 +105,7 @@ def _fsync(path: str) -> None:
 def backup(data_dir: str, dest: str) -> Dict[str, Any]:
     """Copy the event log of `data_dir` to the new file `dest`; works while a daemon runs."""
     if os.path.lexists(dest):
-        raise BackupError("%s exists; name a new file (a backup never overwrites one)" % dest)
+        raise _exists(dest)
     where = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(where):
         raise BackupError("directory %s does not exist" % where)
@@ -140,20 +140,22 @@ def backup(data_dir: str, dest: str) -> Dict[str, Any]:
     return info
 
 
+def _exists(dest: str) -> BackupError:
+    return BackupError("%s exists; name a new file (a backup never overwrites one)" % dest)
+
+
 def _place(tmp: str, dest: str) -> None:
     """Give the finished copy its name: never over an existing DEST (link() refuses one,
     a symlink included), by rename on a filesystem without hard links."""
     try:
         os.link(tmp, dest)
     except FileExistsError:
-        raise BackupError("%s exists; name a new file (a backup never overwrites one)"
-                          % dest) from None
+        raise _exists(dest) from None
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
             raise
         if os.path.lexists(dest):
-            raise BackupError("%s exists; name a new file (a backup never overwrites one)"
-                              % dest) from None
+            raise _exists(dest) from None
         os.rename(tmp, dest)
     _fsync(os.path.dirname(os.path.abspath(dest)))
 

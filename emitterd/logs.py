@@ -104,10 +104,16 @@ def _escape(m: "re.Match[str]") -> str:
     return _SHORT.get(c) or ("\\x%02x" % ord(c) if ord(c) < 0x100 else "\\u%04x" % ord(c))
 
 
+def escape_controls(s: str) -> str:
+    """`s` with every character that ends or rewrites a line escaped (\\n, \\x1b, \\u2028):
+    for text a client chose, in a log line or on a terminal."""
+    return _UNSAFE.sub(_escape, s)
+
+
 def _fmt_value(v: Any) -> str:
     s = str(v)
     if not s or any(c in s for c in ' "=') or _UNSAFE.search(s):
-        return '"%s"' % _UNSAFE.sub(_escape, s.replace("\\", "\\\\").replace('"', '\\"'))
+        return '"%s"' % escape_controls(s.replace("\\", "\\\\").replace('"', '\\"'))
     return s
 
 

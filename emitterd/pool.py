@@ -529,15 +529,16 @@ class Pool:
     def forget_in_flight(self) -> None:
         """After the dispatcher's checkpoint moved: the workers drop the old deliveries'
         bookkeeping too (their consumers' late acks are then ignored)."""
-        for h in list(self.slots.values()) + self.retiring:
-            if h.channel is not None:
-                h.channel.send({"op": "forget"})
+        self._tell_workers({"op": "forget"})
 
     def configure_workers(self) -> None:
         cfg = self.ctx.cfg
-        msg = {"op": "configure", "subscriber": self.spec["subscriber"],
-               "ack_timeout": self.spec["options"]["ack_timeout"],
-               "log": [cfg.log_level, cfg.log_format]}
+        self._tell_workers({"op": "configure", "subscriber": self.spec["subscriber"],
+                            "ack_timeout": self.spec["options"]["ack_timeout"],
+                            "log": [cfg.log_level, cfg.log_format]})
+
+    def _tell_workers(self, msg: dict) -> None:
+        """Send `msg` to every worker alive, draining ones included."""
         for h in list(self.slots.values()) + self.retiring:
             if h.channel is not None:
                 h.channel.send(msg)

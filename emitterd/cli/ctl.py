@@ -1115,10 +1115,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except EmitterError as e:
         click.echo("error: %s: %s%s" % (e.code, e.message, _details_suffix(e)), err=True)
         sys.exit(EXIT_DAEMON_ERROR)
-    except Unreachable as e:
-        click.echo("error: daemon unreachable: %s" % e, err=True)
-        sys.exit(EXIT_UNREACHABLE)
-    except TimeoutError as e:
+    except (Unreachable, TimeoutError) as e:
         click.echo("error: daemon unreachable: %s" % e, err=True)
         sys.exit(EXIT_UNREACHABLE)
     except EncodeError as e:

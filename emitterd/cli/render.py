@@ -16,10 +16,12 @@ import base64
 import datetime
 import json
 import math
-import re
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import msgpack
+
+# client text (stream names, selectors): one line each, no escape sequences
+from emitterd.logs import escape_controls as printable
 
 
 # ---- JSON --------------------------------------------------------------------
@@ -116,16 +118,6 @@ def num(v: Any) -> str:
 
 def rate(v: Optional[float]) -> str:
     return "-" if v is None else ("%.1f" % v if v < 100 else "%d" % round(v))
-
-
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def printable(s: str) -> str:
-    """`s` with control characters escaped (\\n, \\x1b...): a client's stream name must
-    not start a line of its own in `tail`, nor send escape sequences to the terminal."""
-    return _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), "\\x%02x" % ord(m.group())), s)
 
 
 def clip(s: str, width: int) -> str:
