@@ -89,6 +89,38 @@ def test_idempotent_ids_client_and_generated(tmp_path):
 
 
 @pytest.mark.timeout(20)
+@pytest.mark.parametrize("cold", [False, True])
+def test_an_id_of_generated_form_is_a_hit_only_where_that_id_was_given(tmp_path, cold):
+    """Position 2 carries a client id, so the generated id of position 2 was never given
+    out: a publish with it is a new event, not a duplicate of position 2."""
+    log = open_log(str(tmp_path), tail_events=1 if cold else 65536)
+    log.append([batch([ev("s"), ev("s", id="client-abc")])])
+    unused = generated_id(log._salt, 2)
+    b = batch([ev("other", id=unused)])
+    log.append([b])
+    assert b.result == {"positions": [3], "versions": [0]} and log.head == 3
+    assert log.read(3, 1)[0].decode()["id"] == unused
+    again = batch([ev("other", id=unused), ev("s", id=generated_id(log._salt, 1))])
+    log.append([again])
+    assert again.result == {"positions": [3, 1], "versions": [0, 0]} and log.head == 3
+
+
+@pytest.mark.timeout(20)
+def test_a_client_id_of_generated_form_for_a_later_position_is_refused(tmp_path):
+    """The event appended at that later position would be given the same id."""
+    log = open_log(str(tmp_path))
+    log.append([batch([ev("s")])])
+    future = generated_id(log._salt, 4)
+    ok1, bad, ok2 = batch([ev("s")]), batch([ev("s"), ev("t", id=future)]), batch([ev("s")])
+    log.append([ok1, bad, ok2])
+    assert isinstance(bad.result, ProtocolError) and bad.result.code == "invalid"
+    assert bad.result.details == {"field": "events.1.id"}
+    assert ok1.result["positions"] == [2] and ok2.result["positions"] == [3] and log.head == 3
+    ids = [r.decode()["id"] for r in log.read(1, 3)]
+    assert len(set(ids)) == 3 and future not in ids
+
+
+@pytest.mark.timeout(20)
 def test_expected_version_conflict_leaves_other_batches_alone(tmp_path):
     log = open_log(str(tmp_path))
     ok1, bad, ok2 = (batch([ev("acct")], expected_version=-1), batch([ev("acct")], expected_version=-1),

@@ -16,7 +16,7 @@ import msgpack
 import msgspec
 
 from emitterd import logs
-from emitterd.errors import CONFLICT, UNAVAILABLE, ProtocolError
+from emitterd.errors import CONFLICT, UNAVAILABLE, ProtocolError, invalid
 from emitterd.eventlog import EVENT_MAP_HEADER, FIRST_ATTEMPT, NO_TAGS, EventLog, EventRecord
 from emitterd.paths import ensure_private_dir
 
@@ -385,6 +385,17 @@ class SqliteLog(EventLog):
             self._stream_versions[stream] = v
         return v
 
+    def _reserved_id(self, events: list) -> Optional[ProtocolError]:
+        """A client id in the generated form of a position not yet given out is refused:
+        the event at that position would be given the same id."""
+        for i, ev in enumerate(events):
+            if ev.id is not None:
+                pos = generated_position(self._salt, ev.id)
+                if pos is not None and pos > self.head:
+                    return invalid("events.%d.id" % i, "id %r has the form of the ids this "
+                                   "store generates, for a position not yet used" % ev.id)
+        return None
+
     def _all_stored(self, events: list, ids: dict) -> bool:
         """Every event has an id already in the log (or earlier in this transaction)."""
         return all(ev.id is not None and (ev.id in ids or self._lookup_id(ev.id) is not None)
@@ -405,12 +416,15 @@ class SqliteLog(EventLog):
             pos = self._position_before_restore(event_id)
         if pos is not None and pos <= self.head:
             if pos >= self._tail_start:
-                version = self._tail[pos - self._tail_start + self._tail_off].decode()["version"]
+                event = self._tail[pos - self._tail_start + self._tail_off].decode()
             else:
-                version = None
+                event = None
                 for event, _ in self._cold_events([pos]):
-                    version = event["version"]
-            return None if version is None else (pos, version)
+                    pass
+            # the id has the generated form of pos, but the event there may carry a
+            # client's id: then this id was never given out, and the index decides
+            if event is not None and event["id"] == event_id:
+                return (pos, event["version"])
         row = self._db.execute("SELECT position, version FROM event_ids WHERE id = ?",
                                (event_id,)).fetchone()
         return tuple(row) if row else None
@@ -436,6 +450,10 @@ class SqliteLog(EventLog):
         high = -1
         id_entry = b""
         for b in batches:
+            reserved = self._reserved_id(b.events)
+            if reserved is not None:
+                b.result = reserved
+                continue
             if b.expected_version is not None:
                 stream = b.events[0].stream
                 current = self._stream_version(stream, overlay)
