@@ -138,8 +138,10 @@ def validate(sub: Any, cfg: Any, field: str = "subscription") -> dict:
     start_from = sub.get("start_from", "now")
     if start_from is None:
         start_from = "now"
-    if not (start_from in ("origin", "now") or (_is_int(start_from) and start_from >= 1)):
-        raise invalid(field + ".start_from", 'start_from must be "origin", "now" or a position >= 1')
+    # positions are SQLite integers: start_from - 1 (the checkpoint) must fit in 63 bits
+    if not (start_from in ("origin", "now") or (_is_int(start_from) and 1 <= start_from <= 1 << 63)):
+        raise invalid(field + ".start_from",
+                      'start_from must be "origin", "now" or a position from 1 to 2**63')
     defaults = default_options(cfg)
     if subscriber is not None:
         defaults["ephemeral"] = False     # default_ephemeral is for subscriptions without one

@@ -400,6 +400,8 @@ BAD_SUBSCRIPTIONS = [
     ({"start_from": -3}, "subscription.start_from"),
     ({"start_from": "later"}, "subscription.start_from"),
     ({"start_from": True}, "subscription.start_from"),
+    ({"start_from": 2 ** 63 + 1}, "subscription.start_from"),   # start_from - 1 is stored
+    ({"start_from": 2 ** 64 - 1}, "subscription.start_from"),
     # selectors of the wrong shape, per type
     ({"type": "stream", "selector": ""}, "subscription.selector"),
     ({"type": "stream", "selector": 5}, "subscription.selector"),
