@@ -279,9 +279,9 @@ def test_allow_gids_admits_that_group_and_refuses_others_before_any_op(make_daem
     c = d.client(timeout=10)
     spec = sub_spec("by-a-stranger", start_from="origin")
 
-    # a different gid (also: the allowed gid only as a supplementary group): refused at
-    # once, and the start sent right after connecting is not run
-    for gid, groups in ((OTHER_GID, []), (NOBODY, [ALLOWED_GID])):
+    # a different gid (primary or supplementary): refused at once, and the start sent
+    # right after connecting is not run
+    for gid, groups in ((OTHER_GID, []), (NOBODY, [OTHER_GID])):
         got = as_user(d.socket, NOBODY, gid, groups, {"id": 3, "op": "start",
                                                       "args": {"subscription": spec}})
         assert "error" not in got, got
@@ -295,13 +295,15 @@ def test_allow_gids_admits_that_group_and_refuses_others_before_any_op(make_daem
     assert c.list()["subscriptions"] == [], "a refused peer's start was run"
     assert "connection refused: peer not allowed" in log_text(d)
 
-    # the allowed gid (as the primary gid of uid 65534): served
-    got = as_user(d.socket, NOBODY, ALLOWED_GID, [], {"id": 4, "op": "ping"})
-    assert "error" not in got, got
-    frame = got["frame"]
-    assert frame is not None and frame["id"] == 4 and frame["ok"] is True, got
-    assert frame["result"]["pid"] == d.proc.pid
-    assert got["closed"] is False, "an allowed connection must stay open"
+    # the allowed gid, as the primary gid of uid 65534 or as a supplementary group (a
+    # member of the group, as socket_mode 0660 admits them): served
+    for gid, groups in ((ALLOWED_GID, []), (NOBODY, [OTHER_GID, ALLOWED_GID])):
+        got = as_user(d.socket, NOBODY, gid, groups, {"id": 4, "op": "ping"})
+        assert "error" not in got, got
+        frame = got["frame"]
+        assert frame is not None and frame["id"] == 4 and frame["ok"] is True, (gid, groups, got)
+        assert frame["result"]["pid"] == d.proc.pid
+        assert got["closed"] is False, "an allowed connection must stay open"
     # and the very same start from it is run: the refusal above is what stopped it
     got = as_user(d.socket, NOBODY, ALLOWED_GID, [], {"id": 5, "op": "start",
                                                       "args": {"subscription": spec}},

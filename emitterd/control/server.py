@@ -3,12 +3,12 @@ import errno
 import os
 import socket
 import stat
-import struct
 from collections import deque
 from typing import Any, Callable, Optional
 
 from emitterd import framing, logs
 from emitterd.channel import Channel
+from emitterd.control.peercred import Peer, peer_of
 from emitterd.paths import ensure_private_dir
 from emitterd.errors import (INTERNAL, INVALID, PERMISSION_DENIED, UNAVAILABLE, UNKNOWN_OP,
                              ProtocolError)
@@ -21,7 +21,6 @@ DEFERRED = object()      # a handler's "I will answer later through req.reply/re
 # connection. Any other deferred op (a stop's drain) finishes before the next request
 # of its connection runs, so a pipelined stop + status or stop + start sees the stop done.
 _OWN_ORDER = frozenset({"publish", "attach"})
-_UCRED = struct.Struct("3i")
 
 
 def _error(rid: int, code: str, message: str, details: Any = None) -> dict:
@@ -205,12 +204,9 @@ class ControlServer:
 
     def _admit(self, sock: socket.socket) -> None:
         cfg = self.ctx.cfg
-        try:
-            pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                          _UCRED.size))
-        except OSError:
-            pid, uid, gid = 0, -1, -1
-        if not self.allowed(uid, gid):
+        peer = peer_of(sock)
+        pid, uid, gid = peer.pid, peer.uid, peer.gid
+        if not self.allowed(peer):
             extra = self._throttles["peer"].allow()
             if extra is not None:
                 log.warning("connection refused: peer not allowed", pid=pid, uid=uid, gid=gid,
@@ -226,12 +222,16 @@ class ControlServer:
             self._refuse(sock, UNAVAILABLE, "too many connections (max_connections %d)"
                          % cfg.max_connections)
             return
-        self.conns.add(ControlConn(self, sock, (pid, uid, gid)))
+        self.conns.add(ControlConn(self, sock, peer))
 
-    def allowed(self, uid: int, gid: int) -> bool:
+    def allowed(self, peer: Peer) -> bool:
+        """Root, our own uid, allow_uids, or a member (primary or supplementary) of a group
+        in allow_gids: socket_mode 0660 lets a group's members in, whichever group is their
+        primary one."""
         cfg = self.ctx.cfg
+        uid = peer.uid
         return (uid == 0 or uid == os.getuid() or uid in cfg.allow_uids
-                or gid in cfg.allow_gids)
+                or any(g in cfg.allow_gids for g in peer.groups))
 
     def _refuse(self, sock: socket.socket, code: str, message: str) -> None:
         try:

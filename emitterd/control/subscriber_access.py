@@ -5,21 +5,22 @@ import os
 import stat
 from typing import Any, Optional, Sequence
 
+from emitterd.control.peercred import Peer
 from emitterd.errors import PERMISSION_DENIED, ProtocolError, invalid
 
 
-def check(ctx: Any, peer: tuple, subscriber: Optional[str], field: str) -> None:
-    """Raise ProtocolError unless the client `peer` (pid, uid, gid) may make the daemon
+def check(ctx: Any, peer: Peer, subscriber: Optional[str], field: str) -> None:
+    """Raise ProtocolError unless the client `peer` may make the daemon
     deliver to `subscriber`."""
     if subscriber is None:
         return
     path = subscriber[len("unix:"):]
     if _same_file(path, ctx.cfg.socket):
         raise invalid(field, "the subscriber is the daemon's own control socket")
-    pid, uid, gid = peer
+    uid = peer.uid
     if uid in (0, os.geteuid()):
         return       # root could anyway; the daemon's own user gains nothing
-    why = why_not(path, uid, _groups(pid, gid))
+    why = why_not(path, uid, peer.groups)
     if why is not None:
         raise ProtocolError(PERMISSION_DENIED, "uid %d could not connect to %s itself (%s): "
                             "the daemon does not connect there for it" % (uid, path, why),
@@ -63,20 +64,6 @@ def _stat(path: str) -> Optional[os.stat_result]:
         return os.stat(path)
     except OSError:
         return None
-
-
-def _groups(pid: int, gid: int) -> list:
-    """The client's primary and supplementary groups (from /proc: SO_PEERCRED gives one)."""
-    groups = [gid]
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    groups += [int(g) for g in line.split()[1:]]
-                    break
-    except (OSError, ValueError):
-        pass
-    return groups
 
 
 def _same_file(a: str, b: str) -> bool:
