@@ -746,6 +746,40 @@ def test_attach_unavailable_on_a_stopped_pool(shared: Daemon, world: World, shor
     c.stop(pushed["key"], delete=True)
 
 
+@pytest.mark.timeout(60)
+def test_unavailable_during_a_drain_says_the_pool_is_stopping(daemon: Daemon) -> None:
+    """While a stop waits for an in-flight ack the pool still reads running (README), but
+    attach and parked replay are refused: the message says why (it said "is running")."""
+    c = daemon.client()
+    key = c.start(sub("draining", selector="drn"))["key"]
+    wait_ready(c, key)
+    consumer, stopper, other = (Raw(daemon.socket, timeout=20) for _ in range(3))
+    try:
+        assert consumer.request({"id": 1, "op": "attach", "args": {"key": key}})["ok"]
+        c.publish([{"stream": "drn", "type": "t"}])
+        delivery = consumer.frame(20)
+        assert delivery is not None and delivery["op"] == "events", delivery
+        stopper.send(encode({"id": 1, "op": "stop", "args": {"key": key, "drain_timeout": 60}}))
+        deadline = time.monotonic() + 20
+        while True:     # the stop is served once attach answers unavailable
+            attach = other.request({"id": 2, "op": "attach", "args": {"key": key}}, 20)
+            if not attach["ok"] or time.monotonic() > deadline:
+                break
+            other.close()
+            other = Raw(daemon.socket, timeout=20)
+        replay = other.request({"id": 3, "op": "parked", "args": {"key": key, "action": "replay"}})
+        for resp in (attach, replay):
+            assert resp["ok"] is False and resp["error"]["code"] == "unavailable", resp
+            assert "is stopping" in resp["error"]["message"], resp
+        assert c.status(key)["state"] == "running"
+        consumer.send(encode({"op": "ack", "positions": [e["position"] for e in delivery["events"]]}))
+        done = stopper.frame(20)
+        assert done is not None and done["ok"] and done["result"]["state"] == "stopped", done
+    finally:
+        for r in (consumer, stopper, other):
+            r.close()
+
+
 # ---- update: invalid checkpoint and fields ----------------------------------------------
 
 @pytest.mark.timeout(30)

@@ -81,3 +81,18 @@ def bool_arg(args: dict, name: str, default: bool = False) -> bool:
 def not_shutting_down(ctx: Any) -> None:
     if ctx.shutting_down:
         raise ProtocolError(UNAVAILABLE, "the daemon is shutting down")
+
+
+def require_running(pool: Any, to: str) -> None:
+    """`unavailable` unless the pool runs and is not stopping, saying which it is."""
+    if pool.stopping is not None:
+        why = "is stopping (a stop waits for its in-flight events)"
+    elif pool.state == "running":
+        return
+    elif pool.state == "backoff":
+        why = "is in backoff after repeated worker deaths (start it to retry now)"
+    elif pool.state == "failed":
+        why = "has failed: its workers kept dying (start it again)"
+    else:
+        why = "is %s (start it first)" % pool.state
+    raise ProtocolError(UNAVAILABLE, "pool %s %s; cannot %s" % (pool.key, why, to))

@@ -3,7 +3,7 @@ from typing import Any
 
 from emitterd import framing, logs, subscription
 from emitterd.errors import NOT_FOUND, UNAVAILABLE, ProtocolError, invalid
-from emitterd.control.common import describe, only_keys
+from emitterd.control.common import describe, only_keys, require_running
 from emitterd.control.server import DEFERRED
 from emitterd.loop import monotonic
 
@@ -76,5 +76,4 @@ def _check_attachable(pool: Any) -> None:
     if pool.spec["subscriber"] is not None:
         raise invalid("key", "subscription %s delivers to %s; attach is only for subscriptions "
                       "without subscriber" % (pool.key, pool.spec["subscriber"]))
-    if pool.state != "running" or pool.stopping is not None:
-        raise ProtocolError(UNAVAILABLE, "pool %s is %s" % (pool.key, pool.state))
+    require_running(pool, "attach")

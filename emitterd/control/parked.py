@@ -2,9 +2,9 @@
 from typing import Any
 
 from emitterd import framing
-from emitterd.control.common import find_pool, only_keys
+from emitterd.control.common import find_pool, only_keys, require_running
 from emitterd.settings import FRAME_SLACK
-from emitterd.errors import UNAVAILABLE, ProtocolError, invalid
+from emitterd.errors import invalid
 
 
 def parked(ctx: Any, req: Any) -> dict:
@@ -27,8 +27,7 @@ def parked(ctx: Any, req: Any) -> dict:
         return {"count": n}
     records = ctx.log.get([p for p, _ in rows])
     if action == "replay":
-        if pool.state != "running" or pool.stopping is not None:
-            raise ProtocolError(UNAVAILABLE, "pool %s is %s; start it to replay" % (pool.key, pool.state))
+        require_running(pool, "replay")
         return {"count": pool.dispatcher.replay([records[p] for p, _ in rows if p in records])}
     # as many as fit in one answer (limit is a most): a list of large events would
     # otherwise be no answer at all, only an error
