@@ -305,6 +305,28 @@ def test_a_field_beyond_the_triple_is_invalid(shared: Daemon, world: World, op: 
     c.stop(st["key"], delete=True)
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("op,extra", [("status", {}), ("stop", {"delete": True}),
+                                      ("update", {"pool_size": 2})])
+def test_a_key_and_a_triple_of_different_subscriptions_are_invalid(
+        shared: Daemon, world: World, op: str, extra: dict) -> None:
+    c = shared.client()
+    one, two = c.start(sub("one-of-two", selector="o1")), c.start(sub("two-of-two", selector="o2"))
+    shared.collect_children()
+    world.snapshot = world._take()
+    triple = {"name": "two-of-two", "type": "stream", "selector": "o2"}
+    e = expect_error(c, op, dict(extra, key=one["key"], subscription=triple), "invalid")
+    assert e.details == {"field": "subscription"} and one["key"] in e.message
+    for st in (one, two):                # neither was stopped, deleted or resized
+        after = c.status(st["key"])
+        assert after["state"] == "running" and after["subscription"] == st["subscription"]
+    world.check()
+    # the same pair naming one subscription is its target
+    assert c.request("status", {"key": two["key"], "subscription": triple})["key"] == two["key"]
+    c.stop(one["key"], delete=True)
+    c.stop(two["key"], delete=True)
+
+
 # ---- not_found -----------------------------------------------------------------
 
 TARGETS = [

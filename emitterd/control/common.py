@@ -15,26 +15,35 @@ def resolve_key(args: dict) -> str:
         key = args["key"]
         if not subscription.is_key(key):
             raise ProtocolError(NOT_FOUND, "no subscription with key %s" % describe(key))
+        # both given: they must agree, or a stop could hit another pool than the one named
+        if args.get("subscription") is not None and _triple_key(args) != key:
+            raise invalid("subscription", "key %s and the subscription triple name "
+                          "different subscriptions; give one of them" % key)
         return key
     if "subscription" in args:
-        triple = args["subscription"]
-        if isinstance(triple, dict):
-            for k in triple:
-                if k not in TRIPLE:
-                    # never ignored: `update` with pool_size inside the triple would
-                    # answer ok and change nothing
-                    name = clip(str(k))
-                    raise invalid("subscription.%s" % name,
-                                  "a target subscription is named by name, type and selector "
-                                  "only; %r is not one of them%s" % (
-                                      name, " (give it beside \"subscription\", as an "
-                                      "argument of the op)" if k in ARG_FIELDS else ""))
-        try:
-            name, type_, _, normalized = subscription.validate_identity(args["subscription"])
-        except ProtocolError:
-            raise ProtocolError(NOT_FOUND, "no subscription matches the given triple") from None
-        return subscription.key(type_, normalized, name)
+        return _triple_key(args)
     raise invalid("key", 'give "key" or "subscription" {name, type, selector}')
+
+
+def _triple_key(args: dict) -> str:
+    """The key of the {name, type, selector} triple in args["subscription"]."""
+    triple = args["subscription"]
+    if isinstance(triple, dict):
+        for k in triple:
+            if k not in TRIPLE:
+                # never ignored: `update` with pool_size inside the triple would
+                # answer ok and change nothing
+                name = clip(str(k))
+                raise invalid("subscription.%s" % name,
+                              "a target subscription is named by name, type and selector "
+                              "only; %r is not one of them%s" % (
+                                  name, " (give it beside \"subscription\", as an "
+                                  "argument of the op)" if k in ARG_FIELDS else ""))
+    try:
+        name, type_, _, normalized = subscription.validate_identity(args["subscription"])
+    except ProtocolError:
+        raise ProtocolError(NOT_FOUND, "no subscription matches the given triple") from None
+    return subscription.key(type_, normalized, name)
 
 
 def describe(value: Any) -> str:
