@@ -59,6 +59,11 @@ class Channel:
         self._update_events()
 
     # ---- reading ---------------------------------------------------------------
+    def set_limits(self, max_frame: int, max_out: int) -> None:
+        """New limits (a reload) for the frames read from now on and the output buffer."""
+        self.decoder.max_frame = max_frame
+        self.max_out = max_out
+
     def _on_ready(self, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
             self.flush()

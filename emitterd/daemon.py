@@ -175,12 +175,14 @@ class Daemon:
             fmt = settings.BY_NAME[name].format
             log.warning("setting needs a restart to change", setting=name, old=fmt(old),
                         new=fmt(new))
-        if "log_level" in applied or "log_format" in applied:
-            # every process writes the log: the workers take it from a configure message
-            # (a spare when it is activated), the helpers when they start, so they are
-            # replaced (the fork server's absence only means the daemon forks meanwhile)
+        if applied.keys() & {"log_level", "log_format", "max_frame_bytes", "output_buffer_bytes"}:
+            # the workers take these from a configure message (a spare when it is activated)
             for pool in ctx.registry.pools.values():
                 pool.configure_workers()
+            ctx.server.apply_limits()
+        if "log_level" in applied or "log_format" in applied:
+            # every process writes the log; the helpers take it when they start, so they are
+            # replaced (the fork server's absence only means the daemon forks meanwhile)
             ctx.forkserver.replace()
             self.checkpointer.replace()
         for warning in cfg.warnings:

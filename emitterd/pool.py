@@ -532,9 +532,13 @@ class Pool:
         self._tell_workers({"op": "forget"})
 
     def configure_workers(self) -> None:
+        """Tell the workers (and the dispatcher) the subscription's and the daemon's
+        settings that apply live."""
         cfg = self.ctx.cfg
+        self.dispatcher.max_frame = cfg.max_frame_bytes
         self._tell_workers({"op": "configure", "subscriber": self.spec["subscriber"],
                             "ack_timeout": self.spec["options"]["ack_timeout"],
+                            "max_frame": cfg.max_frame_bytes, "out_cap": cfg.output_buffer_bytes,
                             "log": [cfg.log_level, cfg.log_format]})
 
     def _tell_workers(self, msg: dict) -> None:

@@ -36,6 +36,7 @@ import pytest
 from daemon_fixture import Daemon
 from emitterd.client import Client, EmitterError, Invalid, Unreachable
 from emitterd.framing import Decoder, encode
+from service_helpers import wait_log
 from subscriber_helper import (consumers, start_pool, sub_spec,  # noqa: F401
                                subscribers, wait_checkpoint, wait_status, wait_until)
 
@@ -897,3 +898,128 @@ def test_a_subscriber_that_closes_at_once_is_reconnected_with_a_growing_backoff(
         slam.close()
     # 0.1 + 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s: about 6 connections in 6 s (60 before)
     assert 3 <= accepted <= 12, accepted
+
+
+# ---- reloaded frame limits reach what was open before the reload ---------------------------
+
+def _write_config(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _send_frame(sock, msg):
+    body = msgpack.packb(msg, use_bin_type=True)
+    sock.sendall(struct.pack(">I", len(body)) + body)
+
+
+def _recv_exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("closed after %d of %d bytes" % (len(buf), n))
+        buf += chunk
+    return buf
+
+
+def _recv_frame(sock):
+    (n,) = struct.unpack(">I", _recv_exact(sock, 4))
+    return n, msgpack.unpackb(_recv_exact(sock, n), raw=False)
+
+
+def _reload(d, cfg, text, count):
+    _write_config(cfg, text)
+    d.proc.send_signal(signal.SIGHUP)
+    wait_log(d.log_path, r"configuration reloaded", count=count, timeout=20)
+
+
+@pytest.mark.timeout(90)
+def test_raised_max_frame_bytes_applies_to_an_open_control_connection(make_daemon, short_tmp):
+    """§7: max_frame_bytes is reloadable ('setting reloaded'); after it is raised, a
+    publish frame within the new limit must not be refused as frame_too_large on a
+    connection opened before the reload."""
+    cfg = os.path.join(short_tmp, "emitterd.toml")
+    _write_config(cfg, "max_frame_bytes = 65536\nmax_event_bytes = 32768\noutput_buffer_bytes = 16777216\n")
+    d = make_daemon("--config", cfg)
+    old = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old.settimeout(20)
+    old.connect(d.socket)
+    _send_frame(old, {"id": 1, "op": "ping"})
+    assert _recv_frame(old)[1]["ok"] is True
+
+    _reload(d, cfg, "max_frame_bytes = 1048576\nmax_event_bytes = 524288\n"
+                    "output_buffer_bytes = 16777216\n", 1)
+    log = open(d.log_path).read()
+    assert "setting=max_frame_bytes old=65536 new=1048576" in log
+
+    event = {"stream": "big", "type": "t", "data": "x" * 200_000}   # ~200 KB: within both new limits
+    # a new connection takes it
+    with Client(d.socket, timeout=20) as c:
+        assert c.publish([dict(event, id="new-conn")])["positions"]
+    # the connection opened before the reload must take it too
+    _send_frame(old, {"id": 2, "op": "publish", "args": {"events": [dict(event, id="old-conn")]}})
+    n, resp = _recv_frame(old)
+    assert resp.get("ok") is True, resp
+    # and a lowered limit holds on it too: the frame over it is refused from its header
+    _reload(d, cfg, "max_frame_bytes = 65536\nmax_event_bytes = 32768\n"
+                    "output_buffer_bytes = 16777216\n", 2)
+    _send_frame(old, {"id": 3, "op": "publish", "args": {"events": [dict(event, id="lowered")]}})
+    n, resp = _recv_frame(old)
+    old.close()
+    assert resp["ok"] is False and resp["error"]["code"] == "frame_too_large", resp
+    assert "65536" in resp["error"]["message"], resp
+
+
+@pytest.mark.timeout(90)
+def test_lowered_max_frame_bytes_bounds_delivery_frames_of_running_pool(make_daemon, short_tmp):
+    """§2: 'a delivery frame never exceeds max_frame_bytes (batches are split)'. After a
+    reload lowers max_frame_bytes, events published after it (each within the new
+    max_event_bytes) must reach a consumer of an already running pool in frames within the
+    new limit."""
+    cfg = os.path.join(short_tmp, "emitterd.toml")
+    _write_config(cfg, "default_batch_size = 100\n")
+    d = make_daemon("--config", cfg)
+    c = d.client()
+    key = c.start({"name": "big", "type": "stream", "selector": "s"})["key"]
+
+    _reload(d, cfg, "default_batch_size = 100\nmax_frame_bytes = 65536\nmax_event_bytes = 16384\n"
+                    "output_buffer_bytes = 1048576\n", 1)
+    log = open(d.log_path).read()
+    assert "setting=max_frame_bytes old=8388608 new=65536" in log
+
+    # attach a raw consumer (frames measured on the wire)
+    cons = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    cons.settimeout(30)
+    cons.connect(d.socket)
+    deadline = time.monotonic() + 30
+    while True:
+        _send_frame(cons, {"id": 1, "op": "attach", "args": {"key": key}})
+        _, resp = _recv_frame(cons)
+        if resp.get("ok") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert resp.get("ok") is True, resp
+
+    events = [{"stream": "s", "type": "t", "data": "y" * 10_000} for _ in range(40)]  # ~400 KB
+    first = None
+    for i in range(0, 40, 4):        # publish frames within the new limit too
+        positions = c.publish(events[i:i + 4])["positions"]
+        first = positions[0] if first is None else first
+
+    def take_all():
+        got, sizes = 0, []
+        while got < 40:
+            n, frame = _recv_frame(cons)
+            assert frame.get("op") == "events", frame
+            sizes.append(n)
+            got += len(frame["events"])
+            _send_frame(cons, {"op": "ack", "positions": [e["position"] for e in frame["events"]]})
+        return sizes
+    take_all()
+    # delivered again from the log: 40 events in batches of up to 100, split by the limit
+    c.update(key, checkpoint=first - 1)
+    sizes = take_all()
+    cons.close()
+    assert max(sizes) <= 65536, "delivery frame sizes %s exceed max_frame_bytes 65536" % sizes

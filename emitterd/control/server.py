@@ -242,6 +242,12 @@ class ControlServer:
             pass
         sock.close()
 
+    def apply_limits(self) -> None:
+        """A reload's max_frame_bytes and output_buffer_bytes, for the connections open."""
+        cfg = self.ctx.cfg
+        for c in self.conns:
+            c.channel.set_limits(cfg.max_frame_bytes, cfg.output_buffer_bytes)
+
     def cut_off_stalled(self, now: float) -> None:
         """Close clients that stopped reading their responses (over output_buffer_bytes),
         or stopped sending in the middle of a frame (partial_frame_timeout)."""

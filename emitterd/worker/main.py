@@ -73,9 +73,11 @@ class Worker:
         self.loop.running = False
 
     def _configure(self, msg: dict) -> None:
-        for k in ("ack_timeout", "heartbeat_interval", "out_cap"):
+        for k in ("ack_timeout", "heartbeat_interval", "max_frame", "out_cap"):
             if k in msg:
                 self.spec[k] = msg[k]
+        for c in self.consumers:
+            c.channel.set_limits(self.spec["max_frame"], self.spec["out_cap"])
         if msg.get("log") and msg["log"] != self.spec.get("log"):
             self.spec["log"] = msg["log"]
             logs.configure(*msg["log"])          # a reload of log_level / log_format
