@@ -376,6 +376,10 @@ def test_selector_parsing(daemon: Any) -> None:
                         "--selector", "order-*", "--strategy", "random"))
     assert r["subscription"]["selector"] == "order-*"
     assert r["subscription"]["options"]["strategy"] == "random"
+    # §6: JSON only when it *starts* with { or [: a leading space makes it a string
+    for name, sub_type, value in (("sp1", "stream", " {x"), ("sp2", "event_type", ' ["a"]')):
+        r = jdoc(daemon.ctl("--json", "start", name, "--type", sub_type, "--selector", value))
+        assert r["subscription"]["selector"] == value, r
     rc, out, err = daemon.ctl("start", "bad", "--type", "event_payload", "--selector", "{x")
     assert rc == 2, (rc, out, err)
     assert "not valid JSON" in err and "map form" not in err, err

@@ -108,12 +108,12 @@ def parse_selector(ctx: click.Context, param: click.Parameter, value: Optional[s
     """JSON when it starts with { or [ (bad JSON: usage error), else the string itself."""
     if value is None:
         return None
-    if not value.lstrip().startswith(("{", "[")):
+    if not value.startswith(("{", "[")):
         return value
     try:
         return parse_json_param(value, "--selector")
     except click.BadParameter as e:
-        if not value.lstrip().startswith("["):
+        if not value.startswith("["):
             raise
         # PROTOCOL §6 reads "[x]-*" as JSON; an event_pattern has the map form left, a
         # stream or event_type nothing on the command line (--type may come later in argv)
