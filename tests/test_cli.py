@@ -124,6 +124,7 @@ def test_default_socket_from_environment(short_tmp: str) -> None:
     ["start", "x", "--type", "stream", "--selector", "a", "--start-from", "+7"],
     ["start", "x", "--type", "stream", "--selector", "a", "--start-from", "1_000"],
     ["publish", "--stream", "a", "--type", "t", "--data", "NaN"],
+    ["publish", "--stream", "a", "--type", "t", "--data", '{"x": 1e400}'],   # not infinity
     ["publish", "--stream", "a", "--type", "t", "--data", "[" * 5000 + "]" * 5000],
 ])
 def test_usage_errors_exit_2_before_connecting(short_tmp: str, args: List[str]) -> None:

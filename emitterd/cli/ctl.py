@@ -84,11 +84,19 @@ def _not_json(name: str) -> Any:
     raise ValueError("%s is not JSON" % name)
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("%s is too large for a float" % text[:40])
+    return value
+
+
 def _json_loads(text: str) -> Any:
     """json.loads for JSON only: Python's also takes NaN and Infinity, which no JSON parser
-    downstream would; and nesting too deep for it is a ValueError, not a crash."""
+    downstream would (nor a number too large for a float, which it reads as infinity);
+    and nesting too deep for it is a ValueError, not a crash."""
     try:
-        return json.loads(text, parse_constant=_not_json)
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
