@@ -47,7 +47,7 @@ _SLOT_IS = [bytes(i == j for j in range(256)) for i in range(2)]
 class Entry:
     """An unfinished matching event off the fast path: queued, held, retried, replayed, or
     in flight after any of those (first attempts in flight live in Dispatcher.flying)."""
-    __slots__ = ("rec", "attempt", "retries", "wid", "replay", "sent")
+    __slots__ = ("rec", "attempt", "retries", "wid", "replay", "sent", "handed", "retrying")
 
     def __init__(self, rec: Any, replay: bool = False) -> None:
         self.rec = rec
@@ -56,6 +56,8 @@ class Entry:
         self.wid: Optional[int] = None
         self.replay = replay
         self.sent = True        # False while it waits inside a worker with no consumer
+        self.handed = False     # ever handed to a worker (in_flight counts it from then on)
+        self.retrying = False   # due again after a retry: counted in `retried` once sent
 
 
 def stream_slot(stream: str, n: int) -> int:
@@ -123,7 +125,9 @@ class Dispatcher:
     # ---- state ---------------------------------------------------------------
     @property
     def in_flight(self) -> int:
-        return len(self.entries) + self.flying_count
+        """§2: handed to workers and not yet finished, retries waiting included (events
+        held back in the parent for a full window were never handed)."""
+        return sum(e.handed for e in self.entries.values()) + self.flying_count
 
     @property
     def flying_count(self) -> int:
@@ -268,6 +272,10 @@ class Dispatcher:
         def assign(pos: int, e: Entry, w: Any) -> None:
             nonlocal free
             e.wid = w.wid
+            e.handed = True
+            if e.retrying:          # §3: retried counts deliveries made again
+                e.retrying = False
+                self.retried += 1
             room[w.wid] -= 1
             free -= 1
             per_worker[w.wid] = per_worker.get(w.wid, 0) + 1
@@ -516,6 +524,7 @@ class Dispatcher:
                     continue
                 e = entries[p] = Entry(rec)
                 e.wid = wid
+                e.handed = True
             if e.wid == wid:
                 out.append((p, e))
         return out
@@ -620,7 +629,7 @@ class Dispatcher:
             if e is None or e.wid is not None:
                 continue
             e.attempt += 1
-            self.retried += 1
+            e.retrying = True
             heapq.heappush(self.ready, p)
 
     def requeue(self, wid: int, positions: list, sent: bool = True) -> None:

@@ -167,6 +167,9 @@ class Pool:
             if index >= self.spec["pool_size"]:
                 self._retire(self.slots.pop(index))
         self._fill()
+        if self._ephemeral_timer is not None:
+            self._ephemeral_timer.cancel()      # 60 s from this start, not an earlier one
+            self._ephemeral_timer = None
         if self.spec["options"]["ephemeral"] and not self.ever_attached:
             self._ephemeral_timer = self.ctx.loop.call_later(EPHEMERAL_IDLE, self._ephemeral_expired)
         log.info("pool started", pool=self.name, subscription=self.spec["name"],
@@ -314,7 +317,8 @@ class Pool:
             h.kill_timer.cancel()
         if h.channel is not None:
             h.channel.close("worker exited")
-        if self.slots.get(h.index) is h:
+        in_slot = self.slots.get(h.index) is h
+        if in_slot:
             del self.slots[h.index]
         if h in self.retiring:
             self.retiring.remove(h)
@@ -328,6 +332,13 @@ class Pool:
             return
         if h.planned:
             log.debug("worker stopped", pool=self.name, index=h.index, pid=h.pid)
+            self._check_stopped()
+            return
+        if not in_slot:
+            # a retired (draining) worker: nothing to restart, and its index may be
+            # another worker's by now (a shrink then a grow); a respawn would orphan that one
+            log.warning("draining worker died", pool=self.name, index=h.index, pid=h.pid,
+                        how=procs.describe_status(status), redeliver=lost)
             self._check_stopped()
             return
         self.restarts += 1

@@ -10,6 +10,7 @@ from emitterd.loop import monotonic
 log = logs.get("control")
 ATTACH_WAIT = 10.0      # at least this long (else worker_timeout) for a worker to get ready
 ATTACH_POLL = 0.01
+STARTING_WAIT = 2.0     # for a starting worker with fewer consumers than the ready ones
 
 
 def attach(ctx: Any, req: Any) -> Any:
@@ -26,6 +27,7 @@ def attach(ctx: Any, req: Any) -> Any:
     conn = req.conn
     conn.channel.pause()      # every later byte on this connection belongs to the consumer
     deadline = monotonic() + max(ctx.cfg.worker_timeout, ATTACH_WAIT)
+    starting_deadline = monotonic() + STARTING_WAIT
 
     def try_now() -> None:
         if conn.channel.closed:
@@ -35,6 +37,12 @@ def attach(ctx: Any, req: Any) -> Any:
                 raise ProtocolError(NOT_FOUND, "no subscription with key %s" % key)
             _check_attachable(pool)
             ready = [h for h in pool.slots.values() if h.state == "ready"]
+            # §3: the worker with the fewest consumers, and a worker still starting (just
+            # after start or a resize) has none: wait a little for it rather than pile
+            # consumers on the ready ones, where they would stay
+            fewest = min(pool.slots.values(), default=None, key=_load)
+            if ready and fewest.state != "ready" and monotonic() < starting_deadline:
+                ready = []
             if not ready and monotonic() >= deadline:
                 raise ProtocolError(UNAVAILABLE, "pool %s has had no ready worker for %.0f s"
                                     % (key, max(ctx.cfg.worker_timeout, ATTACH_WAIT)))
@@ -48,7 +56,7 @@ def attach(ctx: Any, req: Any) -> Any:
             # is not running is unavailable)
             ctx.loop.call_later(ATTACH_POLL, try_now)
             return
-        h = min(ready, key=lambda w: (w.consumers + w.pending_consumers, w.index))
+        h = min(ready, key=_load)
         h.pending_consumers += 1
 
         def handoff() -> None:
@@ -70,6 +78,11 @@ def attach(ctx: Any, req: Any) -> Any:
 
     try_now()
     return DEFERRED
+
+
+def _load(h: Any) -> tuple:
+    """Fewest consumers first, the lowest index on a tie (§3)."""
+    return (h.consumers + h.pending_consumers, h.index)
 
 
 def _check_attachable(pool: Any) -> None:

@@ -31,10 +31,9 @@ def start(ctx: Any, req: Any) -> Any:
         raise ProtocolError(ALREADY_STARTED, "subscription %s is already running" % key, {"key": key})
     # a stopped, backoff or failed pool restarts from its checkpoint with the new settings
     spec["start_from"] = pool.spec["start_from"]
-    old_subscriber = pool.spec["subscriber"]
     pool.spec = spec
-    if old_subscriber != spec["subscriber"]:
-        pool.configure_workers()
+    # workers that outlived a backoff take the new subscriber and ack_timeout
+    pool.configure_workers()
     pool.start()
     reg.persist(pool, "running")
     return _saved_status(ctx, pool, "pool %s started" % key)
