@@ -58,6 +58,9 @@ class KVLogger:
     def error(self, msg: str, **fields: Any) -> None:
         self._emit(logging.ERROR, msg, fields)
 
+    def critical(self, msg: str, **fields: Any) -> None:
+        self._emit(logging.CRITICAL, msg, fields)
+
     def exception(self, msg: str, **fields: Any) -> None:
         self._emit(logging.ERROR, msg, fields, exc_info=True)
 

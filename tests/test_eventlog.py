@@ -814,3 +814,49 @@ def test_a_cold_read_of_an_event_in_no_chunk_is_reported_as_damage(tmp_path):
     assert "damaged: position 6 is in no chunk" in str(err.value)
     assert sorted(log.get([5, 7, 11])) == [5, 11]
     log.close()
+
+
+_SYNC_FAILS = r"""
+import os, sys
+from types import SimpleNamespace
+from emitterd import logs
+from emitterd.control.events import Committer
+from emitterd.eventlog import open_log
+from emitterd.loop import Loop
+from test_eventlog import batch, ev
+
+logs.configure("info", "text")
+log = open_log(sys.argv[1])
+ctx = SimpleNamespace(log=log, loop=Loop(), shutting_down=False,
+                      registry=SimpleNamespace(pump_all=lambda: False))
+committer = Committer(ctx)
+answered = []
+class Conn:                   # hashable by identity, as a control connection is
+    channel = SimpleNamespace(flush=lambda: None)
+req = SimpleNamespace(reply=answered.append, fail=answered.append, conn=Conn())
+committer.submit(batch([ev("s")]), req)
+committer.commit()
+print("first", answered, flush=True)
+# the next fdatasync fails for real: the WAL's fd is now a pipe's (EINVAL)
+r, w = os.pipe()
+os.dup2(r, log._wal_fd)
+committer.submit(batch([ev("s")]), req)
+committer.commit()
+print("second answered", answered, flush=True)
+"""
+
+
+@pytest.mark.timeout(30)
+def test_a_failed_fdatasync_exits_74_before_anything_is_answered(tmp_path):
+    """README "Delivered only once durable": what reached the disk is unknown, so the daemon
+    logs it and exits with 74 (EX_IOERR) before it answers the publish."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", _SYNC_FAILS, str(tmp_path / "data")],
+                         capture_output=True, text=True, timeout=20,
+                         env=dict(os.environ, PYTHONPATH=here))
+    assert out.returncode == 74, (out.returncode, out.stdout, out.stderr)
+    assert "first [{'positions': [1], 'versions': [0]}]" in out.stdout, out.stdout
+    assert "second answered" not in out.stdout, out.stdout
+    assert "the event log could not be synced to disk: exiting" in out.stderr, out.stderr

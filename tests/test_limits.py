@@ -1023,3 +1023,54 @@ def test_lowered_max_frame_bytes_bounds_delivery_frames_of_running_pool(make_dae
     sizes = take_all()
     cons.close()
     assert max(sizes) <= 65536, "delivery frame sizes %s exceed max_frame_bytes 65536" % sizes
+
+
+# ---- out of file descriptors -----------------------------------------------------------------
+
+FD_LIMIT = 96
+
+_FD_LIMITED_EXEC = """
+import os, resource, sys
+n = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+os.execv(sys.executable, [sys.executable] + sys.argv[2:])
+"""
+
+
+def _nfds(pid: int) -> int:
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+@pytest.mark.timeout(90)
+def test_a_publish_when_out_of_file_descriptors_is_made_durable_and_answered(make_daemon: Any) -> None:
+    """The fd every fdatasync uses is opened at start: opened at the first publish, a daemon
+    out of descriptors could not make it durable (and the failure path hung the publish
+    instead of exiting 74: see test_eventlog for that path)."""
+    d = make_daemon(start=False)
+    base = d.argv
+    d.argv = lambda: [sys.executable, "-c", _FD_LIMITED_EXEC, str(FD_LIMIT)] + base()[1:]  # type: ignore
+    d.start()
+    c = d.client(timeout=5)
+    c.ping()
+    held: List[socket.socket] = []
+    try:
+        # take every descriptor the daemon has left with idle control connections
+        deadline = time.monotonic() + 30
+        while _nfds(d.proc.pid) < FD_LIMIT and time.monotonic() < deadline:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(2)
+            try:
+                s.connect(d.socket)
+            except OSError:
+                s.close()
+                time.sleep(0.1)
+                continue
+            held.append(s)
+            time.sleep(0.005)
+        assert _nfds(d.proc.pid) >= FD_LIMIT, "could not exhaust the daemon's descriptors"
+        answered = c.publish([{"stream": "s", "type": "t", "id": "e-1"}])
+        assert answered == {"positions": [1], "versions": [0]}, answered
+        assert d.proc.poll() is None
+    finally:
+        for s in held:
+            s.close()

@@ -323,6 +323,13 @@ class SqliteLog(EventLog):
         self._cold_bytes = 0
         if self._full and wal_bytes > 0:
             self._prefill_wal(wal_bytes)
+        if self._full:
+            # the fd every sync() uses, opened now: opened at the first publish, a daemon out
+            # of file descriptors by then could not make that publish durable
+            try:
+                self._wal()
+            except OSError:
+                pass           # no WAL yet: the first commit makes it, and sync() opens it
 
     def _migrate_v2(self) -> None:
         """Version 2 stored one row per event, its body without map header and attempt: move
