@@ -1,5 +1,6 @@
 """One subscription's pool: desired vs actual workers, spawn/retire/reap, restart intensity."""
 import signal
+import sqlite3
 import time
 from collections import deque
 from typing import Any, Callable, Optional
@@ -120,7 +121,13 @@ class Pool:
         log.info("events parked", pool=self.name, count=len(rows), reason=rows[0][1])
 
     def _unpark(self, positions: list) -> None:
-        self.ctx.log.unpark(self.key, positions)
+        """Replayed parked events handled at last: their rows go."""
+        try:
+            self.ctx.log.unpark(self.key, positions)
+        except sqlite3.Error as e:
+            # handled all the same; the rows stay, so they are listed (and replayable) again
+            log.warning("could not remove handled events from the parked list", pool=self.name,
+                        count=len(positions), error=str(e))
         self.recount_parked()
 
     def recount_parked(self) -> None:

@@ -860,3 +860,28 @@ def test_a_failed_fdatasync_exits_74_before_anything_is_answered(tmp_path):
     assert "first [{'positions': [1], 'versions': [0]}]" in out.stdout, out.stdout
     assert "second answered" not in out.stdout, out.stdout
     assert "the event log could not be synced to disk: exiting" in out.stderr, out.stderr
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("op", ["park", "unpark"])
+def test_parking_and_purging_are_one_transaction(tmp_path, op):
+    """All or nothing, and one commit: in autocommit every row was a commit (and an fsync)
+    of its own, so a purge of 20,000 held the loop for seconds and a full disk halfway
+    left half of it done. A trigger fails the 150th row here."""
+    log = open_log(str(tmp_path))
+    log.append([batch([ev("s")] * 200)])
+    if op == "unpark":
+        log.park("k", [(p, "nack") for p in range(1, 201)])
+    log._db.execute("CREATE TRIGGER fail150 BEFORE %s ON parked WHEN %s.position = 150 "
+                    "BEGIN SELECT RAISE(ABORT, 'no room'); END"
+                    % (("INSERT", "new") if op == "park" else ("DELETE", "old")))
+    before = log.parked_count("k")
+    with pytest.raises(sqlite3.DatabaseError, match="no room"):
+        if op == "park":
+            log.park("k", [(p, "nack") for p in range(1, 201)])
+        else:
+            log.unpark("k", list(range(1, 201)))
+    assert log.parked_count("k") == before and not log._db.in_transaction
+    log._db.execute("DROP TRIGGER fail150")
+    if op == "unpark":
+        assert log.unpark("k", list(range(1, 201))) == 200 and log.parked_count("k") == 0

@@ -1074,3 +1074,75 @@ def test_a_publish_when_out_of_file_descriptors_is_made_durable_and_answered(mak
     finally:
         for s in held:
             s.close()
+
+
+# ---- a purge on a full disk ------------------------------------------------------------------
+
+def _park_all(d: Any, c: Client, key: str, n: int) -> None:
+    with Client(d.socket, timeout=30).attach(key) as cons:
+        got = 0
+        while got < n:
+            f = cons.recv(30)
+            assert f is not None, "consumer closed"
+            ps = [e["position"] for e in f["events"]]
+            got += len(ps)
+            cons.nack(ps, "park", reason="x")
+        wait_status(c, key, lambda s: s["parked"] == n and s["in_flight"] == 0, 60,
+                    what="every event parked")
+
+
+@pytest.mark.timeout(120)
+def test_a_purge_on_a_full_disk_is_all_or_nothing(make_daemon: Any, short_tmp: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mnt = os.path.join(short_tmp, "fs")
+    os.makedirs(mnt)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mnt],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount tmpfs: %s" % r.stderr.strip())
+    try:
+        d = make_daemon(start=False)
+        d.data_dir = os.path.join(mnt, "data")
+        d.start()
+        c = d.client(timeout=30)
+        key = c.start({"name": "pk", "type": "event_type", "selector": "park",
+                       "start_from": "origin"})["key"]
+        n = 200
+        c.publish([{"stream": "p", "type": "park", "data": i} for i in range(n)])
+        _park_all(d, c, key, n)
+        filler = os.path.join(mnt, "filler")
+        with open(filler, "wb") as f:
+            f.write(b"x" * 256 * 1024)
+        # fill the rest of the disk with events until a publish is refused
+        for i in range(1000):
+            try:
+                c.publish([{"stream": "fill", "type": "fill", "data": "f" * 8000}
+                           for _ in range(10)])
+            except EmitterError as e:
+                assert e.code == "unavailable", e
+                break
+        else:
+            pytest.fail("the disk never filled")
+        os.unlink(filler)        # a little room: a few commits' worth, not 200
+        err = None
+        try:
+            c.parked(key, "purge", limit=1000)
+        except EmitterError as e:
+            err = e
+        listed = len(c.parked(key, limit=1000)["events"])
+        counted = c.status(key)["parked"]
+        if err is None:
+            assert listed == 0 and counted == 0, (listed, counted)
+        else:
+            assert (listed, counted) == (n, n), (
+                "the purge answered %r, yet %d of %d parked events are gone from the listing "
+                "(status.parked says %d): a failed purge took part effect"
+                % (str(err), n - listed, n, counted))
+            assert err.code == "unavailable", err
+    finally:
+        try:
+            d.cleanup()
+        except Exception:  # noqa: BLE001
+            pass
+        subprocess.run(["umount", mnt], capture_output=True)

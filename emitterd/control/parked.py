@@ -1,10 +1,11 @@
 """parked: list, replay or purge a pool's parked events."""
+import sqlite3
 from typing import Any
 
 from emitterd import framing
 from emitterd.control.common import find_pool, only_keys, require_running
 from emitterd.settings import FRAME_SLACK
-from emitterd.errors import invalid
+from emitterd.errors import UNAVAILABLE, ProtocolError, invalid
 
 
 def parked(ctx: Any, req: Any) -> dict:
@@ -22,7 +23,10 @@ def parked(ctx: Any, req: Any) -> dict:
         raise invalid("limit", "limit must be an integer from 1 to 100000")
     rows = pool.parked_rows(limit)
     if action == "purge":
-        n = ctx.log.unpark(pool.key, [p for p, _ in rows])
+        try:
+            n = ctx.log.unpark(pool.key, [p for p, _ in rows])
+        except sqlite3.Error as e:      # a full disk, say: one transaction, so none went
+            raise ProtocolError(UNAVAILABLE, "the event log could not purge them: %s" % e) from None
         pool.recount_parked()
         return {"count": n}
     records = ctx.log.get([p for p, _ in rows])

@@ -1,4 +1,5 @@
 """SQLite backend of the event log: one file in the data dir, WAL, single writer."""
+import contextlib
 import ctypes
 import functools
 import os
@@ -801,16 +802,24 @@ class SqliteLog(EventLog):
                          "created_at) VALUES (?, ?, ?, ?, ?)",
                          (key, _pack(spec), desired, checkpoint, created_at))
 
-    def delete_subscription(self, key: str) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """All or nothing, and one commit (one fsync) however many rows: in autocommit mode
+        every row of an executemany is a commit of its own."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.execute("DELETE FROM subscriptions WHERE key = ?", (key,))
-            self._db.execute("DELETE FROM parked WHERE key = ?", (key,))
-            self._db.execute("COMMIT")
+            yield db
+            db.execute("COMMIT")
         except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
+
+    def delete_subscription(self, key: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM subscriptions WHERE key = ?", (key,))
+            db.execute("DELETE FROM parked WHERE key = ?", (key,))
 
     @property
     def unsaved_heads(self) -> bool:
@@ -840,8 +849,9 @@ class SqliteLog(EventLog):
 
     # ---- parked events -------------------------------------------------------
     def park(self, key: str, items: list) -> None:
-        self._db.executemany("INSERT OR REPLACE INTO parked (key, position, reason) VALUES (?, ?, ?)",
-                             [(key, p, r) for p, r in items])
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO parked (key, position, reason) VALUES (?, ?, ?)",
+                           [(key, p, r) for p, r in items])
 
     def parked(self, key: str, limit: int) -> list:
         return [tuple(r) for r in self._db.execute(
@@ -849,11 +859,9 @@ class SqliteLog(EventLog):
             (key, limit))]
 
     def unpark(self, key: str, positions: list) -> int:
-        n = 0
-        for p in positions:
-            n += self._db.execute("DELETE FROM parked WHERE key = ? AND position = ?",
-                                  (key, p)).rowcount
-        return n
+        with self._transaction() as db:
+            return db.executemany("DELETE FROM parked WHERE key = ? AND position = ?",
+                                  [(key, p) for p in positions]).rowcount
 
     def parked_count(self, key: str) -> int:
         return self._db.execute("SELECT COUNT(*) FROM parked WHERE key = ?", (key,)).fetchone()[0]
