@@ -112,7 +112,9 @@ def test_restart_intensity_puts_the_pool_in_backoff_then_it_runs_again(daemon: D
 
 
 @pytest.mark.timeout(40)
-def test_repeated_backoffs_end_in_failed_and_start_revives(make_daemon: Any) -> None:
+@pytest.mark.parametrize("revive", ["start", "update"])
+def test_repeated_backoffs_end_in_failed_and_start_revives(make_daemon: Any, revive: str) -> None:
+    """DESIGN §4: failed until start or update (the log line says so too)."""
     d = make_daemon("--restart-backoff", "0.2,0.4", "--max-backoffs", "1")
     c = d.client()
     spec = sub("doomed", options={"max_restarts": 1, "restart_period": 60})
@@ -148,8 +150,9 @@ def test_repeated_backoffs_end_in_failed_and_start_revives(make_daemon: Any) -> 
     assert st["state"] == "failed" and st["workers"] == []
     with pytest.raises(Unavailable):
         c.attach(key)
-    # start runs it again from its checkpoint, with the given pool_size, restarts reset
-    again = c.start(dict(spec, pool_size=2))
+    # start (or update) runs it again from its checkpoint, with the given pool_size,
+    # restarts reset
+    again = c.start(dict(spec, pool_size=2)) if revive == "start" else c.update(key, pool_size=2)
     assert again["key"] == key
     assert again["state"] == "running" and again["restarts"] == 0
     assert again["subscription"]["pool_size"] == 2

@@ -98,7 +98,11 @@ def update(ctx: Any, req: Any) -> Any:
     if new_size != pool.spec["pool_size"]:
         log.info("pool resized", pool=pool.name, old=pool.spec["pool_size"], new=new_size)
         pool.resize(new_size)
-    ctx.registry.persist(pool)
+    if pool.state == "failed" and pool.stopping is None:
+        pool.start()          # failed until start or update (DESIGN §4), as the log says
+        ctx.registry.persist(pool, "running")
+    else:
+        ctx.registry.persist(pool)
     return _saved_status(ctx, pool, "pool %s updated" % pool.key)
 
 
