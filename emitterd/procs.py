@@ -1,4 +1,5 @@
 """The only code that forks, signals and reaps processes, and makes worker socketpairs."""
+import errno
 import gc
 import os
 import signal
@@ -155,7 +156,11 @@ def fork_orphan(title: str, sock: socket.socket, child_main: Callable[[socket.so
     if middle == 0:
         try:
             os.close(r)
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as e:
+                # out of processes or memory: the fork server reports it (no traceback)
+                pid = -(e.errno or errno.EAGAIN)
             if pid == 0:
                 os.close(w)
                 prepare()
@@ -164,7 +169,7 @@ def fork_orphan(title: str, sock: socket.socket, child_main: Callable[[socket.so
             traceback.print_exc()
             os._exit(70)
         try:
-            os.write(w, pid.to_bytes(4, "little"))
+            os.write(w, pid.to_bytes(4, "little", signed=True))
         except OSError:
             pass    # the fork server died meanwhile (with the daemon): the child sees EOF
         os._exit(0)
@@ -176,7 +181,10 @@ def fork_orphan(title: str, sock: socket.socket, child_main: Callable[[socket.so
         os.waitpid(middle, 0)
     if len(got) != 4:
         raise OSError("the intermediate process could not fork the child")
-    return int.from_bytes(got, "little")
+    pid = int.from_bytes(got, "little", signed=True)
+    if pid < 0:
+        raise OSError(-pid, os.strerror(-pid))
+    return pid
 
 
 def become_subreaper() -> None:

@@ -6,6 +6,7 @@ itself meanwhile) and the fork server comes back.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from typing import Any, List, Optional
@@ -193,3 +194,43 @@ def _pending(sock: Any) -> bool:
         return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except BlockingIOError:
         return False
+
+
+# ---- out of processes ---------------------------------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_running_out_of_processes_logs_no_bare_traceback(make_daemon: Any) -> None:
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("prlimit"):
+        pytest.skip("needs root, setpriv and prlimit (RLIMIT_NPROC binds a non-root real uid)")
+    d = make_daemon(start=False)
+    base = d.argv
+    # real uid 65534 (RLIMIT_NPROC counts its processes), effective root without
+    # CAP_SYS_RESOURCE/CAP_SYS_ADMIN (which would lift the limit)
+    d.argv = lambda: ["setpriv", "--ruid=65534", "--bounding-set=-sys_resource,-sys_admin",  # type: ignore
+                      "prlimit", "--nproc=10:10", "--"] + base()
+    d.start()
+    c = d.client(timeout=20)
+    # the fork server up first: while it starts, the daemon forks workers itself (one process
+    # each, not the server's two)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(
+            "fork server" in " ".join(k.cmdline()) for k in d.collect_children()):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    for i in range(9):
+        c.start({"name": "p%d" % i, "type": "stream", "selector": "$all"})
+        time.sleep(0.3)
+    deadline = time.monotonic() + 20
+    log = ""
+    while time.monotonic() < deadline:
+        log = open(d.log_path, encoding="utf-8", errors="replace").read()
+        if "could not start a worker" in log:
+            break
+        time.sleep(0.2)
+    assert "could not start a worker" in log, "the process limit was not reached:\n" + log[-2000:]
+    time.sleep(2)
+    log = open(d.log_path, encoding="utf-8", errors="replace").read()
+    assert c.ping()["pid"] == d.proc.pid
+    assert "Resource temporarily unavailable" in log, log[-2000:]    # the reason, in words
+    assert "Traceback" not in log, "a bare traceback in the daemon's log:\n%s" % "\n".join(
+        ln for ln in log.splitlines() if not ln.startswith("20"))[:1500]
