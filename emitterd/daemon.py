@@ -265,6 +265,7 @@ def _ignore(signum: int, frame: Optional[Any]) -> None:
 
 
 FD_RESERVE = 256     # descriptors besides connections: log files, workers' sockets, helpers
+FD_MARGIN = 24       # of those, what even a small daemon holds beyond what it has at start
 FD_LIMIT_MAX = 1 << 20   # Linux's default fs.nr_open; no need for more
 
 
@@ -282,8 +283,15 @@ def _raise_fd_limit(max_connections: int) -> None:
             log.warning("could not raise the open-files limit", soft=soft, hard=hard,
                         error=str(e))
     if soft != resource.RLIM_INFINITY and soft < max_connections + FD_RESERVE:
+        # the reserve is what a busy daemon may need besides connections; the estimate is
+        # what this one has left now, less a margin for the log, helpers and a few workers
+        try:
+            in_use = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            in_use = 16
+        left = max(0, soft - in_use - FD_MARGIN)
         log.warning("the open-files limit is low for max_connections: past about %d "
-                    "connections new ones wait" % max(0, soft - FD_RESERVE),
+                    "connections (fewer by 2 for each worker) new ones wait" % left,
                     limit=soft, max_connections=max_connections)
 
 

@@ -18,6 +18,7 @@ test_delivery.py.
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import signal
@@ -1146,3 +1147,29 @@ def test_a_purge_on_a_full_disk_is_all_or_nothing(make_daemon: Any, short_tmp: s
         except Exception:  # noqa: BLE001
             pass
         subprocess.run(["umount", mnt], capture_output=True)
+
+
+@pytest.mark.timeout(60)
+def test_the_low_fd_limit_warning_names_a_true_connection_count(make_daemon: Any) -> None:
+    """The start-up warning's figure is one an operator can size the limit by (it said
+    "past about 0 connections" under a limit of 160, and served 60 at once)."""
+    d = make_daemon(start=False)
+    base = d.argv
+    d.argv = lambda: [sys.executable, "-c", _FD_LIMITED_EXEC, "160"] + base()[1:]  # type: ignore
+    d.start()
+    log = open(d.log_path, encoding="utf-8", errors="replace").read()
+    m = re.search(r"past about (\d+) connections", log)
+    assert m, log[-1500:]
+    said = int(m.group(1))
+    clients: List[Client] = []
+    try:
+        for _ in range(60):
+            c = Client(d.socket, timeout=5)
+            c.ping()
+            clients.append(c)
+    finally:
+        for c in clients:
+            c.close()
+    assert said >= len(clients), (
+        "the warning says new connections wait past about %d, but %d were served at once"
+        % (said, len(clients)))
