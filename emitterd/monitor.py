@@ -9,9 +9,13 @@ def sample(ctx: Any) -> None:
     limit = ctx.cfg.max_worker_rss
     for pool in list(ctx.registry.pools.values()):
         for h in list(pool.slots.values()) + list(pool.retiring):
-            if h.proc is None:
-                continue
             try:
+                if h.proc is None:
+                    if h.state == "starting":
+                        continue
+                    # unset when it got ready (out of descriptors then, say): it is our
+                    # child until reaped, so its pid is still its own
+                    h.proc = psutil.Process(h.pid)
                 with h.proc.oneshot():
                     h.rss = h.proc.memory_info().rss
                     h.cpu = h.proc.cpu_percent(None)

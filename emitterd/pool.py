@@ -268,8 +268,8 @@ class Pool:
                     h.proc = psutil.Process(h.pid)
                     h.proc.cpu_percent(None)
                     h.rss = h.proc.memory_info().rss
-                except psutil.Error:
-                    h.proc = None
+                except (psutil.Error, OSError):     # no fd to read /proc with: the monitor
+                    h.proc = None                   # tries again
         if h.state == "draining":
             self._maybe_finish_drain(h)
         if self.stopping is not None:
