@@ -55,6 +55,9 @@ class Daemon:
     """Signal handling and shutdown around the loop."""
 
     def __init__(self, cfg: Any) -> None:
+        # first, before this process opens any fd of its own: a LISTEN_FDS larger than what
+        # was passed would otherwise take our own descriptors for inherited sockets
+        self._inherited = sd.listen_fds_with_names()
         self.ctx = Context(cfg)
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop_waiting = 0
@@ -71,7 +74,8 @@ class Daemon:
         os.umask(0o077)
         _raise_fd_limit(cfg.max_connections)
         ctx.notifier = sd.Notifier()
-        inherited = sd.listen_fds()
+        inherited = control_socket(self._inherited, cfg.socket)
+        self._inherited = []
         self._lock_fd = datalock.lock(cfg.data_dir)     # before anything opens the log
         ctx.log = open_log(cfg.data_dir, cfg.synchronous, wal_bytes=cfg.wal_rewind_bytes)
         self.checkpointer = Checkpointer(ctx, ctx.log.path)
@@ -81,7 +85,7 @@ class Daemon:
         ctx.spare = Spare(ctx)
         ctx.server = ControlServer(ctx, OPS, decode=RequestDecoder(ctx))
         self._install_signals()
-        ctx.server.listen(inherited[0] if inherited else None)
+        ctx.server.listen(inherited)
         loop = ctx.loop
         loop.at_turn_end(ctx.committer.commit)
         loop.at_turn_end(self._pump)
@@ -159,6 +163,10 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: re-read the config file; apply what can change live, log the rest."""
         ctx = self.ctx
+        if ctx.shutting_down:
+            # STOPPING=1 is sent: no RELOADING/READY after it, nor settings changed mid-drain
+            log.warning("reload ignored: the daemon is shutting down")
+            return
         ctx.notifier.reloading()
         try:
             cfg, applied, pending = ctx.cfg.reload()
@@ -293,6 +301,57 @@ def _raise_fd_limit(max_connections: int) -> None:
         log.warning("the open-files limit is low for max_connections: past about %d "
                     "connections (fewer by 2 for each worker) new ones wait" % left,
                     limit=soft, max_connections=max_connections)
+
+
+def control_socket(inherited: list, path: str) -> Optional[socket.socket]:
+    """The control socket among those socket activation passed (name, socket): the one named
+    "control" (the unit's FileDescriptorName), else the only one, else the one bound to
+    `path`; it must be a listening Unix stream socket. The others are closed (systemd keeps
+    its own copies). RuntimeError when there is none fit to serve."""
+    if not inherited:
+        return None
+    named = [s for name, s in inherited if name == "control"]
+    if named:
+        chosen = named[0]
+    elif len(inherited) == 1:
+        chosen = inherited[0][1]
+    else:
+        chosen = next((s for _, s in inherited if _bound_to(s, path)), None)
+    for name, s in inherited:
+        if s is not chosen:
+            log.warning("inherited socket not used: the control socket is the one named "
+                        "'control' (or bound to the socket path)", name=name, fd=s.fileno())
+            s.close()
+    if chosen is None:
+        raise RuntimeError("socket activation passed %d sockets, none named 'control' or bound "
+                           "to %s" % (len(inherited), path))
+    why = _unfit(chosen)
+    if why is not None:
+        chosen.close()
+        raise RuntimeError("the socket passed by socket activation %s; it must be a listening "
+                           "Unix stream socket (Accept=no, ListenStream=)" % why)
+    return chosen
+
+
+def _bound_to(s: socket.socket, path: str) -> bool:
+    try:
+        return s.family == socket.AF_UNIX and os.fsdecode(s.getsockname()) == path
+    except OSError:
+        return False
+
+
+def _unfit(s: socket.socket) -> Optional[str]:
+    """Why `s` cannot be the control socket, or None."""
+    try:
+        if s.family != socket.AF_UNIX:
+            return "is no Unix socket (family %s)" % socket.AddressFamily(s.family).name
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM:
+            return "is no stream socket"
+        if not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return "is not listening (a connection, as Accept=yes passes, or never listen()ed)"
+    except OSError as e:
+        return "cannot be examined (%s)" % e.strerror
+    return None
 
 
 def _why_not(e: BaseException, cfg: Any) -> str:

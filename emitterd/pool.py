@@ -348,15 +348,17 @@ class Pool:
                         how=procs.describe_status(status), redeliver=lost)
             self._check_stopped()
             return
+        if self.state != "running" or self.stopping is not None:
+            # stopping (or stopped, in backoff): nothing is restarted, so no restart counts
+            log.warning("worker died", pool=self.name, index=h.index, pid=h.pid,
+                        how=procs.describe_status(status), redeliver=lost, state=self.state)
+            self._check_stopped()
+            return
         self.restarts += 1
         self.restarts_total += 1
         self.slot_restarts[h.index] = self.slot_restarts.get(h.index, 0) + 1
         log.warning("worker died", pool=self.name, index=h.index, pid=h.pid,
                     how=procs.describe_status(status), redeliver=lost, restarts=self.restarts)
-        if self.state != "running" or self.stopping is not None:
-            return
-        if h.index >= self.spec["pool_size"]:
-            return
         now = monotonic()
         period = self.spec["options"]["restart_period"]
         times = self._restart_times
@@ -490,7 +492,12 @@ class Pool:
             done()
             return
         if self.stopping is not None:
-            self.stopping["waiters"].append(done)
+            # a stop already drains: this one (a SIGTERM's, say) may not wait longer than
+            # it asked for, or the daemon would outlive the service manager's stop timeout
+            st = self.stopping
+            st["deadline"] = min(st["deadline"], monotonic() + drain_timeout)
+            st["waiters"].append(done)
+            self.poll_stop()
             return
         if self._backoff_timer is not None:
             self._backoff_timer.cancel()

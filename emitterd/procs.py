@@ -120,7 +120,9 @@ def spawn_module(module: str, *args: str) -> tuple:
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
+        # the service manager's variables are the daemon's only: a child that pinged the
+        # watchdog or sent READY=1 would speak for it (sd_notify(3) unset_environment)
+        env = {k: v for k, v in os.environ.items() if k not in _MANAGER_VARS}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
         argv = [sys.executable, "-P", "-m", module, str(child_end.fileno())] + list(args)
         os.set_inheritable(child_end.fileno(), True)
@@ -144,6 +146,10 @@ def helper_main(fd: int, title: str) -> socket.socket:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setproctitle(title)
     return socket.socket(fileno=fd)
+
+
+_MANAGER_VARS = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID",
+                           "LISTEN_FDS", "LISTEN_FDNAMES"})
 
 
 def fork_orphan(title: str, sock: socket.socket, child_main: Callable[[socket.socket], None],

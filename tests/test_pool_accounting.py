@@ -316,3 +316,41 @@ def test_death_of_draining_worker_does_not_leak_a_worker(daemon: Daemon) -> None
     finally:
         lst.close()
         c.close()
+
+
+@pytest.mark.timeout(90)
+def test_death_of_draining_worker_is_not_a_restart(daemon):
+    """§2: restarts counts unplanned worker *restarts*; a retired worker that dies is not
+    restarted (and restart intensity never counted it)."""
+    c = daemon.client()
+    key = c.start({"name": "a", "type": "stream", "selector": "$all", "pool_size": 3,
+                   "options": {"strategy": "round_robin"}})["key"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        st = c.status(key)
+        if len(st["workers"]) == 3 and all(w["state"] == "ready" for w in st["workers"]):
+            break
+        time.sleep(0.05)
+    consumers = [c.attach(key) for _ in range(3)]
+    assert sorted(x.worker for x in consumers) == [0, 1, 2]
+    c.publish([{"stream": "s%d" % i, "type": "T", "data": i} for i in range(9)])
+    for x in consumers:            # every worker now holds unacked events: a shrink drains
+        assert x.recv(20) is not None
+    st = c.update(key, pool_size=1)
+    draining = [w["pid"] for w in st["workers"] if w["state"] == "draining"]
+    assert len(draining) == 2, st["workers"]
+    for pid in draining:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        st = c.status(key)
+        if [w["index"] for w in st["workers"]] == [0]:
+            break
+        time.sleep(0.05)
+    assert [w["index"] for w in st["workers"]] == [0], st["workers"]   # nobody was respawned
+    assert st["state"] == "running"
+    assert st["restarts"] == 0, (
+        "status.restarts is %d although no worker was restarted (the two draining workers "
+        "that died were retired, not respawned)" % st["restarts"])
+    for x in consumers:
+        x.close()

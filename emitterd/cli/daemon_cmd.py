@@ -64,7 +64,9 @@ def _load(config_path: Optional[str], flags: dict) -> settings.Config:
     try:
         return settings.load(config_path, flags)
     except settings.ConfigError as e:
-        click.echo("emitterd: %s" % e, err=True)
+        # under journald the "<3>" makes it an error entry (`journalctl -p err` shows why)
+        click.echo("%semitterd: %s" % ("<3>" if logs.journal_stream_matches(sys.stderr) else "",
+                                        e), err=True)
         sys.exit(2)
 
 

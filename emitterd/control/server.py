@@ -186,6 +186,10 @@ class ControlServer:
         self.path = cfg.socket
         if inherited is not None:
             self.sock = inherited          # socket activation: systemd owns the file
+            try:
+                self.path = os.fsdecode(inherited.getsockname()) or cfg.socket
+            except OSError:
+                pass
         else:
             self.sock = bind_control_socket(cfg.socket, cfg.socket_mode)
             self.owns_path = True
