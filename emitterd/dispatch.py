@@ -161,6 +161,13 @@ class Dispatcher:
         self._misplaced = {}
         self.cursor = position + 1
 
+    def pass_unmatched(self) -> bool:
+        """For a pool that is not running: its checkpoint still passes the events that do
+        not match it (§5 defines it so, whatever the pool's state); True when more is left."""
+        if self.cursor > self.log.head:
+            return False
+        return self._skip_unmatched()
+
     def _skip_unmatched(self) -> bool:
         """With no worker to route to (an attached pool without consumer): move the cursor
         over events that do not match, up to the first that does, so the checkpoint passes

@@ -312,6 +312,8 @@ class Pool:
         return out
 
     def pump(self) -> bool:
+        if self.state in ("stopped", "failed") and self.stopping is None:
+            return self.dispatcher.pass_unmatched()
         if (self.state not in ("running", "backoff") or self.dispatcher is None
                 or (self.stopping is not None and self.stopping["terminated"])):
             return False

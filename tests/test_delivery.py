@@ -108,6 +108,29 @@ def test_an_attached_pool_without_consumer_passes_events_that_do_not_match(
         wait_checkpoint(c, key, ps[-1])
 
 
+@pytest.mark.timeout(30)
+def test_a_stopped_pool_s_checkpoint_passes_events_that_do_not_match(daemon: Daemon) -> None:
+    """§5 defines the checkpoint whatever the pool's state: a stopped pool's passes the
+    events that do not match, up to the first that does, and is persisted so."""
+    c = daemon.client()
+    key = start_pool(daemon, c, sub_spec("stopped-m", "stream", "m"))["key"]
+    c.stop(key)
+    x = [{"stream": "x", "type": "t"}] * 10
+    ps = c.publish(x)["positions"]
+    st = wait_checkpoint(c, key, ps[-1])
+    assert st["state"] == "stopped" and st["workers"] == []
+    ps = c.publish(x + [{"stream": "m", "type": "t"}] + x)["positions"]
+    st = wait_checkpoint(c, key, ps[9])
+    time.sleep(0.3)
+    assert c.status(key)["checkpoint"] == ps[9], "stops before the event that matches"
+    c.start(sub_spec("stopped-m", "stream", "m"))
+    with c.attach(key) as consumer:
+        batch = next(consumer.batches(timeout=10))
+        assert [e["position"] for e in batch] == [ps[10]]
+        consumer.ack([ps[10]])
+        wait_checkpoint(c, key, ps[-1])
+
+
 # ---- nack, retry, park, skip ---------------------------------------------------------
 
 
