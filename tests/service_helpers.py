@@ -181,35 +181,42 @@ def wait_log(path: str, pattern: str, count: int = 1, timeout: float = 10.0) -> 
 # ---- a socket-activated daemon --------------------------------------------------------------
 
 class ActivatedDaemon:
-    """`emitterd run` started like systemd does for a .socket unit: the listening
-    socket `lsock` on fd 3, LISTEN_FDS=1, LISTEN_PID=<the daemon's pid>.
+    """`emitterd run` started like systemd does for a .socket unit: the socket `lsock` (or
+    each of a list of them) on fd 3 (4, ...), LISTEN_FDS=<their count> (unless `listen_fds`
+    says otherwise), LISTEN_FDNAMES=`names` if given, LISTEN_PID=<the daemon's pid>.
 
-    Runs through /bin/sh so that LISTEN_PID is the pid that execs emitterd.
+    Runs through /bin/sh so that LISTEN_PID is the pid that execs emitterd (after `prefix`,
+    a wrapper such as strace, if any).
     """
 
-    def __init__(self, lsock: socket.socket, socket_path: str, data_dir: str, log_path: str,
-                 env: Dict[str, str], cwd: str, extra_args: Sequence[str] = ()) -> None:
+    def __init__(self, lsock: Any, socket_path: str, data_dir: str, log_path: str,
+                 env: Dict[str, str], cwd: str, extra_args: Sequence[str] = (),
+                 listen_fds: Optional[str] = None, names: Optional[str] = None,
+                 prefix: Sequence[str] = ()) -> None:
         self.socket = socket_path
         self.log_path = log_path
-        fd = lsock.fileno()
+        fds = [s.fileno() for s in (lsock if isinstance(lsock, (list, tuple)) else [lsock])]
 
-        def on_fd3() -> None:     # in the child, before exec
-            if fd != 3:
-                os.dup2(fd, 3)    # the new fd 3 is inheritable
-            else:
-                os.set_inheritable(3, True)
+        def place() -> None:      # in the child, before exec: fds[i] -> 3 + i, inheritable
+            dups = [os.dup(f) for f in fds]
+            for i, f in enumerate(dups):
+                os.dup2(f, 3 + i, inheritable=True)
+                os.close(f)
 
         script = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
-        argv = ["/bin/sh", "-c", script, "sh", sys.executable, "-m", "emitterd", "run",
-                "--socket", socket_path, "--data-dir", data_dir] + list(extra_args)
+        argv = ["/bin/sh", "-c", script, "sh"] + list(prefix) + [
+            sys.executable, "-m", "emitterd", "run", "--socket", socket_path,
+            "--data-dir", data_dir] + list(extra_args)
         env = dict(env)
-        env["LISTEN_FDS"] = "1"
+        env["LISTEN_FDS"] = str(len(fds)) if listen_fds is None else listen_fds
         env.pop("LISTEN_FDNAMES", None)
-        # close_fds=False: fd 3 is made in preexec_fn (Python's own fds are non-inheritable)
+        if names is not None:
+            env["LISTEN_FDNAMES"] = names
+        # close_fds=False: fds 3... are made in preexec_fn (Python's own are non-inheritable)
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                         close_fds=False, preexec_fn=on_fd3,
+                                         close_fds=False, preexec_fn=place,
                                          start_new_session=True)
         self._tracked: Dict[int, psutil.Process] = {}
         self.track(self.proc.pid)

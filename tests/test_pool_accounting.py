@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 import msgpack
 import pytest
 
+import waits
 from daemon_fixture import Daemon
 
 
@@ -79,14 +80,7 @@ class Raw:
 
 
 def wait_for(pred: Any, timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for %s (last: %r)" % (what, last))
+    return waits.wait_for(pred, timeout, what, interval=0.05)
 
 
 def stream_on_slot(slot: int, n: int) -> str:

@@ -17,55 +17,26 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-import psutil
 import pytest
 
 from emitterd.client import Client
 from daemon_fixture import clean_env
-from service_helpers import read_log
+from service_helpers import ActivatedDaemon, read_log
 
 
-class Launched:
+class Launched(ActivatedDaemon):
     """`emitterd run` with `socks` on fds 3, 4, ... and the given LISTEN_* variables."""
 
     def __init__(self, root: str, socks: Sequence[object], sock_path: str,
                  listen_fds: Optional[str] = None, names: Optional[str] = None,
                  extra_env: Optional[Dict[str, str]] = None, prefix: Sequence[str] = ()) -> None:
         self.root = root
-        self.socket = sock_path
-        self.log_path = os.path.join(root, "daemon.log")
-        fds = [s.fileno() for s in socks]
-
-        def place() -> None:       # in the child, before exec: fds[i] -> 3 + i
-            dups = [os.dup(f) for f in fds]
-            for i, f in enumerate(dups):
-                os.dup2(f, 3 + i, inheritable=True)
-                os.close(f)
-
-        env = clean_env(root, extra_env)
-        env["LISTEN_FDS"] = str(len(fds)) if listen_fds is None else listen_fds
-        if names is not None:
-            env["LISTEN_FDNAMES"] = names
-        script = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
-        argv = ["/bin/sh", "-c", script, "sh"] + list(prefix) + [
-            sys.executable, "-m", "emitterd", "run", "--socket", sock_path,
-            "--data-dir", os.path.join(root, "data")]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=env, cwd=root,
-                                         close_fds=False, preexec_fn=place,
-                                         start_new_session=True)
-        self._seen: Dict[int, psutil.Process] = {}
-        self.collect()
+        super().__init__(list(socks), sock_path, os.path.join(root, "data"),
+                         os.path.join(root, "daemon.log"), clean_env(root, extra_env), root,
+                         listen_fds=listen_fds, names=names, prefix=prefix)
 
     def collect(self) -> None:
-        try:
-            me = psutil.Process(self.proc.pid)
-            self._seen.setdefault(me.pid, me)
-            for k in me.children(recursive=True):
-                self._seen.setdefault(k.pid, k)
-        except psutil.Error:
-            pass
+        self.collect_children()
 
     def log(self) -> str:
         return read_log(self.log_path)
@@ -80,22 +51,6 @@ class Launched:
                 return bool(re.search(pattern, self.log()))
             time.sleep(0.05)
         return False
-
-    def cleanup(self) -> None:
-        self.collect()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for p in self._seen.values():
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    p.kill()
-            except psutil.Error:
-                pass
 
 
 def _listening(path: str) -> socket.socket:
