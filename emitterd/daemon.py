@@ -107,7 +107,7 @@ class Daemon:
         ctx.registry.load()
         tune_gc()
         ctx.notifier.ready(self._summary())
-        log.info("emitterd ready", pid=os.getpid(), socket=cfg.socket, data_dir=cfg.data_dir,
+        log.info("emitterd ready", pid=os.getpid(), socket=ctx.server.path, data_dir=cfg.data_dir,
                  store_id=cfg.store_id, head=ctx.log.head)
 
     def _pump(self) -> None:

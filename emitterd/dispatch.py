@@ -110,6 +110,8 @@ class Dispatcher:
         self._slots: dict = {}          # stream -> slot, for _slot_n workers
         self._slot_n = 0
         self.draining = False
+        self._matches_at = 0            # a position _skip_unmatched found matching
+        self.scan_failed = False        # a stopped pool's scan met an unreadable log
         self.delivered = 0
         self.retried = 0
         self.parked = 0
@@ -162,9 +164,9 @@ class Dispatcher:
         self.cursor = position + 1
 
     def pass_unmatched(self) -> bool:
-        """For a pool that is not running: its checkpoint still passes the events that do
-        not match it (§5 defines it so, whatever the pool's state); True when more is left."""
-        if self.cursor > self.log.head:
+        """For a stopped pool: its checkpoint still passes the events that do not match it
+        (§5 defines it so, whatever the pool's state); True when more is left."""
+        if self.cursor > self.log.head or self.scan_failed:
             return False
         return self._skip_unmatched()
 
@@ -172,8 +174,8 @@ class Dispatcher:
         """With no worker to route to (an attached pool without consumer): move the cursor
         over events that do not match, up to the first that does, so the checkpoint passes
         them as PROTOCOL §5 says; True when the scan stopped at SCAN_LIMIT with more to do."""
-        if self.matcher is match_all:
-            return False
+        if self.matcher is match_all or self.cursor == self._matches_at:
+            return False      # stopped at an event that matches: nothing to read again
         matcher = self.matcher
         scanned = 0
         while scanned < SCAN_LIMIT:
@@ -182,7 +184,7 @@ class Dispatcher:
                 return False
             for r in recs:
                 if matcher(r):
-                    self.cursor = r.position
+                    self.cursor = self._matches_at = r.position
                     return False
             self.cursor = recs[-1].position + 1
             scanned += len(recs)

@@ -170,6 +170,7 @@ class Pool:
         self._backoffs = 0
         self.dispatcher.options = self.spec["options"]
         self.dispatcher.draining = False
+        self.dispatcher.scan_failed = False
         for index in sorted(self.slots):
             if index >= self.spec["pool_size"]:
                 self._retire(self.slots.pop(index))
@@ -312,8 +313,15 @@ class Pool:
         return out
 
     def pump(self) -> bool:
-        if self.state in ("stopped", "failed") and self.stopping is None:
-            return self.dispatcher.pass_unmatched()
+        if self.state == "stopped" and self.stopping is None:
+            try:
+                return self.dispatcher.pass_unmatched()
+            except sqlite3.DatabaseError as e:
+                # it delivers nothing; its checkpoint stays, and the error shows at its start
+                self.dispatcher.scan_failed = True
+                log.error("the event log cannot be read for a stopped pool; its checkpoint "
+                          "stays where it is", pool=self.name, error=str(e))
+                return False
         if (self.state not in ("running", "backoff") or self.dispatcher is None
                 or (self.stopping is not None and self.stopping["terminated"])):
             return False
@@ -350,8 +358,9 @@ class Pool:
                         how=procs.describe_status(status), redeliver=lost)
             self._check_stopped()
             return
-        if self.state != "running" or self.stopping is not None:
-            # stopping (or stopped, in backoff): nothing is restarted, so no restart counts
+        if self.state != "running" or self.stopping is not None or h.index >= self.spec["pool_size"]:
+            # stopping (or stopped, in backoff), or shrunk past it: nothing is restarted,
+            # so no restart counts
             log.warning("worker died", pool=self.name, index=h.index, pid=h.pid,
                         how=procs.describe_status(status), redeliver=lost, state=self.state)
             self._check_stopped()
@@ -436,12 +445,14 @@ class Pool:
     # ---- resize, retire, recycle -------------------------------------------------
     def resize(self, n: int) -> None:
         self.spec["pool_size"] = n
-        if self.state != "running" or self.stopping is not None:
+        if self.state not in ("running", "backoff") or self.stopping is not None:
             return           # the next start runs n; a stop ends every worker it has
+        # in backoff too: a shrink retires now (the end of the backoff only fills slots)
         for index in sorted(self.slots):
             if index >= n:
                 self._retire(self.slots.pop(index))
-        self._fill()
+        if self.state == "running":
+            self._fill()
 
     def _retire(self, h: WorkerHandle) -> None:
         h.state = "draining"
@@ -498,6 +509,7 @@ class Pool:
             # it asked for, or the daemon would outlive the service manager's stop timeout
             st = self.stopping
             st["deadline"] = min(st["deadline"], monotonic() + drain_timeout)
+            st["persist"] = st["persist"] or persist_state   # a client's stop joining a shutdown's
             st["waiters"].append(done)
             self.poll_stop()
             return

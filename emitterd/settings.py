@@ -149,8 +149,8 @@ SETTINGS: tuple[Setting, ...] = (
         the environment and on the command line (1000,1001).""",
        minimum=0, maximum=_UID_MAX, metavar="UID,..."),
     _s("allow_gids", INT_LIST, [], D, True, """
-        Group ids allowed on the control socket: a peer whose gid (as SO_PEERCRED
-        reports it) is listed may connect. A TOML array; comma-separated in the
+        Group ids allowed on the control socket: a peer that is a member of a listed
+        group (its primary or a supplementary one, as when it connected) may connect. A TOML array; comma-separated in the
         environment and on the command line.""",
        minimum=0, maximum=_UID_MAX, metavar="GID,..."),
     _s("drain_timeout", FLOAT, 10.0, D, True, """

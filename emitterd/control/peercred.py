@@ -1,15 +1,16 @@
 """Who is at the other end of a Unix socket: SO_PEERCRED's pid, uid and gid, and the
 peer's supplementary groups (SO_PEERGROUPS), all as they were when it connected."""
+import ctypes
 import errno
 import socket
 import struct
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 _UCRED = struct.Struct("iII")
 # not in Python 3.11's socket module; Linux >= 4.13
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _GID = struct.Struct("I")
-_FEW_GROUPS = 64                 # bytes enough for most peers; else the kernel says ERANGE
+_PY_MAX_BUFLEN = 1024            # socket.getsockopt's largest buffer
 _MAX_GROUPS = 65536              # NGROUPS_MAX
 
 
@@ -34,15 +35,29 @@ def peer_of(sock: socket.socket) -> Peer:
 
 
 def _supplementary(sock: socket.socket, pid: int) -> Tuple[int, ...]:
-    for size in (_FEW_GROUPS * _GID.size, _MAX_GROUPS * _GID.size):
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
-        except OSError as e:
-            if e.errno == errno.ERANGE:
-                continue
+    try:
+        # socket.getsockopt returns at most 1024 bytes: 256 groups, enough for nearly all
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _PY_MAX_BUFLEN)
+    except OSError as e:
+        if e.errno != errno.ERANGE:
             return _from_proc(pid)      # an older kernel: the peer's groups now, not at connect
-        return tuple(g for (g,) in _GID.iter_unpack(raw))
-    return _from_proc(pid)
+        raw = _getsockopt_large(sock.fileno(), _MAX_GROUPS * _GID.size)
+        if raw is None:
+            return _from_proc(pid)
+    return tuple(g for (g,) in _GID.iter_unpack(raw))
+
+
+def _getsockopt_large(fd: int, size: int) -> Optional[bytes]:
+    """SO_PEERGROUPS into a buffer larger than socket.getsockopt allows, through libc."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(size)
+        n = ctypes.c_uint32(size)
+        if libc.getsockopt(fd, socket.SOL_SOCKET, _SO_PEERGROUPS, buf, ctypes.byref(n)) != 0:
+            return None
+        return buf.raw[:n.value]
+    except (OSError, AttributeError):
+        return None
 
 
 def _from_proc(pid: int) -> Tuple[int, ...]:

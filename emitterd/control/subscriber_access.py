@@ -15,7 +15,8 @@ def check(ctx: Any, peer: Peer, subscriber: Optional[str], field: str) -> None:
     if subscriber is None:
         return
     path = subscriber[len("unix:"):]
-    if _same_file(path, ctx.cfg.socket):
+    # the socket it listens on: --socket's, or (socket activation) the inherited one's
+    if any(_same_file(path, own) for own in {ctx.cfg.socket, ctx.server.path} if own):
         raise invalid(field, "the subscriber is the daemon's own control socket")
     uid = peer.uid
     if uid in (0, os.geteuid()):

@@ -12,7 +12,9 @@ from emitterd.worker import attached
 from emitterd.worker.unix import UnixSink
 
 log = logs.get("worker")
-PIPE_MAX_FRAME = 64 * 1024 * 1024   # internal pipe: a delivery frame plus its envelope
+# the internal pipe carries delivery frames of up to max_frame_bytes (which may be set to
+# nearly 4 GiB) plus their envelope: only the frame header's own limit applies
+PIPE_MAX_FRAME = 2 ** 32 - 1
 
 
 class Worker:
