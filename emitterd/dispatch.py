@@ -1,6 +1,7 @@
 """Per pool: cursor over the log, routing by strategy, in-flight window, retries, checkpoint."""
 import heapq
 import random
+import sqlite3
 import struct
 import zlib
 from bisect import bisect_left
@@ -111,6 +112,8 @@ class Dispatcher:
         self._slot_n = 0
         self.draining = False
         self._matches_at = 0            # a position _skip_unmatched found matching
+        self.name = key                 # for log lines: the pool sets its name (§2 "used in logs")
+        self._park_failures = 0
         self.scan_failed = False        # a stopped pool's scan met an unreadable log
         self.delivered = 0
         self.retried = 0
@@ -572,6 +575,8 @@ class Dispatcher:
 
     def on_nack(self, wid: int, positions: list, action: str, reason: Optional[str]) -> None:
         items = self._own(wid, positions)
+        if not items:
+            return        # none in flight there (a late nack after update checkpoint): ignored
         if action == "skip":
             unpark = [p for p, e in items if e.replay]
             for p, e in items:
@@ -607,16 +612,22 @@ class Dispatcher:
             self._release(e)
         try:
             self.on_park([(p, reason) for p, _ in items])
-        except Exception:
+        except Exception as e:
             # not stored as parked (a full disk, say): they stay in the flow, to be tried
-            # again after the longest backoff, rather than leave it unrecorded (lost)
-            logger.exception("could not park events; they are delivered again later",
-                             pool=self.key, events=len(items))
+            # again after the longest backoff, rather than leave it unrecorded (lost). Said
+            # at the 1st, 10th, 100th... failure: each redelivery fails the same way
+            self._park_failures += 1
+            n = self._park_failures
+            if n in (1, 10) or n % 100 == 0:
+                say = logger.error if isinstance(e, sqlite3.Error) else logger.exception
+                say("could not park events; they are delivered again later", pool=self.name,
+                    events=len(items), error=str(e), failures=n)
             due = monotonic() + self.options["retry_backoff"][1]
             for p, _ in items:
                 heapq.heappush(self.retry_heap, (due, p))
             self.schedule(due)
             return
+        self._park_failures = 0
         for p, e in items:
             del self.entries[p]
             if e.replay:
@@ -653,7 +664,7 @@ class Dispatcher:
                     # every time is never parked; say so, seldom
                     logger.warning("event delivered again and again: its consumer went away "
                                    "each time without answering (an event that crashes it?)",
-                                   subscription=self.key, position=p, attempt=e.attempt)
+                                   pool=self.name, position=p, attempt=e.attempt)
             e.sent = True
             heapq.heappush(self.ready, p)
 

@@ -72,16 +72,18 @@ class Exporter:
 
     def _respond(self, conn: socket.socket, request: bytes) -> None:
         line = request.split(b"\n", 1)[0].decode("latin-1").split()
-        if len(line) >= 2 and line[0] in ("GET", "HEAD") and line[1].split("?")[0] in ("/metrics", "/"):
-            body = self.render().encode("utf-8")
-            head = ("HTTP/1.0 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                    "Connection: close\r\n\r\n" % (CONTENT_TYPE, len(body))).encode()
-            payload = head + (body if line[0] == "GET" else b"")
+        method = line[0] if line else ""
+        if len(line) >= 2 and method in ("GET", "HEAD") and line[1].split("?")[0] in ("/metrics", "/"):
+            status, ctype, body = "200 OK", CONTENT_TYPE, self.render().encode("utf-8")
+        elif len(line) >= 2 and method not in ("GET", "HEAD"):
+            status, ctype, body = "405 Method Not Allowed", "text/plain", b"only GET /metrics\n"
         else:
-            msg = b"not found: try /metrics\n"
-            payload = (b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                       b"Connection: close\r\n\r\n" % len(msg)) + msg
-        self._write(conn, payload)
+            status, ctype, body = "404 Not Found", "text/plain", b"not found: try /metrics\n"
+        allow = "Allow: GET, HEAD\r\n" if status.startswith("405") else ""
+        head = ("HTTP/1.0 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s"
+                "Connection: close\r\n\r\n" % (status, ctype, len(body), allow))
+        # a HEAD is answered with the headers alone, whatever the status (RFC 9110 9.3.2)
+        self._write(conn, head.encode() + (b"" if method == "HEAD" else body))
 
     def _write(self, conn: socket.socket, payload: bytes) -> None:
         view = memoryview(payload)

@@ -30,6 +30,15 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
           "error": logging.ERROR}
 
 
+_CONTEXT: dict = {}      # fields every line of this process starts with (a worker: its pool)
+
+
+def set_context(**fields: Any) -> None:
+    """Fields put first on every line this process logs from now on."""
+    _CONTEXT.clear()
+    _CONTEXT.update(fields)
+
+
 class KVLogger:
     """A logger whose calls take a message and key=value fields."""
 
@@ -40,6 +49,8 @@ class KVLogger:
 
     def _emit(self, level: int, msg: str, fields: dict, exc_info: bool = False) -> None:
         if self._log.isEnabledFor(level):
+            if _CONTEXT:
+                fields = {**_CONTEXT, **fields}
             self._log.log(level, msg, extra={"kv": fields}, exc_info=exc_info)
 
     def isEnabledFor(self, level: int) -> bool:

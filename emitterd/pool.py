@@ -111,6 +111,7 @@ class Pool:
         self.dispatcher = Dispatcher(self.key, matcher, self.ctx.log, spec["options"], checkpoint,
                                      self.ctx.cfg.max_frame_bytes, self._schedule, self._park,
                                      self._unpark)
+        self.dispatcher.name = self.name
 
     def _schedule(self, when: float) -> None:
         self.ctx.loop.call_at(when, _noop)   # wakes the loop; the end-of-turn pump does the work

@@ -22,6 +22,7 @@ class Registry:
         self.pools: dict = {}
         self.desired: dict = {}      # key -> "running" | "stopped" (what a restart brings back)
         self._saved: dict = {}       # key -> checkpoint last written
+        self._flush_failures = 0     # flush_checkpoints failed in a row
         self._unsaved: dict = {}     # key -> why the subscription's last change is not on disk
         self._undeleted: dict = {}   # key -> why a deleted subscription is still on disk
         self._last_tick = monotonic()
@@ -129,8 +130,18 @@ class Registry:
             try:
                 self.ctx.log.save_checkpoints(changed)
             except Exception as e:  # a full disk must not stop delivery; we retry next tick
-                log.error("could not persist checkpoints", error=str(e))
+                # once a second while it lasts: said at the 1st, 10th, 60th, then every 600th
+                self._flush_failures += 1
+                n = self._flush_failures
+                if n in (1, 10, 60) or n % 600 == 0:
+                    log.error("could not persist checkpoints; trying again every checkpoint "
+                              "interval", error=str(e), failures=n,
+                              pools=",".join(self.pools[k].name for k in sorted(changed)[:5])
+                              + (" and %d more" % (len(changed) - 5) if len(changed) > 5 else ""))
                 return
+            if self._flush_failures:
+                log.info("checkpoints persisted again", after_failures=self._flush_failures)
+                self._flush_failures = 0
             self._saved.update(changed)
 
     def delete(self, key: str, done: Optional[Callable[[], Any]] = None) -> None:

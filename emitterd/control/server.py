@@ -163,8 +163,14 @@ class ControlConn:
 
     def _on_close(self, reason: str) -> None:
         self.server.conns.discard(self)
-        if reason.startswith(("output buffer", "send failed")):
-            log.warning("control connection closed", reason=reason, peer_pid=self.peer[0])
+        if reason.startswith("send failed"):
+            # the client left before its answer: its business, not the operator's
+            log.debug("control connection closed", reason=reason, peer_pid=self.peer[0])
+        elif reason.startswith("output buffer"):
+            extra = self.server._throttles["cutoff"].allow()
+            if extra is not None:
+                log.warning("control connection closed", reason=reason, peer_pid=self.peer[0],
+                            **extra)
 
 
 class ControlServer:
@@ -179,7 +185,7 @@ class ControlServer:
         self.owns_path = False
         self._bound: tuple = ()
         # lines a client can cause per connection: a flood of them must not flood the log
-        self._throttles = {k: logs.Throttle() for k in ("peer", "full", "frame")}
+        self._throttles = {k: logs.Throttle() for k in ("peer", "full", "frame", "cutoff")}
 
     def listen(self, inherited: Optional[socket.socket] = None) -> None:
         cfg = self.ctx.cfg

@@ -31,6 +31,7 @@ class Worker:
         self.held: deque = deque()        # (last, positions, frame, unsent) until on disk
         self.sink: Optional[UnixSink] = None
         self._rr = 0
+        self._cut_offs = 0                # consumers closed for not reading their events
 
     def run(self) -> None:
         self.report({"op": "ready", "pid": os.getpid()})
@@ -175,9 +176,14 @@ class Worker:
             self.report({"op": "consumers", "n": len(self.consumers)})
         # a consumer cut off for not reading gets its events again and again, never as
         # retries (it acked nothing late: it took nothing): that is worth a warning
-        say = log.warning if reason.startswith("output buffer") else log.info
+        say = log.info
+        if reason.startswith("output buffer"):
+            # a unix: subscriber reconnects and stalls again: warn seldom, not every cycle
+            self._cut_offs += 1
+            if self._cut_offs in (1, 10) or self._cut_offs % 100 == 0:
+                say = log.warning
         say("consumer connection closed", worker=self.index, kind=conn.kind, reason=reason,
-            unfinished=len(lost))
+            unfinished=len(lost), **({"cut_offs": self._cut_offs} if self._cut_offs else {}))
         if lost:
             self.report({"op": "requeue", "positions": lost, "reason": "consumer gone"})
         self._hand_back_waiting()
@@ -196,6 +202,7 @@ class Worker:
 def main(sock: socket.socket, spec: dict) -> None:
     random.seed()
     tune_gc()          # set here, not inherited: the fork server is a fresh interpreter
+    logs.set_context(pool=spec["name"])    # a worker's lines name its pool (§2: "used in logs")
     if spec.get("log"):
         logs.configure(*spec["log"])   # a spare waited with the settings it was forked with
     if spec.get("nice"):
