@@ -28,6 +28,7 @@ from typing import Any, Optional
 from emitterd import framing, logs, procs
 from emitterd.channel import Channel
 from emitterd.loop import monotonic
+from emitterd.retry import StartRetry
 
 log = logs.get("checkpointer")
 INTERVAL = 0.5
@@ -91,6 +92,11 @@ class Checkpointer:
         self._held_at = 0.0
         self._stuck_since = 0.0   # since when rewinds find frames they may not copy (a reader)
         self._stuck_warned: Optional[float] = None
+        self._retry = StartRetry(ctx.loop, log, "checkpointer")
+
+    def _start_again(self) -> None:
+        if self.channel is None and not self.closing:
+            self.start()
 
     def start(self) -> None:
         cfg = self.ctx.cfg
@@ -98,9 +104,9 @@ class Checkpointer:
             self.pid, sock = procs.spawn_module("emitterd.checkpointer", self.path,
                                                 cfg.log_level, cfg.log_format)
         except OSError as e:
-            log.error("checkpointer not started: the WAL grows until it is", error=str(e))
-            self.ctx.loop.call_later(1.0, self.start)
+            self._retry.failed(e, self._start_again, "the WAL grows until it is")
             return
+        self._retry.started()
         self.channel = Channel(self.ctx.loop, sock, MAX_FRAME, self._on_report, self._on_close)
         self.phase = 0
         self.ctx.children[self.pid] = self.on_exit
@@ -178,7 +184,7 @@ class Checkpointer:
             self.start()
         elif not self.closing:
             log.warning("checkpointer died, starting another", how=procs.describe_status(status))
-            self.ctx.loop.call_later(1.0, self.start)
+            self.ctx.loop.call_later(1.0, self._start_again)
 
     def replace(self) -> None:
         """A new checkpointer once this one exits (it takes its log settings at start)."""

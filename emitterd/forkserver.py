@@ -20,6 +20,7 @@ import sys
 from typing import Any, Callable, Optional
 
 from emitterd import framing, logs, procs
+from emitterd.retry import StartRetry
 
 log = logs.get("forkserver")
 REPLY_TIMEOUT = 2.0          # a fork of a small process takes well under a millisecond
@@ -37,6 +38,11 @@ class ForkServer:
         self.closing = False
         self._replacing = False
         self._decoder = framing.Decoder(MAX_FRAME)
+        self._retry = StartRetry(ctx.loop, log, "fork server")
+
+    def _start_again(self) -> None:
+        if not self.pid and not self.closing and not self.ctx.shutting_down:
+            self.start()
 
     def start(self) -> None:
         """Exec the server (it becomes ready on its own; until then spawn() returns None)."""
@@ -50,8 +56,9 @@ class ForkServer:
         try:
             self.pid, ours = procs.spawn_module("emitterd.forkserver", cfg.log_level, cfg.log_format)
         except OSError as e:
-            log.warning("fork server not started: workers are forked by the daemon", error=str(e))
+            self._retry.failed(e, self._start_again, "workers are forked by the daemon meanwhile")
             return
+        self._retry.started()
         self.sock = ours
         self.ready = False
         self._decoder = framing.Decoder(MAX_FRAME)
@@ -142,7 +149,7 @@ class ForkServer:
             return
         if not self.closing and not self.ctx.shutting_down:
             log.warning("fork server exited, starting another", how=procs.describe_status(status))
-            self.ctx.loop.call_later(1.0, self.start)
+            self.ctx.loop.call_later(1.0, self._start_again)
 
     def close(self) -> None:
         self.closing = True
