@@ -352,9 +352,9 @@ def stop(ctx: click.Context, key: str, delete: bool, drain_timeout: Optional[flo
             render.num(r.get("checkpoint")), render.num(r.get("head")))
         unacked = r.get("in_flight")
         if isinstance(unacked, int) and unacked > 0:
-            text += ("\n%s events were not acked (the drain timed out, or no consumer was "
+            text += ("\n%s %s not acked (the drain timed out, or no consumer was "
                      "connected to take them); %s" % (
-                render.num(unacked), "they are gone with the subscription" if delete else
+                render.events(unacked), "was" if unacked == 1 else "were", "they are gone with the subscription" if delete else
                 "they are delivered again when the pool starts"))
         return text
     emit(st, r, human)
@@ -630,7 +630,7 @@ def _publish_file(ctx: click.Context, st: State, path: str, batch_size: int) -> 
                         break
                     except click.BadParameter as e:
                         if published:   # only from a stream: a file is checked first
-                            e.message += " (%d events were published before it)" % published
+                            e.message += " (%s published before it)" % render.events(published)
                         raise
                 sending = queue.popleft()
                 try:
@@ -662,8 +662,8 @@ def _publish_file(ctx: click.Context, st: State, path: str, batch_size: int) -> 
         if bar_cm is not None:
             bar_cm.__exit__(None, None, None)
     result = {"published": published, "first": low, "last": high}
-    emit(st, result, lambda: "published %d events%s" % (
-        published, "" if low is None else " (positions %d..%d)" % (low, high)))
+    emit(st, result, lambda: "published %s%s" % (
+        render.events(published), "" if low is None else " (positions %d..%d)" % (low, high)))
     if stopped and (queue or (total is not None and published < total)):
         # lines read (or, in a file, left) and not sent; a stream stopped between its
         # publishes has none: everything it gave was published
@@ -682,7 +682,7 @@ def _report_failed_batch(ctx: click.Context, e: Exception, batch: list, publishe
         click.echo("error: %s: %s%s%s" % (e.code, e.message, _details_suffix(e), at), err=True)
     else:
         click.echo("error: daemon unreachable: %s" % e, err=True)
-    click.echo("%d events were published before this batch" % published, err=True)
+    click.echo("%s published before this batch" % render.events(published), err=True)
     if isinstance(e, EmitterError):
         if e.code == "invalid" and isinstance(e.details, dict) and \
                 e.details.get("field") == "events" and len(batch) > 1:
@@ -1115,7 +1115,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     except click.Abort:
         # Ctrl-C (click has ended the ^C line); a command with a request in flight has
         # said what may have happened to it
-        click.echo("error: interrupted", err=True)
+        click.echo("error: interrupted (a request already sent may still take effect: "
+                   "see emitterctl status or list)", err=True)
         sys.exit(EXIT_STOPPED)
     except click.ClickException as e:
         e.show()

@@ -116,6 +116,11 @@ def num(v: Any) -> str:
     return str(v)
 
 
+def events(n: int) -> str:
+    """ "1 event", "12,345 events"."""
+    return "%s event%s" % (num(n), "" if n == 1 else "s")
+
+
 def rate(v: Optional[float]) -> str:
     return "-" if v is None else ("%.1f" % v if v < 100 else "%d" % round(v))
 
