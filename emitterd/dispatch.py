@@ -113,7 +113,7 @@ class Dispatcher:
         self.draining = False
         self._matches_at = 0            # a position _skip_unmatched found matching
         self.name = key                 # for log lines: the pool sets its name (§2 "used in logs")
-        self._park_failures = 0
+        self._park_said = logs.Throttle(burst=1, period=60.0)
         self.scan_failed = False        # a stopped pool's scan met an unreadable log
         self.delivered = 0
         self.retried = 0
@@ -165,9 +165,10 @@ class Dispatcher:
         self._routing = None
         self._misplaced = {}
         self.cursor = position + 1
+        self.scan_failed = False        # elsewhere now: try reading again
 
     def pass_unmatched(self) -> bool:
-        """For a stopped pool: its checkpoint still passes the events that do not match it
+        """For a stopped or failed pool: its checkpoint still passes the events that do not match it
         (§5 defines it so, whatever the pool's state); True when more is left."""
         if self.cursor > self.log.head or self.scan_failed:
             return False
@@ -615,19 +616,17 @@ class Dispatcher:
         except Exception as e:
             # not stored as parked (a full disk, say): they stay in the flow, to be tried
             # again after the longest backoff, rather than leave it unrecorded (lost). Said
-            # at the 1st, 10th, 100th... failure: each redelivery fails the same way
-            self._park_failures += 1
-            n = self._park_failures
-            if n in (1, 10) or n % 100 == 0:
+            # at most once a minute: each redelivery fails the same way
+            extra = self._park_said.allow()
+            if extra is not None:
                 say = logger.error if isinstance(e, sqlite3.Error) else logger.exception
                 say("could not park events; they are delivered again later", pool=self.name,
-                    events=len(items), error=str(e), failures=n)
+                    events=len(items), error=str(e), **extra)
             due = monotonic() + self.options["retry_backoff"][1]
             for p, _ in items:
                 heapq.heappush(self.retry_heap, (due, p))
             self.schedule(due)
             return
-        self._park_failures = 0
         for p, e in items:
             del self.entries[p]
             if e.replay:

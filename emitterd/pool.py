@@ -226,7 +226,7 @@ class Pool:
         later, backing off, so a passing shortage does not leave the slot empty for good
         (its events wait, as while a worker restarts)."""
         self._spawn_failures += 1
-        delay = min(SPAWN_RETRY * 2 ** (self._spawn_failures - 1), SPAWN_RETRY_MAX)
+        delay = min(SPAWN_RETRY * 2 ** min(self._spawn_failures - 1, 16), SPAWN_RETRY_MAX)
         log.error("could not start a worker, trying again", pool=self.name, index=index,
                   error=e.strerror or str(e), retry_in=delay)
 
@@ -314,14 +314,14 @@ class Pool:
         return out
 
     def pump(self) -> bool:
-        if self.state == "stopped" and self.stopping is None:
+        if self.state in ("stopped", "failed") and self.stopping is None:
             try:
                 return self.dispatcher.pass_unmatched()
             except sqlite3.DatabaseError as e:
                 # it delivers nothing; its checkpoint stays, and the error shows at its start
                 self.dispatcher.scan_failed = True
-                log.error("the event log cannot be read for a stopped pool; its checkpoint "
-                          "stays where it is", pool=self.name, error=str(e))
+                log.error("the event log cannot be read for a pool that is %s; its checkpoint "
+                          "stays where it is" % self.state, pool=self.name, error=str(e))
                 return False
         if (self.state not in ("running", "backoff") or self.dispatcher is None
                 or (self.stopping is not None and self.stopping["terminated"])):
@@ -359,18 +359,20 @@ class Pool:
                         how=procs.describe_status(status), redeliver=lost)
             self._check_stopped()
             return
-        if self.state != "running" or self.stopping is not None or h.index >= self.spec["pool_size"]:
-            # stopping (or stopped, in backoff), or shrunk past it: nothing is restarted,
-            # so no restart counts
-            log.warning("worker died", pool=self.name, index=h.index, pid=h.pid,
-                        how=procs.describe_status(status), redeliver=lost, state=self.state)
+        # stopping (or stopped, in backoff), or shrunk past it: nothing is restarted, so
+        # no restart counts
+        restart = (self.state == "running" and self.stopping is None
+                   and h.index < self.spec["pool_size"])
+        if restart:
+            self.restarts += 1
+            self.restarts_total += 1
+            self.slot_restarts[h.index] = self.slot_restarts.get(h.index, 0) + 1
+        log.warning("worker died", pool=self.name, index=h.index, pid=h.pid,
+                    how=procs.describe_status(status), redeliver=lost,
+                    **({"restarts": self.restarts} if restart else {"state": self.state}))
+        if not restart:
             self._check_stopped()
             return
-        self.restarts += 1
-        self.restarts_total += 1
-        self.slot_restarts[h.index] = self.slot_restarts.get(h.index, 0) + 1
-        log.warning("worker died", pool=self.name, index=h.index, pid=h.pid,
-                    how=procs.describe_status(status), redeliver=lost, restarts=self.restarts)
         now = monotonic()
         period = self.spec["options"]["restart_period"]
         times = self._restart_times
@@ -517,6 +519,7 @@ class Pool:
         if self._backoff_timer is not None:
             self._backoff_timer.cancel()
             self._backoff_timer = None
+            self.state = "running"     # no backoff to wait out: it drains, and reads running
         self.dispatcher.draining = True
         self.stopping = {"deadline": monotonic() + drain_timeout, "waiters": [done],
                          "terminated": False, "persist": persist_state}

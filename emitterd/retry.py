@@ -20,7 +20,7 @@ class StartRetry:
     def failed(self, error: BaseException, again: Callable[[], Any], consequence: str) -> None:
         """A start failed: `again` is called after the next delay."""
         self.failures += 1
-        delay = min(FIRST_DELAY * 2 ** (self.failures - 1), MAX_DELAY)
+        delay = min(FIRST_DELAY * 2 ** min(self.failures - 1, 16), MAX_DELAY)
         now = monotonic()
         if now - self._said_at >= SAY_EVERY:
             self._said_at = now

@@ -1,6 +1,7 @@
 """The dispatcher over a real SQLite log, with recording worker handles: the fast path
 (first attempts without per-event objects) and the moments events leave it."""
 import collections
+import sqlite3
 from typing import Any, Dict, List
 
 import hypothesis
@@ -470,3 +471,43 @@ def test_a_settling_pool_stops_at_the_first_event_of_a_full_worker(tmp_path: Any
     d.pump([a, b], False)
     assert b.frames[2][0] == [23, 24, 25, 26] and sorted(d.entries) == [21, 22]
     log.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_failing_park_is_said_once_a_minute_and_a_late_nack_is_ignored(
+        tmp_path: Any, monkeypatch: Any, caplog: Any) -> None:
+    """Each redelivery of an event that cannot be parked fails the same way: one error line
+    a minute (it was one per redelivery, or with a counter, none for a second outage); a
+    nack of positions no longer in flight (after update checkpoint) parks nothing."""
+    import logging
+    from emitterd import logs
+
+    log = open_log(str(tmp_path))
+    log.append([validate_publish({"events": [{"stream": "s", "type": "t"}] * 4}, CFG)])
+
+    def cannot_park(rows: list) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+    d = Dispatcher("k", lambda rec: True, log, options(max_retries=0), 0, 1 << 20,
+                   lambda when: None, cannot_park, lambda ps: None)
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    a = Handle(0)
+    lines = lambda: [r for r in caplog.records if "could not park" in r.getMessage()]  # noqa: E731
+    with caplog.at_level(logging.INFO, logger="emitterd"):
+        logging.getLogger("emitterd").propagate = True
+        try:
+            for step in range(3):        # three failures within the minute, one line
+                d.pump([a], False)
+                d.on_nack(a.wid, a.take(), "park", "bad")
+                d.retry_heap.clear()
+                d.ready.extend(sorted(d.entries))
+                clock[0] += 5
+            assert len(lines()) == 1
+            clock[0] += 60                   # a minute on: said again
+            d.pump([a], False)
+            d.on_nack(a.wid, a.take(), "park", "bad")
+            assert len(lines()) == 2
+            d.on_nack(a.wid, [999], "park", "late")      # not in flight: nothing at all
+            assert len(lines()) == 2
+        finally:
+            logging.getLogger("emitterd").propagate = False

@@ -68,6 +68,8 @@ def _stat(path: str) -> Optional[os.stat_result]:
 
 
 def _same_file(a: str, b: str) -> bool:
+    if a.startswith("\0") or b.startswith("\0"):
+        return a == b            # abstract names (an activated socket): no file to compare
     try:
         return os.path.samefile(a, b)
     except OSError:

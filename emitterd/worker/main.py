@@ -31,7 +31,7 @@ class Worker:
         self.held: deque = deque()        # (last, positions, frame, unsent) until on disk
         self.sink: Optional[UnixSink] = None
         self._rr = 0
-        self._cut_offs = 0                # consumers closed for not reading their events
+        self._cut_off_said = logs.Throttle(burst=1, period=60.0)   # consumers not reading
 
     def run(self) -> None:
         self.report({"op": "ready", "pid": os.getpid()})
@@ -176,14 +176,14 @@ class Worker:
             self.report({"op": "consumers", "n": len(self.consumers)})
         # a consumer cut off for not reading gets its events again and again, never as
         # retries (it acked nothing late: it took nothing): that is worth a warning
-        say = log.info
+        say, extra = log.info, {}
         if reason.startswith("output buffer"):
-            # a unix: subscriber reconnects and stalls again: warn seldom, not every cycle
-            self._cut_offs += 1
-            if self._cut_offs in (1, 10) or self._cut_offs % 100 == 0:
-                say = log.warning
+            # a unix: subscriber reconnects and stalls again: a warning at most once a minute
+            allowed = self._cut_off_said.allow()
+            if allowed is not None:
+                say, extra = log.warning, allowed
         say("consumer connection closed", worker=self.index, kind=conn.kind, reason=reason,
-            unfinished=len(lost), **({"cut_offs": self._cut_offs} if self._cut_offs else {}))
+            unfinished=len(lost), **extra)
         if lost:
             self.report({"op": "requeue", "positions": lost, "reason": "consumer gone"})
         self._hand_back_waiting()
