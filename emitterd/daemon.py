@@ -171,7 +171,8 @@ class Daemon:
         try:
             cfg, applied, pending = ctx.cfg.reload()
         except Exception as e:
-            log.error("reload refused: the configuration could not be read or is invalid, nothing changed", error=str(e))
+            log.error("reload refused: the configuration could not be read or is invalid, "
+                      "nothing changed", error=str(e))
             ctx.notifier.ready(self._summary())
             return
         ctx.cfg = cfg

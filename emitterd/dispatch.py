@@ -114,7 +114,7 @@ class Dispatcher:
         self._matches_at = 0            # a position _skip_unmatched found matching
         self.name = key                 # for log lines: the pool sets its name (§2 "used in logs")
         self._park_said = logs.Throttle(burst=1, period=60.0)
-        self.scan_failed = False        # a stopped pool's scan met an unreadable log
+        self.scan_failed = False        # a stopped or failed pool's scan met an unreadable log
         self.delivered = 0
         self.retried = 0
         self.parked = 0
@@ -168,8 +168,8 @@ class Dispatcher:
         self.scan_failed = False        # elsewhere now: try reading again
 
     def pass_unmatched(self) -> bool:
-        """For a stopped or failed pool: its checkpoint still passes the events that do not match it
-        (§5 defines it so, whatever the pool's state); True when more is left."""
+        """For a stopped or failed pool: its checkpoint still passes the events that do not
+        match it (§5 defines it so, whatever the pool's state); True when more is left."""
         if self.cursor > self.log.head or self.scan_failed:
             return False
         return self._skip_unmatched()
