@@ -15,6 +15,18 @@ from subscriber_helper import wait_checkpoint
 from waits import wait_for
 
 
+def _restart_with_the_first_chunk_damaged(d):
+    """Stop the daemon, make the chunk of positions 1.. unreadable, start it: a client."""
+    assert d.stop() == 0
+    db = sqlite3.connect(os.path.join(d.data_dir, "emitterd.db"))
+    n = db.execute("UPDATE chunks SET bodies = x'c1c1c1c1' WHERE first = 1").rowcount
+    db.commit()
+    db.close()
+    assert n == 1
+    d.start()
+    return d.client()
+
+
 def _count(path, text):
     with open(path, "rb") as f:
         return f.read().decode("utf-8", "replace").count(text)
@@ -30,14 +42,7 @@ def test_unreadable_events_fail_a_pool_once_not_every_turn(make_daemon):
     c.stop(key)
     assert c.status(key)["state"] == "stopped"
     c.close()
-    assert d.stop() == 0
-    db = sqlite3.connect(os.path.join(d.data_dir, "emitterd.db"))
-    n = db.execute("UPDATE chunks SET bodies = x'c1c1c1c1' WHERE first = 1").rowcount
-    db.commit()
-    db.close()
-    assert n == 1
-    d.start()
-    c = d.client()
+    c = _restart_with_the_first_chunk_damaged(d)
     st = c.status(key)
     before_state = st["state"]
     for _ in range(200):
@@ -64,14 +69,7 @@ not match"), however many are published."""
                    "start_from": "origin"})["key"]
     c.stop(key)
     c.close()
-    assert d.stop() == 0
-    db = sqlite3.connect(os.path.join(d.data_dir, "emitterd.db"))
-    n = db.execute("UPDATE chunks SET bodies = x'c1c1c1c1' WHERE first = 1").rowcount
-    db.commit()
-    db.close()
-    assert n == 1
-    d.start()
-    c = d.client()
+    c = _restart_with_the_first_chunk_damaged(d)
     wait_for(lambda: _count(d.log_path, "cannot be read for a pool that is stopped") >= 1, 20,
              what="the stopped pool's scan to meet the damaged chunk")
     # the operator moves the checkpoint past the damaged range (it is 'p''s own events)
