@@ -765,6 +765,9 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, object]
             continue
         if raw is not None:
             given[_setting_for(name, "flag", None).name] = raw
+    if config_path is not None and not os.fspath(config_path):
+        # abspath("") is the working directory: "cannot read: Is a directory" said nothing
+        raise ConfigError("--config: empty; give a file, or leave the option out for none")
     if config_path is None and env.get(CONFIG_ENV):
         config_path = env[CONFIG_ENV]
     if config_path is not None:

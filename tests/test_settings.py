@@ -184,6 +184,9 @@ def test_config_path_from_environment(tmp_path):
     assert load(b, env=env).max_connections == 22   # an explicit path wins
     assert load(flags={"config": b}, env=env).max_connections == 22
     assert load(env=dict(env, EMITTERD_CONFIG="")).config_path is None
+    # an empty --config is a mistake, not the working directory read as a file
+    with pytest.raises(ConfigError, match="--config: empty"):
+        load(flags={"config": ""}, env=env)
 
 
 @pytest.mark.timeout(10)
