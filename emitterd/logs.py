@@ -88,6 +88,10 @@ class Throttle:
         self._count = 0
         self._held = 0
 
+    def reset(self) -> None:
+        """The cause is over: the next line of it goes out at once."""
+        self._start, self._count, self._held = -self.period, 0, 0
+
     def allow(self) -> Optional[dict]:
         """None: do not log this one; else the fields to add to its line."""
         now = time.monotonic()

@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 
 import psutil
 
-from emitterd import filters, logs, procs
+from emitterd import filters, logs, procs, retry
 from emitterd.channel import Channel
 from emitterd.dispatch import Dispatcher
 from emitterd.loop import monotonic
@@ -16,8 +16,6 @@ from emitterd.worker import main as worker_main
 log = logs.get("pool")
 PIPE_MAX_FRAME = worker_main.PIPE_MAX_FRAME
 EPHEMERAL_IDLE = 60.0       # PROTOCOL §3: an ephemeral subscription nobody attached to
-SPAWN_RETRY = 0.5           # seconds before a slot whose worker could not start tries again,
-SPAWN_RETRY_MAX = 30.0      # doubling per failure in a row up to this
 
 
 class WorkerHandle:
@@ -226,15 +224,15 @@ class Pool:
         later, backing off, so a passing shortage does not leave the slot empty for good
         (its events wait, as while a worker restarts)."""
         self._spawn_failures += 1
-        delay = min(SPAWN_RETRY * 2 ** min(self._spawn_failures - 1, 16), SPAWN_RETRY_MAX)
+        delay = retry.delay(self._spawn_failures)
         log.error("could not start a worker, trying again", pool=self.name, index=index,
                   error=e.strerror or str(e), retry_in=delay)
 
-        def retry() -> None:
+        def try_again() -> None:
             if (self.state == "running" and self.stopping is None
                     and index < self.spec["pool_size"] and index not in self.slots):
                 self._spawn(index, replacement)
-        self.ctx.loop.call_later(delay, retry)
+        self.ctx.loop.call_later(delay, try_again)
 
     def _on_worker_msg(self, h: WorkerHandle, msg: dict) -> None:
         h.last_seen = monotonic()

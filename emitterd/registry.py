@@ -23,6 +23,7 @@ class Registry:
         self.desired: dict = {}      # key -> "running" | "stopped" (what a restart brings back)
         self._saved: dict = {}       # key -> checkpoint last written
         self._flush_failures = 0     # flush_checkpoints failed in a row
+        self._flush_said = logs.Throttle(burst=1, period=60.0)
         self._unsaved: dict = {}     # key -> why the subscription's last change is not on disk
         self._undeleted: dict = {}   # key -> why a deleted subscription is still on disk
         self._last_tick = monotonic()
@@ -130,18 +131,19 @@ class Registry:
             try:
                 self.ctx.log.save_checkpoints(changed)
             except Exception as e:  # a full disk must not stop delivery; we retry next tick
-                # once a second while it lasts: said at the 1st, 10th, 60th, then every 600th
+                # tried once a second while it lasts: said once a minute
                 self._flush_failures += 1
-                n = self._flush_failures
-                if n in (1, 10, 60) or n % 600 == 0:
+                extra = self._flush_said.allow()
+                if extra is not None:
                     log.error("could not persist checkpoints; trying again every checkpoint "
-                              "interval", error=str(e), failures=n,
+                              "interval", error=str(e), failures=self._flush_failures, **extra,
                               pools=",".join(self.pools[k].name for k in sorted(changed)[:5])
                               + (" and %d more" % (len(changed) - 5) if len(changed) > 5 else ""))
                 return
             if self._flush_failures:
                 log.info("checkpoints persisted again", after_failures=self._flush_failures)
                 self._flush_failures = 0
+                self._flush_said.reset()
             self._saved.update(changed)
 
     def delete(self, key: str, done: Optional[Callable[[], Any]] = None) -> None:

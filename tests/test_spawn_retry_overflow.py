@@ -1,5 +1,5 @@
 """Pool._spawn_failed() (and emitterd/retry.py's StartRetry, same formula) computes
-min(SPAWN_RETRY * 2 ** (failures - 1), SPAWN_RETRY_MAX) with failures counted per pool,
+(before its fix) min(0.5 * 2 ** (failures - 1), 30) with failures counted per pool,
 in a row, across every slot and every start, reset only by a successful spawn. At the
 1025th failure 0.5 * 2**1024 raises OverflowError. A pool of 64 slots during an fd
 shortage gets there after 17 start/stop rounds (or ~16 retry rounds, ~8 minutes, on its

@@ -72,7 +72,7 @@ def attach(ctx: Any, req: Any) -> Any:
             h.channel.send_raw(framing.encode({"op": "consumer", "pending": rest}),
                                fds=[sock.fileno()])
             h.channel.after_flush(sock.close)
-            log.info("consumer attached", pool=pool.name, worker=h.index, peer_pid=conn.peer[0])
+            log.info("consumer attached", pool=pool.name, worker=h.index, peer_pid=conn.peer.pid)
         conn.after_reply = handoff
         req.reply({"key": key, "worker": h.index})
 

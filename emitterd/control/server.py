@@ -151,25 +151,25 @@ class ControlConn:
             self._partial = (pending, now)
         elif pending and now - self._partial[1] >= limit:
             log.warning("control connection closed: a frame half sent for %.0fs" % limit,
-                        buffered=pending, peer_pid=self.peer[0])
+                        buffered=pending, peer_pid=self.peer.pid)
             ch.close("frame half sent for %.0fs" % limit)
 
     def _on_frame_error(self, err: framing.FrameError) -> None:
         extra = self.server._throttles["frame"].allow()
         if extra is not None:
             log.info("framing error, closing connection", code=err.code, reason=err.message,
-                     peer_pid=self.peer[0], peer_uid=self.peer[1], **extra)
+                     peer_pid=self.peer.pid, peer_uid=self.peer.uid, **extra)
         self._answer(_error(0, err.code, err.message), close_after=True)
 
     def _on_close(self, reason: str) -> None:
         self.server.conns.discard(self)
         if reason.startswith("send failed"):
             # the client left before its answer: its business, not the operator's
-            log.debug("control connection closed", reason=reason, peer_pid=self.peer[0])
+            log.debug("control connection closed", reason=reason, peer_pid=self.peer.pid)
         elif reason.startswith("output buffer"):
             extra = self.server._throttles["cutoff"].allow()
             if extra is not None:
-                log.warning("control connection closed", reason=reason, peer_pid=self.peer[0],
+                log.warning("control connection closed", reason=reason, peer_pid=self.peer.pid,
                             **extra)
 
 
