@@ -174,6 +174,11 @@ class EncodeError(ValueError):
     was sent."""
 
 
+class _ConnectTimeout(TimeoutError):
+    """Internal: connect() found the daemon's accept queue full until the deadline; nothing
+    was sent, and its message says so."""
+
+
 class _Closed(Exception):
     """Internal: EOF or reset on a connection. `unsent`: it failed a send before any byte of
     that send went out."""
@@ -186,19 +191,27 @@ class _Closed(Exception):
 
 # ---- a framed, non-blocking connection ---------------------------------------
 
-def _connect(path: str, timeout: float) -> socket.socket:
-    """Connect a Unix stream socket; every way of failing becomes Unreachable/TimeoutError."""
-    deadline = time.monotonic() + timeout
+def _seconds(timeout: Optional[float]) -> str:
+    return "ever" if timeout is None else "%gs" % timeout
+
+
+def _connect(path: str, deadline: Optional[float]) -> socket.socket:
+    """Connect a Unix stream socket by `deadline` (None: no limit); every way of failing
+    becomes Unreachable or TimeoutError."""
+    started = time.monotonic()
     pause = 0.005
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            # blocking without a deadline: an AF_UNIX connect then waits for room in a
+            # full accept queue by itself
+            sock.settimeout(None if deadline is None
+                            else max(0.001, deadline - time.monotonic()))
             sock.connect(path)
         except socket.timeout:
             sock.close()
-            raise TimeoutError("connecting to %s took more than %.1fs" % (path, timeout)) \
-                from None
+            raise _ConnectTimeout("connecting to %s took more than %.1fs"
+                                  % (path, time.monotonic() - started)) from None
         except FileNotFoundError:
             sock.close()
             raise Unreachable("no daemon socket at %s (is emitterd running?)" % path, path) \
@@ -218,11 +231,11 @@ def _connect(path: str, timeout: float) -> socket.socket:
             # EAGAIN: the daemon's accept queue is full (it is busy, or stopped), not gone;
             # connect() does not wait for room, so wait here, within the timeout
             sock.close()
-            left = deadline - time.monotonic()
+            left = 1.0 if deadline is None else deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError("connecting to %s took more than %.1fs (its accept queue "
-                                   "stayed full: the daemon is busy or stopped)"
-                                   % (path, timeout)) from None
+                raise _ConnectTimeout("connecting to %s took more than %.1fs (its accept "
+                                      "queue stayed full: the daemon is busy or stopped)"
+                                      % (path, time.monotonic() - started)) from None
             time.sleep(min(pause, left))
             pause = min(pause * 2, 0.1)
             continue
@@ -403,10 +416,14 @@ class Client:
         self._next_id = 1
 
     # -- connection
-    def connect(self) -> "Client":
-        """Open the connection now (raises Unreachable); a no-op when open."""
+    def connect(self, deadline: Optional[float] = None) -> "Client":
+        """Open the connection now (raises Unreachable, or TimeoutError when the daemon's
+        accept queue stays full past `deadline`, a time.monotonic() value; by default the
+        client's timeout from now); a no-op when open."""
         if self._conn is None:
-            sock = _connect(self.socket_path, 10.0 if self.timeout is None else self.timeout)
+            if deadline is None:
+                deadline = _deadline(self.timeout)
+            sock = _connect(self.socket_path, deadline)
             self._conn = _Conn(sock, self.socket_path)
             self._next_id = 1
         return self
@@ -475,7 +492,7 @@ class Client:
         it again repeats nothing. Raises _Closed otherwise, with the connection open for
         the caller to read a parting error from."""
         for fresh in (False, True):
-            self.connect()
+            self.connect(deadline)
             conn = self._conn
             assert conn is not None
             ids, data = build()      # after connect(): request ids start again on a new one
@@ -510,13 +527,22 @@ class Client:
                 self.close()
                 raise parting from None
             raise self._lost(str(e)) from None
+        except _ConnectTimeout:
+            raise              # nothing was sent: its own message says why
         except TimeoutError:
             self.close()
-            raise TimeoutError("no answer to %r from %s within %ss"
-                               % (op, self.socket_path, self.timeout if timeout is None
-                                  else timeout)) from None
+            raise TimeoutError("no answer to %r from %s within %s"
+                               % (op, self.socket_path, _seconds(self.timeout if timeout is None
+                                                                 else timeout))) from None
         except EmitterError:
             self.close()   # id-0 error or protocol violation: the connection is done
+            raise
+        except EncodeError:
+            raise              # raised before anything was sent: the connection is in step
+        except BaseException:
+            # interrupted (Ctrl-C, a signal handler's exception) while sending or waiting:
+            # a half-sent frame or a late answer would put the next request out of step
+            self.close()
             raise
         if isinstance(res, EmitterError):
             raise res
@@ -560,12 +586,19 @@ class Client:
                 return results       # a connection-level error answered the rest
             raise self._lost("%s; %d of %d answered" % (e, len(results), len(ids)), results) \
                 from None
+        except _ConnectTimeout:
+            raise
         except TimeoutError:
             self.close()
             raise TimeoutError("no answers from %s within the timeout (%d of %d answered)"
-                               % (self.socket_path, len(results), len(ids))) from None
+                               % (self.socket_path, len(results), len(requests))) from None
         except EmitterError:
             self.close()
+            raise
+        except EncodeError:
+            raise
+        except BaseException:
+            self.close()       # interrupted: as in request()
             raise
         return results
 
@@ -607,7 +640,9 @@ class Client:
         """Stop a pool (by key, or by ``subscription`` triple); ``delete`` forgets it.
 
         The request waits up to the drain timeout, so its own timeout is at
-        least ``drain_timeout`` + 30 s (or the daemon default 10 + 30 s)."""
+        least ``drain_timeout`` + 30 s; without ``drain_timeout``, 10 + 30 s (10 s
+        is the built-in default: pass ``drain_timeout`` when the daemon is
+        configured with a longer one)."""
         if (key is None) == (subscription is None):
             raise TypeError("stop() needs exactly one of key or subscription")
         args = _target(key) if key is not None else {"subscription": subscription}
@@ -670,11 +705,12 @@ class Client:
         return the :class:`Consumer` that owns it (this client's own connection
         is not touched)."""
         t = self.timeout if timeout is None else timeout
-        sock = _connect(self.socket_path, 10.0 if t is None else t)
+        data = _encode_request({"id": 1, "op": "attach", "args": {"key": key}})
+        deadline = _deadline(t)
+        sock = _connect(self.socket_path, deadline)
         conn = _Conn(sock, self.socket_path)
         try:
-            deadline = _deadline(t)
-            conn.send(encode({"id": 1, "op": "attach", "args": {"key": key}}), deadline)
+            conn.send(data, deadline)
             resp = conn.recv(deadline)
             if resp.get("id") not in (0, 1) or not isinstance(resp.get("ok"), bool):
                 raise ProtocolViolation("protocol_violation",
@@ -720,7 +756,9 @@ class Consumer:
     ``key`` and ``worker`` come from the attach result. Events must be acked
     (or nacked) by position; unfinished events are delivered again after the
     connection closes. Iterating ends when the daemon closes the connection
-    (``closed_by_peer`` is then True).
+    (``closed_by_peer`` is then True). An ack or nack that does not go out
+    whole within `timeout` (TimeoutError) or is interrupted closes the
+    consumer: part of its frame may have gone out.
     """
 
     def __init__(self, conn: _Conn, key: str, worker: int, timeout: Optional[float] = 30.0) -> None:
@@ -783,13 +821,20 @@ class Consumer:
     def _send(self, msg: dict) -> None:
         if self._conn is None:
             raise Unreachable("the consumer connection is closed")
+        data = _encode_request(msg)
         try:
-            self._conn.send(encode(msg), _deadline(self.timeout))
+            self._conn.send(data, _deadline(self.timeout))
         except _Closed as e:
             self.closed_by_peer = True
             self.close()
             raise Unreachable("the consumer connection was closed by the daemon (%s)" % e) \
                 from None
+        except BaseException:
+            # a timeout or an interrupt may leave part of the frame sent: a later ack would
+            # become bytes inside it and be lost, so the connection ends here (its events
+            # come again, §3)
+            self.close()
+            raise
 
     def ack(self, positions: Sequence[int]) -> None:
         """Acknowledge events by position (one ack frame)."""
@@ -886,9 +931,18 @@ def _prepare_socket_path(path: str) -> None:
     try:
         probe.settimeout(1.0)
         probe.connect(path)
-    except OSError:
+    except ConnectionRefusedError:
         os.unlink(path)          # nobody listens: stale
         return
+    except FileNotFoundError:
+        return                   # gone meanwhile
+    except (BlockingIOError, socket.timeout):
+        raise OSError(errno.EADDRINUSE, "another program listens on this socket (its accept "
+                      "queue is full)", path) from None
+    except OSError as e:
+        # EACCES and the like: whoever listens there may be alive; never remove it unseen
+        raise OSError(e.errno, "cannot tell whether another program listens on this socket "
+                      "(%s)" % (e.strerror or e), path) from None
     finally:
         probe.close()
     raise OSError(errno.EADDRINUSE, "another program listens on this socket", path)
