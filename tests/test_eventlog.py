@@ -885,3 +885,25 @@ def test_parking_and_purging_are_one_transaction(tmp_path, op):
     log._db.execute("DROP TRIGGER fail150")
     if op == "unpark":
         assert log.unpark("k", list(range(1, 201))) == 200 and log.parked_count("k") == 0
+
+
+@pytest.mark.timeout(20)
+def test_open_makes_what_an_earlier_run_left_unsynced_durable(tmp_path, monkeypatch):
+    """A run killed between a commit's write and its fdatasync leaves events the disk may not
+    hold; a new open treats everything in the log as durable (it delivers it and answers a
+    retried publish by id), so it fdatasyncs the WAL and the database before reading them."""
+    first = open_log(str(tmp_path))
+    first.append([batch([ev("a", id="never-synced")])], defer_sync=True)   # no sync(): killed
+    synced = []
+    real = os.fdatasync
+
+    def spy(fd):
+        synced.append(os.readlink("/proc/self/fd/%d" % fd))
+        return real(fd)
+    monkeypatch.setattr(os, "fdatasync", spy)
+    second = open_log(str(tmp_path))
+    db = os.path.realpath(str(tmp_path / "emitterd.db"))
+    assert db + "-wal" in synced[:2] and db in synced[:2], synced
+    assert second.head == 1 and second.durable == 1
+    first.close()
+    second.close()

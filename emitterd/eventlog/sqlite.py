@@ -135,6 +135,25 @@ def _check_usable(path: str) -> None:
                               % (p, os.geteuid(), stat.S_IMODE(st.st_mode), st.st_uid))
 
 
+def _sync_left_over(path: str) -> None:
+    """fdatasync the log and its WAL as an earlier run left them: killed between a commit's
+    write and its fdatasync, that run left events the kernel holds but the disk may not.
+    Everything in the log at open is taken for durable (delivered, and a publish retried by
+    id answered with its position), so it is made so first. Raises OSError."""
+    for name in (path + "-wal", path):
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            raise OSError(e.errno, "what an earlier run wrote to the event log cannot be made "
+                          "durable: %s" % e.strerror, name) from None
+        finally:
+            os.close(fd)
+
+
 def tables_of(db: sqlite3.Connection) -> set:
     """The names of the tables in a database."""
     return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -254,6 +273,7 @@ class SqliteLog(EventLog):
         ensure_private_dir(data_dir)
         self.path = os.path.join(data_dir, "emitterd.db")
         _check_usable(self.path)
+        _sync_left_over(self.path)
         self._full = synchronous == "full"
         self._unsynced = False        # an append(defer_sync=True) not yet followed by sync()
         self._wal_fd = -1
