@@ -89,6 +89,7 @@ class Dispatcher:
         self.key = key
         self.matcher = matcher
         self.log = log
+        self._routing: Optional[tuple] = None
         self.options = options
         self.max_frame = max_frame
         self.schedule = schedule
@@ -106,7 +107,6 @@ class Dispatcher:
         self.per_worker: dict = {}     # wid -> events in flight on it
         # pinned order across resizes: streams whose in-flight events sit on a worker that is
         # not their slot any more (-> that wid); recomputed only while routing changes settle
-        self._routing: Optional[tuple] = None
         self._misplaced: dict = {}
         self._slots: dict = {}          # stream -> slot, for _slot_n workers
         self._slot_n = 0
@@ -128,6 +128,16 @@ class Dispatcher:
                                                                     "events"))
 
     # ---- state ---------------------------------------------------------------
+    @property
+    def options(self) -> dict:
+        return self._options
+
+    @options.setter
+    def options(self, options: dict) -> None:
+        self._options = options
+        # a strategy switched back to pinned finds events handed out meanwhile by another
+        # strategy, possibly off their stream's slot: the misplaced streams are looked at anew
+        self._routing = None
     @property
     def in_flight(self) -> int:
         """§2: handed to workers and not yet finished, retries waiting included (events
@@ -443,9 +453,9 @@ class Dispatcher:
                 adds[s](r)
         cut = None        # the position of the first event whose worker has no room left
         for w, g in zip(targets, groups):
-            r = room[w.wid]
+            r = max(room[w.wid], 0)     # below 0 after max_in_flight was lowered
             if len(g) > r:
-                p = g[max(r, 0)].position
+                p = g[r].position
                 if cut is None or p < cut:
                     cut = p
         if cut is not None:
