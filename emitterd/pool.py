@@ -33,6 +33,7 @@ class WorkerHandle:
         self.state = "starting"
         self.planned = False          # exit expected: stop, shrink, recycle
         self.consumers = 0
+        self.attached = 0             # of them, clients that sent attach (not a unix: sink)
         self.pending_consumers = 0    # handed over, not yet confirmed by the worker
         self.started = monotonic()
         self.last_seen = self.started
@@ -97,8 +98,7 @@ class Pool:
         self._spawn_failures = 0       # in a row; backs the next try off
         self.stopping: Optional[dict] = None
         self._parked_rows = ctx.log.parked_count(key)
-        self.ever_attached = False
-        self._ephemeral_timer = None
+        self._ephemeral_timer = None   # deletes an ephemeral subscription nobody attached to
         self._make_dispatcher(checkpoint)
 
     # ---- setup ---------------------------------------------------------------
@@ -174,11 +174,8 @@ class Pool:
             if index >= self.spec["pool_size"]:
                 self._retire(self.slots.pop(index))
         self._fill()
-        if self._ephemeral_timer is not None:
-            self._ephemeral_timer.cancel()      # 60 s from this start, not an earlier one
-            self._ephemeral_timer = None
-        if self.spec["options"]["ephemeral"] and not self.ever_attached:
-            self._ephemeral_timer = self.ctx.loop.call_later(EPHEMERAL_IDLE, self._ephemeral_expired)
+        self._cancel_ephemeral_timer()          # 60 s from this start, not an earlier one
+        self.arm_ephemeral_timer()
         log.info("pool started", pool=self.name, subscription=self.spec["name"],
                  workers=self.spec["pool_size"], checkpoint=self.checkpoint)
 
@@ -251,7 +248,8 @@ class Pool:
         elif op == "hb":
             pass
         elif op == "consumers":
-            self._consumers_changed(h, msg["n"], msg.get("adopted", 0))
+            self._consumers_changed(h, msg["n"], msg.get("adopted", 0),
+                                    msg.get("attached", msg["n"]), msg.get("left", True))
         elif op == "ready":
             if h.state == "starting":
                 h.state = "ready"
@@ -275,29 +273,70 @@ class Pool:
         if self.stopping is not None:
             self.poll_stop()
 
-    def _consumers_changed(self, h: WorkerHandle, n: int, adopted: int) -> None:
-        before = self.consumer_count()
+    def _consumers_changed(self, h: WorkerHandle, n: int, adopted: int, attached: int,
+                           left: bool) -> None:
+        """`left`: the connection that closed was an attached consumer its client closed
+        (not one the daemon cut off: a retire, a recycle, a subscriber set)."""
+        before = self.attached_count()
         # handed-over connections the worker has taken (open or, if their first frame was
         # invalid, closed already): no longer pending
         h.pending_consumers = max(0, h.pending_consumers - adopted)
         h.consumers = n
-        if n > 0 and not self.ever_attached:
-            self.ever_attached = True
-            if self._ephemeral_timer is not None:
-                self._ephemeral_timer.cancel()
-                self._ephemeral_timer = None
-        if (self.spec["options"]["ephemeral"] and before > 0 and self.consumer_count() == 0):
-            log.info("ephemeral subscription lost its last consumer", pool=self.name)
-            self.ctx.registry.delete(self.key)
+        h.attached = attached
+        if self.attached_count() > 0:
+            self._cancel_ephemeral_timer()
+        elif before > 0 and self.spec["options"]["ephemeral"] and self.stopping is None:
+            if left:
+                log.info("ephemeral subscription lost its last consumer", pool=self.name)
+                self.ctx.registry.delete(self.key)
+            else:
+                self._consumer_cut_off()
+
+    def _consumer_cut_off(self, **why: Any) -> None:
+        """The daemon, not the client, ended the last attached consumer of an ephemeral
+        subscription: it waits for one to attach again, as after a start (§3)."""
+        log.info("ephemeral subscription's last consumer was cut off by the daemon; deleted "
+                 "in %.0f s unless a consumer attaches" % EPHEMERAL_IDLE, pool=self.name, **why)
+        self.arm_ephemeral_timer()
+
+    def arm_ephemeral_timer(self) -> None:
+        """An ephemeral subscription with no attached consumer is deleted EPHEMERAL_IDLE
+        seconds from now unless one attaches (a no-op if the timer runs already)."""
+        if (self.spec["options"]["ephemeral"] and self._ephemeral_timer is None
+                and self.stopping is None and self.attached_count() == 0):
+            self._ephemeral_timer = self.ctx.loop.call_later(EPHEMERAL_IDLE, self._ephemeral_expired)
+
+    def _cancel_ephemeral_timer(self) -> None:
+        if self._ephemeral_timer is not None:
+            self._ephemeral_timer.cancel()
+            self._ephemeral_timer = None
+
+    def ephemeral_changed(self) -> None:
+        """After an update of options.ephemeral (or of the subscriber)."""
+        if self.spec["options"]["ephemeral"]:
+            self.arm_ephemeral_timer()
+        else:
+            self._cancel_ephemeral_timer()
 
     def _ephemeral_expired(self) -> None:
         self._ephemeral_timer = None
         # this pool, still ephemeral: not a subscription started under the same key after
         # this one was deleted, nor this one started again as a durable one
-        if (not self.ever_attached and self.spec["options"]["ephemeral"]
-                and self.ctx.registry.pools.get(self.key) is self):
-            log.info("ephemeral subscription never attached, deleting", pool=self.name)
-            self.ctx.registry.delete(self.key)
+        if (not self.spec["options"]["ephemeral"] or self.stopping is not None
+                or self.ctx.registry.pools.get(self.key) is not self):
+            return
+        if self.attached_count() > 0:
+            # only a consumer being handed over: look again once it is (or is not) taken
+            self._ephemeral_timer = self.ctx.loop.call_later(1.0, self._ephemeral_expired)
+            return
+        log.info("ephemeral subscription had no consumer for %.0f s, deleting" % EPHEMERAL_IDLE,
+                 pool=self.name)
+        self.ctx.registry.delete(self.key)
+
+    def attached_count(self) -> int:
+        """Attached consumers (§3's, for the ephemeral rule), with those being handed over."""
+        return sum(h.attached + h.pending_consumers
+                   for h in list(self.slots.values()) + self.retiring)
 
     def consumer_count(self) -> int:
         return sum(h.consumers + h.pending_consumers
@@ -339,13 +378,11 @@ class Pool:
         if h in self.retiring:
             self.retiring.remove(h)
         lost = self.dispatcher.worker_lost(h.wid) if self.dispatcher else 0
-        if (h.consumers + h.pending_consumers and self.spec["options"]["ephemeral"]
-                and self.stopping is None and self.consumer_count() == 0):
-            # its consumers went with it (the worker reports no close when it dies)
-            log.info("ephemeral subscription lost its last consumer", pool=self.name,
-                     worker_exited=h.index)
-            self.ctx.registry.delete(self.key)
-            return
+        if (h.attached + h.pending_consumers and self.spec["options"]["ephemeral"]
+                and self.stopping is None and self.attached_count() == 0):
+            # its consumers went with it (the worker reports no close when it dies): cut
+            # off by the daemon, not gone by their own will
+            self._consumer_cut_off(worker_exited=h.index)
         if h.planned:
             log.debug("worker stopped", pool=self.name, index=h.index, pid=h.pid)
             self._check_stopped()

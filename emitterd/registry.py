@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 from emitterd import logs
 from emitterd.errors import UNAVAILABLE, ProtocolError
 from emitterd.loop import monotonic
-from emitterd.pool import Pool
+from emitterd.pool import EPHEMERAL_IDLE, Pool
 
 log = logs.get("registry")
 STALL_SECONDS = 2.0     # between ticks (every 0.5 s at most), longer means we did not run
@@ -32,15 +32,18 @@ class Registry:
         """Bring back every stored subscription; those that were running run again."""
         for row in self.ctx.log.load_subscriptions():
             key, spec = row["key"], row["spec"]
-            if spec["options"].get("ephemeral"):
-                self.ctx.log.delete_subscription(key)
-                continue
             pool = Pool(self.ctx, key, spec, row["checkpoint"], row["created_at"])
             self.pools[key] = pool
             self.desired[key] = row["desired"]
             self._saved[key] = row["checkpoint"]
             if row["desired"] == "running":
                 pool.start()
+            if spec["options"].get("ephemeral"):
+                # its consumers went with the daemon that stopped: they have as long to
+                # attach again as after a start (§3), then it goes
+                pool.arm_ephemeral_timer()
+                log.info("ephemeral subscription restored; deleted in %.0f s unless a "
+                         "consumer attaches" % EPHEMERAL_IDLE, pool=pool.name)
         log.info("subscriptions loaded", total=len(self.pools),
                  running=sum(1 for p in self.pools.values() if p.state == "running"))
 

@@ -89,6 +89,7 @@ def update(ctx: Any, req: Any) -> Any:
     spec["pool_size"] = pool.spec["pool_size"]
     pool.spec = spec
     pool.dispatcher.options = spec["options"]
+    pool.ephemeral_changed()
     if changed_sinks:
         pool.configure_workers()
     if checkpoint is not None:

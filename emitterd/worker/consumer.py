@@ -28,6 +28,7 @@ class ConsumerConn:
     def __init__(self, worker: Any, sock: Any, kind: str, pending: bytes = b"") -> None:
         self.worker = worker
         self.kind = kind
+        self.dismissed = False          # closed by the daemon's choice, not the client's
         self.inflight: dict = {}        # position -> ack deadline
         # (deadline, positions) as a heap: an update of ack_timeout makes a later batch's
         # deadline earlier than one before it (a queue held it behind the older deadline)
@@ -89,6 +90,7 @@ class ConsumerConn:
     def dismiss(self, code: str, message: str) -> None:
         """End this connection with an error frame (id 0) the client can read: its events
         in flight go back to the parent for delivery elsewhere."""
+        self.dismissed = True
         self.channel.send({"id": 0, "ok": False, "error": {"code": code, "message": message}})
         self.channel.flush()
         self.channel.close(message)

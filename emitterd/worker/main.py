@@ -159,7 +159,8 @@ class Worker:
         if not conn.closed:
             self.consumers.append(conn)
         if adopted or not conn.closed:
-            self.report({"op": "consumers", "n": len(self.consumers), "adopted": int(adopted)})
+            self.report({"op": "consumers", "n": len(self.consumers), "adopted": int(adopted),
+                         "attached": self._attached()})
         if conn.closed:
             return
         sent = []
@@ -173,7 +174,12 @@ class Worker:
     def consumer_closed(self, conn: Any, lost: list, reason: str) -> None:
         if conn in self.consumers:
             self.consumers.remove(conn)
-            self.report({"op": "consumers", "n": len(self.consumers)})
+            # an attached consumer whose client closed it (or broke the protocol) has left;
+            # one the daemon let go (dismissed, cut off for not reading) may attach again
+            left = (conn.kind == "attached" and not conn.dismissed
+                    and not reason.startswith("output buffer"))
+            self.report({"op": "consumers", "n": len(self.consumers),
+                         "attached": self._attached(), "left": left})
         # a consumer cut off for not reading gets its events again and again, never as
         # retries (it acked nothing late: it took nothing): that is worth a warning
         say, extra = log.info, {}
@@ -189,6 +195,9 @@ class Worker:
         self._hand_back_waiting()
         if self.sink is not None:
             self.sink.lost(conn)
+
+    def _attached(self) -> int:
+        return sum(1 for c in self.consumers if c.kind == "attached")
 
     def _hand_back_waiting(self) -> None:
         """Without a subscriber, events wait here only while a consumer may come back to this
