@@ -54,7 +54,8 @@ def normalize(type_: str, selector: Any) -> Any:
     """
     if type_ == "stream" or type_ == "event_type":
         if not isinstance(selector, str) or not selector:
-            raise SelectorError("", "a %s selector must be a non-empty string" % type_)
+            raise SelectorError("", "%s %s selector must be a non-empty string"
+                                    % ("an" if type_[0] in "aeiou" else "a", type_))
         return selector
     if type_ == "event_pattern":
         return _normalize_pattern(selector)

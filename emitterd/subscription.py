@@ -106,6 +106,14 @@ def normalize_selector(type_: Any, selector: Any, field: str) -> Any:
         raise invalid(field + ("." + e.field if e.field else ""), e.message) from None
 
 
+def _encoded_size(value: Any) -> int:
+    """Its msgpack size, or 0 when msgpack cannot encode it (normalize then says why)."""
+    try:
+        return len(msgpack.packb(value, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
 def validate_identity(sub: Any, field: str = "subscription") -> tuple:
     """Check name/type/selector; return (name, type, selector, normalized selector)."""
     if not isinstance(sub, dict):
@@ -119,6 +127,10 @@ def validate_identity(sub: Any, field: str = "subscription") -> tuple:
     if "selector" not in sub:
         raise invalid(field + ".selector", "selector is required")
     selector = sub["selector"]
+    # results show the selector as given, so it is bounded as given too, and first: a
+    # selector of megabytes is refused for its size in C, never walked item by item
+    if _encoded_size(selector) > MAX_SELECTOR_BYTES:
+        raise invalid(field + ".selector", "selector is over %d bytes encoded" % MAX_SELECTOR_BYTES)
     normalized = normalize_selector(type_, selector, field + ".selector")
     if len(msgpack.packb(normalized, use_bin_type=True)) > MAX_SELECTOR_BYTES:
         raise invalid(field + ".selector", "selector is over %d bytes encoded" % MAX_SELECTOR_BYTES)

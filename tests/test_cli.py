@@ -402,8 +402,8 @@ def test_a_pattern_that_starts_with_a_bracket_is_pointed_to_the_map_form(daemon:
     for sub_type in ("stream", "event_type"):
         rc, out, err = daemon.ctl("start", "br", "--type", sub_type, "--selector", "[eu]-*")
         assert rc == 2 and "map form" not in err, err
-        assert "a %s selector that starts with [ cannot be given on the command line" \
-            % sub_type in err, err
+        assert "%s %s selector that starts with [ cannot be given on the command line" \
+            % ("an" if sub_type == "event_type" else "a", sub_type) in err, err
     c = daemon.client()
     assert c.list()["subscriptions"] == []          # the usage error created nothing
     proc = daemon.ctl_popen("--json", "tail", "--type", "event_pattern", "--selector", selector)
@@ -1025,3 +1025,22 @@ def test_top_refreshes_with_rates(daemon: Any) -> None:
     assert rc == 0
     assert frames[0]["pools"][0]["delivered_per_s"] is None
     assert frames[2]["pools"][0]["delivered_per_s"] is not None
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_json_tags_or_payload_selector_is_told_its_json_form(daemon: Any) -> None:
+    """A tags selector IS given on the command line, as a JSON list (README's own example);
+    one whose items lack their quotes was told "cannot be given on the command line (the
+    Python client takes it)", and so was an event_payload one (a map, on both)."""
+    rc, out, err = daemon.ctl("start", "vip", "--type", "tags", "--selector", "[vip, gold]")
+    assert rc == 2, (rc, out, err)
+    assert "cannot be given on the command line" not in err, err
+    assert "a tags selector is a JSON list of quoted strings" in err, err
+    doc = json.loads(daemon.ctl("--json", "start", "vip", "--type", "tags",
+                                "--selector", '["vip", "gold"]')[1])
+    assert doc["subscription"]["selector"] == ["vip", "gold"]
+    rc, out, err = daemon.ctl("start", "p", "--type", "event_payload", "--selector", "['a']")
+    assert rc == 2, (rc, out, err)
+    assert "the Python client takes it" not in err and "is a JSON map" in err, err
+    rc, out, err = daemon.ctl("start", "e", "--type", "event_type", "--selector", "")
+    assert rc == 1 and "an event_type selector must be a non-empty string" in err, (rc, err)

@@ -127,14 +127,20 @@ def parse_selector(ctx: click.Context, param: click.Parameter, value: Optional[s
         # stream or event_type nothing on the command line (--type may come later in argv)
         sub_type = ctx.params.get("sub_type")
         form = "--selector '{\"stream\": %s}'" % json.dumps(value)
+        tags = "a tags selector is a JSON list of quoted strings: --selector '[\"vip\", \"gold\"]'"
         if sub_type == "event_pattern":
             hint = "as an event_pattern it can be given in the map form: " + form
+        elif sub_type == "tags":
+            hint = tags
+        elif sub_type == "event_payload":
+            hint = "an event_payload selector is a JSON map: --selector '{\"field\": value}'"
         elif sub_type is not None:
-            hint = ("a %s selector that starts with [ cannot be given on the command line "
-                    "(the Python client takes it)" % sub_type)
+            hint = ("%s %s selector that starts with [ cannot be given on the command line "
+                    "(the Python client takes it)"
+                    % ("an" if sub_type[0] in "aeiou" else "a", sub_type))
         else:
-            hint = ("an event_pattern that starts with [ can be given in the map form: %s; "
-                    "a stream or event_type selector cannot" % form)
+            hint = ("%s; an event_pattern that starts with [ can be given in the map form: "
+                    "%s; a stream or event_type selector cannot" % (tags, form))
         raise click.BadParameter("%s; %s" % (e.message, hint), param_hint="--selector") from None
 
 
