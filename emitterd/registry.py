@@ -44,6 +44,10 @@ class Registry:
                 pool.arm_ephemeral_timer()
                 log.info("ephemeral subscription restored; deleted in %.0f s unless a "
                          "consumer attaches" % EPHEMERAL_IDLE, pool=pool.name)
+        if len(self.pools) > self.ctx.cfg.max_subscriptions:
+            log.warning("more subscriptions are stored than max_subscriptions allows: all are "
+                        "kept, and start of a new one is refused until some are deleted",
+                        total=len(self.pools), max_subscriptions=self.ctx.cfg.max_subscriptions)
         log.info("subscriptions loaded", total=len(self.pools),
                  running=sum(1 for p in self.pools.values() if p.state == "running"))
 

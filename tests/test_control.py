@@ -737,6 +737,16 @@ def test_max_subscriptions_is_unavailable(make_daemon: Any) -> None:
     assert sorted(s["key"] for s in c.list()["subscriptions"]) == sorted([a["key"], st["key"]])
     with pytest.raises(Unavailable):
         c.start(sub("d"))
+    # a restart with a lower limit keeps what is stored, says so, and refuses new ones
+    c.close()
+    assert d.stop() == 0
+    d.extra_args = ["--max-subscriptions", "1"]
+    d.start()
+    c = d.client()
+    assert len(c.list()["subscriptions"]) == 2
+    assert "more subscriptions are stored than max_subscriptions allows" in d.log_tail(30)
+    with pytest.raises(Unavailable):
+        c.start(sub("d"))
 
 
 @pytest.mark.timeout(30)
