@@ -88,6 +88,33 @@ class Channel:
         self.decoder.feed(data)
         self.process()
 
+    def read_rest(self, max_bytes: int = 64 << 20) -> list:
+        """The frames the peer sent before it went away and nobody has read yet, decoded
+        but not dispatched: its owner decides what they still mean. Up to `max_bytes`."""
+        out: list = []
+        if self.closed or self.recv_fds:
+            return out
+        got = 0
+        while True:
+            try:
+                while True:
+                    msg = self.decoder.next()
+                    if msg is None:
+                        break
+                    out.append(msg)
+            except FrameError:
+                return out
+            if got >= max_bytes:
+                return out
+            try:
+                data = self.sock.recv(READ_CHUNK)
+            except OSError:
+                return out
+            if not data:
+                return out
+            got += len(data)
+            self.decoder.feed(data)
+
     def process(self) -> None:
         """Decode and dispatch every complete frame in the buffer."""
         while self.reading and not self._held and not self.closed:

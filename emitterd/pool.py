@@ -15,6 +15,8 @@ from emitterd.worker import main as worker_main
 
 log = logs.get("pool")
 PIPE_MAX_FRAME = worker_main.PIPE_MAX_FRAME
+# what a worker reports of its deliveries (the rest of its messages are of its own state)
+_DELIVERY_REPORTS = frozenset(("ack", "nack", "requeue", "waiting", "sent"))
 EPHEMERAL_IDLE = 60.0       # PROTOCOL §3: an ephemeral subscription nobody attached to
 
 
@@ -234,17 +236,8 @@ class Pool:
     def _on_worker_msg(self, h: WorkerHandle, msg: dict) -> None:
         h.last_seen = monotonic()
         op = msg.get("op")
-        d = self.dispatcher
-        if op == "ack":
-            d.on_ack(h.wid, h.index, msg["positions"])
-        elif op == "nack":
-            d.on_nack(h.wid, msg["positions"], msg.get("action", "retry"), msg.get("reason"))
-        elif op == "requeue":
-            d.requeue(h.wid, msg["positions"], sent=msg.get("reason") != "no consumer")
-        elif op == "waiting":
-            d.mark_sent(h.wid, msg["positions"], False)
-        elif op == "sent":
-            d.mark_sent(h.wid, msg["positions"], True)
+        if op in _DELIVERY_REPORTS:
+            self._delivery_report(h, op, msg)
         elif op == "hb":
             pass
         elif op == "consumers":
@@ -272,6 +265,19 @@ class Pool:
             self._maybe_finish_drain(h)
         if self.stopping is not None:
             self.poll_stop()
+
+    def _delivery_report(self, h: WorkerHandle, op: str, msg: dict) -> None:
+        d = self.dispatcher
+        if op == "ack":
+            d.on_ack(h.wid, h.index, msg["positions"])
+        elif op == "nack":
+            d.on_nack(h.wid, msg["positions"], msg.get("action", "retry"), msg.get("reason"))
+        elif op == "requeue":
+            d.requeue(h.wid, msg["positions"], sent=msg.get("reason") != "no consumer")
+        elif op == "waiting":
+            d.mark_sent(h.wid, msg["positions"], False)
+        elif op == "sent":
+            d.mark_sent(h.wid, msg["positions"], True)
 
     def _consumers_changed(self, h: WorkerHandle, n: int, adopted: int, attached: int,
                            left: bool) -> None:
@@ -371,6 +377,14 @@ class Pool:
         if h.kill_timer is not None:
             h.kill_timer.cancel()
         if h.channel is not None:
+            # what it said before it died may still be unread (the exit can be reaped first):
+            # its acks (else those events go out again) and its "sent" (else an event that
+            # reached a consumer comes again with the same attempt)
+            if self.dispatcher is not None:
+                for msg in h.channel.read_rest():
+                    op = msg.get("op")
+                    if op in _DELIVERY_REPORTS:
+                        self._delivery_report(h, op, msg)
             h.channel.close("worker exited")
         in_slot = self.slots.get(h.index) is h
         if in_slot:

@@ -1089,3 +1089,4 @@ def test_default_ephemeral_applies_only_to_subscriptions_without_subscriber(make
                  "subscriber": "unix:" + str(tmp_path / "nobody.sock"),
                  "options": {"ephemeral": True}})
     assert e.value.details == {"field": "subscription.options.ephemeral"}
+
