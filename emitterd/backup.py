@@ -30,7 +30,6 @@ import psutil
 
 from emitterd import datalock
 from emitterd.eventlog.sqlite import HEAD_SQL, TABLES, tables_of
-from emitterd.paths import ensure_private_dir
 
 LOG_NAME = "emitterd.db"
 LOG_FILES = (LOG_NAME, LOG_NAME + "-wal", LOG_NAME + "-shm")
@@ -244,10 +243,14 @@ def _move_aside(data_dir: str) -> str:
         return ""
     base = aside = os.path.join(data_dir, "replaced-%s" % time.strftime("%Y%m%dT%H%M%S"))
     n = 1
-    while os.path.lexists(aside):          # two restores within a second
-        n += 1
-        aside = "%s-%d" % (base, n)
-    ensure_private_dir(aside)
+    while True:
+        try:
+            os.mkdir(aside, 0o700)         # ours, new: never a name someone planted
+            break
+        except FileExistsError:            # two restores within a second
+            n += 1
+            aside = "%s-%d" % (base, n)
+    os.chmod(aside, 0o700)
     _owned_like(aside, data_dir)
     for name in present:
         os.rename(os.path.join(data_dir, name), os.path.join(aside, name))
@@ -260,7 +263,8 @@ def _owned_like(path: str, data_dir: str) -> None:
     runs as its own user (systemd's StateDirectory) and could not open a root-owned log."""
     st = os.stat(data_dir)
     if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
-        os.chown(path, st.st_uid, st.st_gid)
+        # the link itself if one was planted there meanwhile, never what it points to
+        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
 
 
 def _new_salt(path: str, info: Dict[str, Any]) -> None:

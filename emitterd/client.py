@@ -195,9 +195,32 @@ def _seconds(timeout: Optional[float]) -> str:
     return "ever" if timeout is None else "%gs" % timeout
 
 
+def _check_shared_default(path: str) -> None:
+    """The default socket without XDG_RUNTIME_DIR lies in /tmp/emitterd-<uid>, a name any
+    user can take first: refuse a directory there that is not ours (the daemon refuses it
+    too), or a fake daemon could take what this client publishes."""
+    uid = os.getuid()
+    if uid == 0 or path != paths.default_socket_path({}, uid):
+        return
+    d = os.path.dirname(path)
+    try:
+        st = os.lstat(d)
+    except OSError:
+        return                      # connect() says what is missing
+    if (stat.S_ISLNK(st.st_mode) or st.st_uid not in (0, uid)
+            or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX)):
+        raise Unreachable("%s is not this user's own private directory (%s): another user "
+                          "could have put a socket there; refusing to connect (give --socket "
+                          "or EMITTERD_SOCKET if it is meant)" % (
+                              d, "a symbolic link" if stat.S_ISLNK(st.st_mode) else
+                              "owned by uid %d" % st.st_uid if st.st_uid not in (0, uid) else
+                              "writable by others, mode %04o" % stat.S_IMODE(st.st_mode)), path)
+
+
 def _connect(path: str, deadline: Optional[float]) -> socket.socket:
     """Connect a Unix stream socket by `deadline` (None: no limit); every way of failing
     becomes Unreachable or TimeoutError."""
+    _check_shared_default(path)
     started = time.monotonic()
     pause = 0.005
     while True:

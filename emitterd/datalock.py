@@ -11,6 +11,7 @@ today: the helpers are exec'd and close their fds) could never keep a successor 
 import errno
 import fcntl
 import os
+import stat
 
 from emitterd.paths import ensure_private_dir
 
@@ -25,11 +26,29 @@ def lock(data_dir: str) -> int:
     path = os.path.join(data_dir, LOCK_NAME)
     try:
         ensure_private_dir(data_dir)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        st = os.stat(data_dir)
+        if st.st_mode & stat.S_IWOTH:
+            raise RuntimeError("data directory %s is writable by every user (mode %04o): "
+                               "anyone could replace the event log; chmod o-w it"
+                               % (data_dir, stat.S_IMODE(st.st_mode)))
+        # never through a link: whoever owns the directory (a service user, when root runs
+        # restore) could point emitterd.lock at /etc/shadow, which we would truncate
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+                     | os.O_NONBLOCK, 0o600)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RuntimeError("cannot use data directory %s: %s is a symbolic link (remove "
+                               "it; the lock is a plain file)" % (data_dir, path)) from None
         where = "" if e.filename in (None, data_dir) else " (%s)" % e.filename
         raise RuntimeError("cannot use data directory %s: %s%s"
                            % (data_dir, e.strerror or e, where)) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise RuntimeError("cannot use data directory %s: %s is not a plain file of its own "
+                           "(%s); remove it" % (data_dir, path, "a hard link to another "
+                                                "name" if stat.S_ISREG(st.st_mode)
+                                                else "not a regular file"))
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

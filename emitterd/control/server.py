@@ -30,6 +30,8 @@ def _error(rid: int, code: str, message: str, details: Any = None) -> dict:
     return {"id": rid, "ok": False, "error": err}
 
 
+ADMIN_RESERVE = 4     # connections beyond max_connections for root and the daemon's uid
+
 class Request:
     """One request in flight; answered exactly once, in order with its connection's others."""
 
@@ -61,10 +63,13 @@ class ControlConn:
                                backpressure=True)
         self.after_reply = None        # callable run once this connection's slots are all sent
         self._unfinished: Optional[list] = None   # the slot of a deferred op reading waits for
-        self._partial = (0, 0.0)       # (bytes of a frame begun, since when): see cut_off_stalled
+        self._frames = 0               # frames read so far
+        # (frames read when the unfinished one was first seen, since when): cut_off_stalled
+        self._partial: Optional[tuple] = None
 
     # ---- requests ----------------------------------------------------------------
     def _on_frame(self, msg: dict) -> None:
+        self._frames += 1
         rid = msg.get("id")
         if not (isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 1 << 64):
             self._answer(_error(0, INVALID, "a request needs an unsigned integer id", {"field": "id"}))
@@ -143,13 +148,16 @@ class ControlConn:
             ch.after_flush(cb)
 
     def close_if_frame_stalled(self, now: float, limit: float) -> None:
-        """A frame begun and not finished for `limit` seconds (checked, not timed per read:
-        the bytes waiting in the decoder have stayed the same since `since`)."""
+        """A frame begun and not finished for `limit` seconds, timed from when it was first
+        seen unfinished (checked, not timed per read; no frame completed since), however
+        its bytes trickle in: a byte now and then must not keep its buffer for good."""
         ch = self.channel
         pending = ch.decoder.buffered if ch.receiving else 0
-        if pending != self._partial[0]:
-            self._partial = (pending, now)
-        elif pending and now - self._partial[1] >= limit:
+        if not pending:
+            self._partial = None
+        elif self._partial is None or self._partial[0] != self._frames:
+            self._partial = (self._frames, now)
+        elif now - self._partial[1] >= limit:
             log.warning("control connection closed: a frame half sent for %.0fs" % limit,
                         buffered=pending, peer_pid=self.peer.pid)
             ch.close("frame half sent for %.0fs" % limit)
@@ -223,8 +231,11 @@ class ControlServer:
                             **extra)
             self._refuse(sock, PERMISSION_DENIED, "uid %d / gid %d may not use this socket" % (uid, gid))
             return
-        # attached consumers live in workers now, but they are still connections to us
-        if len(self.conns) + self.ctx.registry.consumer_count() >= cfg.max_connections:
+        # attached consumers live in workers now, but they are still connections to us.
+        # Root and our own uid have a few more: an allowed client holding every connection
+        # must not lock out the administrator who would stop it
+        limit = cfg.max_connections + (ADMIN_RESERVE if uid in (0, os.getuid()) else 0)
+        if len(self.conns) + self.ctx.registry.consumer_count() >= limit:
             extra = self._throttles["full"].allow()
             if extra is not None:
                 log.warning("connection refused: max_connections reached",
@@ -295,16 +306,38 @@ def _check_socket_dir(where: str) -> None:
     """Refuse a socket directory someone else could swap the socket in: owned by another
     user (root aside), or writable by group or others without the sticky bit (/tmp has it).
     Peer credentials protect the daemon; this protects its clients, which would otherwise
-    talk to whatever listens there (a /tmp/emitterd-<uid> made first by another user)."""
-    st = os.stat(where)
-    if st.st_uid not in (0, os.geteuid()):
-        raise RuntimeError("socket directory %s belongs to uid %d, not to this user: anyone "
-                           "owning it could replace the socket; refusing" % (where, st.st_uid))
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise RuntimeError("socket directory %s is writable by %s (mode %04o, no sticky bit): "
-                           "anyone could replace the socket; refusing"
-                           % (where, "others" if st.st_mode & 0o002 else "its group",
-                              stat.S_IMODE(st.st_mode)))
+    talk to whatever listens there (a /tmp/emitterd-<uid> made first by another user).
+    Every directory above it counts as much (whoever may rename one may swap what is below),
+    and a symbolic link on the way as well: the path as given and as reached are checked."""
+    euid = os.geteuid()
+    seen = set()
+    for p in _ancestors(where) + _ancestors(os.path.realpath(where)):
+        if p in seen:
+            continue
+        seen.add(p)
+        st = os.lstat(p)
+        what = "socket directory %s" % where if p == where else "%s (above socket directory " \
+            "%s)" % (p, where)
+        if st.st_uid not in (0, euid):
+            raise RuntimeError("%s belongs to uid %d, not to this user: anyone owning it could "
+                               "replace the socket; refusing" % (what, st.st_uid))
+        if stat.S_ISLNK(st.st_mode):
+            continue       # root's or ours; where it leads is checked as reached
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise RuntimeError("%s is writable by %s (mode %04o, no sticky bit): anyone could "
+                               "replace the socket; refusing"
+                               % (what, "others" if st.st_mode & 0o002 else "its group",
+                                  stat.S_IMODE(st.st_mode)))
+
+
+def _ancestors(path: str) -> list:
+    """`path` (absolute) and every directory above it, from / down."""
+    out = [path]
+    while True:
+        parent = os.path.dirname(out[-1])
+        if parent == out[-1]:
+            return out[::-1]
+        out.append(parent)
 
 
 def bind_control_socket(path: str, mode: int) -> socket.socket:

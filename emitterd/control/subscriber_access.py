@@ -31,23 +31,47 @@ def check(ctx: Any, peer: Peer, subscriber: Optional[str], field: str) -> None:
 def why_not(path: str, uid: int, groups: Sequence[int]) -> Optional[str]:
     """Why `uid` (in `groups`) could not connect to the unix socket `path`, judged by mode
     bits (ACLs are not read: they can only be refused here, never let through); None if
-    it could. A path that does not exist yet needs searchable directories up to it."""
-    real = os.path.realpath(path)     # connect() follows symlinks, and so does the check
-    parts = real.split("/")[1:]
+    it could. A path that does not exist yet needs searchable directories up to it.
+
+    The path is walked as the client's connect() would walk it, one name at a time, a
+    symbolic link followed only from a directory the client may search: resolved with the
+    daemon's rights first, it named (and judged) a link's target inside a directory the
+    client cannot look into."""
+    todo = [n for n in path.split("/") if n]
     d = "/"
-    for name in parts[:-1]:
+    hops = 0
+    while todo:
         st = _stat(d)
         if st is None:
             return None          # not there yet: connect() will say so, to the daemon alone
         if not _allows(st, uid, groups, 0o1):
             return "no search permission on directory %s" % d
-        d = os.path.join(d, name)
-    st = _stat(d)
-    if st is not None and not _allows(st, uid, groups, 0o1):
-        return "no search permission on directory %s" % d
-    st = _stat(real)
-    if st is not None and not _allows(st, uid, groups, 0o2):
-        return "no write permission on %s" % real
+        name = todo.pop(0)
+        here = os.path.join(d, name)
+        try:
+            lst = os.lstat(here)
+        except OSError:
+            return None
+        if stat.S_ISLNK(lst.st_mode):
+            hops += 1
+            if hops > 40:
+                return "too many symbolic links in %s" % path
+            try:
+                target = os.readlink(here)
+            except OSError:
+                return None
+            todo = [n for n in target.split("/") if n] + todo
+            if target.startswith("/"):
+                d = "/"
+            continue
+        if not todo:
+            if not _allows(lst, uid, groups, 0o2):
+                return "no write permission on %s" % here
+            return None
+        if name == "..":
+            d = os.path.dirname(d) or "/"
+        elif name != ".":
+            d = here
     return None
 
 
