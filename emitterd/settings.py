@@ -219,9 +219,10 @@ SETTINGS: tuple[Setting, ...] = (
         half. At least max_frame_bytes.""",
        minimum=64 * 1024, maximum=2 ** 40, metavar="BYTES"),
     _s("partial_frame_timeout", FLOAT, 60.0, L, True, """
-        Seconds a control connection may leave a frame half sent (some of it
-        read, the rest not coming) before it is closed: a client that sends the
-        start of a large frame and stops would hold that memory for good.""",
+        Seconds a control connection may take to send a frame whole, from its
+        first byte, before it is closed: a client that sends the start of a
+        large frame and stops (or trickles the rest a byte at a time) would
+        hold that memory for good.""",
        minimum=0.1),
     # -- workers
     _s("heartbeat_interval", FLOAT, 1.0, W, False, """

@@ -23,6 +23,7 @@ import pytest
 from daemon_fixture import Daemon
 from emitterd.client import AlreadyStarted, Client, Unavailable
 from emitterd.framing import Decoder, encode
+from emitterd.control.server import ADMIN_RESERVE
 from waits import ready_status, received, wait_for  # noqa: E402
 
 NOBODY = 65534
@@ -41,6 +42,21 @@ def sub(name: str, **kw: Any) -> Dict[str, Any]:
     s = {"name": name, "type": "stream", "selector": "orders"}
     s.update(kw)
     return s
+
+
+def hold_admin_reserve(d: Any) -> List[socket.socket]:
+    """The tests run as root, who has ADMIN_RESERVE connections beyond max_connections (so
+    that a client holding every connection cannot lock the administrator out): held here,
+    idle and admitted, the next ones meet max_connections as any client's would."""
+    held = []
+    for i in range(ADMIN_RESERVE):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        held.append(s)
+        s.connect(d.socket)
+        s.sendall(encode({"id": i + 1, "op": "ping"}))
+        f = read_frame(s)
+        assert f is not None and f.get("ok") is True, f
+    return held
 
 
 def read_frame(sock: socket.socket, timeout: float = 5.0) -> Optional[dict]:
@@ -654,6 +670,7 @@ def test_a_flood_of_refused_connections_and_bad_frames_does_not_flood_the_log(
     """Lines a client causes per connection (refused at max_connections, a bad frame) are
     held to 5 a minute each; the admitted client is served throughout."""
     d = make_daemon("--max-connections", "1")
+    reserve = hold_admin_reserve(d)
     with Client(d.socket, timeout=5) as c:          # 1 of 1: every other one is refused
         c.ping()
         for _ in range(200):
@@ -662,6 +679,8 @@ def test_a_flood_of_refused_connections_and_bad_frames_does_not_flood_the_log(
             assert read_frame(s)["error"]["code"] == "unavailable"
             s.close()
         assert c.ping()["pid"] == d.proc.pid
+    for s in reserve:
+        s.close()
     d2 = make_daemon()
     for _ in range(200):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -681,7 +700,7 @@ def test_a_flood_of_refused_connections_and_bad_frames_does_not_flood_the_log(
 def test_max_connections(make_daemon: Any) -> None:
     d = make_daemon("--max-connections", "3")
     clients = [Client(d.socket, timeout=5) for _ in range(3)]
-    extra: List[socket.socket] = []
+    extra: List[socket.socket] = hold_admin_reserve(d)
     try:
         for cl in clients:
             assert cl.ping()["pid"] == d.proc.pid
@@ -731,7 +750,7 @@ def test_attached_consumers_count_toward_max_connections(make_daemon: Any) -> No
     d = make_daemon("--max-connections", "3")
     c = Client(d.socket, timeout=5)
     consumers: List[Any] = []
-    extra: List[socket.socket] = []
+    extra: List[socket.socket] = hold_admin_reserve(d)
     try:
         key = c.start(sub("consumed"))["key"]
         ready_status(d, c, key, 1)
