@@ -112,6 +112,7 @@ class Dispatcher:
         self._slot_n = 0
         self.draining = False
         self._matches_at = 0            # a position _skip_unmatched found matching
+        self.scanned = 0                # records its last unmatched scan read
         self.name = key                 # for log lines: the pool sets its name (§2 "used in logs")
         self._park_said = logs.Throttle(burst=1, period=60.0)
         self.scan_failed = False        # a stopped or failed pool's scan met an unreadable log
@@ -177,31 +178,33 @@ class Dispatcher:
         self.cursor = position + 1
         self.scan_failed = False        # elsewhere now: try reading again
 
-    def pass_unmatched(self) -> bool:
+    def pass_unmatched(self, limit: int = SCAN_LIMIT) -> bool:
         """For a stopped or failed pool: its checkpoint still passes the events that do not
         match it (§5 defines it so, whatever the pool's state); True when more is left."""
+        self.scanned = 0
         if self.cursor > self.log.head or self.scan_failed:
             return False
-        return self._skip_unmatched()
+        return self._skip_unmatched(limit)
 
-    def _skip_unmatched(self) -> bool:
+    def _skip_unmatched(self, limit: int = SCAN_LIMIT) -> bool:
         """With no worker to route to (an attached pool without consumer): move the cursor
         over events that do not match, up to the first that does, so the checkpoint passes
-        them as PROTOCOL §5 says; True when the scan stopped at SCAN_LIMIT with more to do."""
+        them as PROTOCOL §5 says; True when the scan stopped at `limit` records with more
+        to do. `scanned` says how many it read (the callers share one budget a turn)."""
+        self.scanned = 0
         if self.matcher is match_all or self.cursor == self._matches_at:
             return False      # stopped at an event that matches: nothing to read again
         matcher = self.matcher
-        scanned = 0
-        while scanned < SCAN_LIMIT:
+        while self.scanned < limit:
             recs = self.log.read(self.cursor, SCAN_CHUNK)
             if not recs:
                 return False
+            self.scanned += len(recs)
             for r in recs:
                 if matcher(r):
                     self.cursor = self._matches_at = r.position
                     return False
             self.cursor = recs[-1].position + 1
-            scanned += len(recs)
         return self.cursor <= self.log.head
 
     # ---- sending ---------------------------------------------------------------
@@ -234,7 +237,7 @@ class Dispatcher:
         self._misplaced = out
         return out
 
-    def pump(self, slots: list, attach_mode: bool) -> bool:
+    def pump(self, slots: list, attach_mode: bool, skip_limit: int = SCAN_LIMIT) -> bool:
         """Hand out what the workers have room for; True when work was left for next turn."""
         if self.draining:
             return False      # a drain only waits for what workers hold; nothing new goes out
@@ -249,7 +252,7 @@ class Dispatcher:
             targets = slots
         routable = [w for w in targets if w is not None]
         if not routable:
-            return self._skip_unmatched()
+            return self._skip_unmatched(skip_limit)
         opts = self.options
         max_if = opts["max_in_flight"]
         per_worker = self.per_worker

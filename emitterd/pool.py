@@ -9,7 +9,7 @@ import psutil
 
 from emitterd import filters, logs, procs, retry
 from emitterd.channel import Channel
-from emitterd.dispatch import Dispatcher
+from emitterd.dispatch import SCAN_LIMIT, Dispatcher
 from emitterd.loop import monotonic
 from emitterd.worker import main as worker_main
 
@@ -356,10 +356,15 @@ class Pool:
             out.append(h if h is not None and h.state == "ready" else None)
         return out
 
-    def pump(self) -> bool:
+    def pump(self, scan_budget: int = SCAN_LIMIT) -> bool:
+        """Deliver what there is room for; True when work was left. `scan_budget` bounds
+        the records read only to move the checkpoint of a pool that has nobody to deliver
+        to (stopped, failed, no consumer): the registry shares one budget among them."""
+        if self.dispatcher is not None:
+            self.dispatcher.scanned = 0
         if self.state in ("stopped", "failed") and self.stopping is None:
             try:
-                return self.dispatcher.pass_unmatched()
+                return self.dispatcher.pass_unmatched(scan_budget)
             except sqlite3.DatabaseError as e:
                 # it delivers nothing; its checkpoint stays, and the error shows at its start
                 self.dispatcher.scan_failed = True
@@ -369,7 +374,7 @@ class Pool:
         if (self.state not in ("running", "backoff") or self.dispatcher is None
                 or (self.stopping is not None and self.stopping["terminated"])):
             return False
-        return self.dispatcher.pump(self.routing_slots(), self.attach_mode)
+        return self.dispatcher.pump(self.routing_slots(), self.attach_mode, scan_budget)
 
     # ---- worker exits ----------------------------------------------------------
     def on_exit(self, h: WorkerHandle, status: int) -> None:
