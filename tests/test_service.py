@@ -608,6 +608,17 @@ def test_metrics_op_and_http_exporter(make_daemon, short_tmp):
             fams = _families(c.metrics()["text"])
             return [s.value for s in fams["emitterd_worker_consumers"].samples]
         wait_until(lambda: consumers_now() == [0], 10, "the closed subscriber counted as gone")
+
+        # max_connections counts attached consumers beside control connections: a gauge
+        # of its own (a unix: subscriber's connection is not one)
+        def attached_now() -> float:
+            fams = _families(c.metrics()["text"])
+            return fams["emitterd_attached_consumers"].samples[0].value
+        assert attached_now() == 0
+        other = c.start({"name": "attached", "type": "stream", "selector": "att"})["key"]
+        with c.attach(other):
+            wait_until(lambda: attached_now() == 1, 10, "the attached consumer counted")
+        wait_until(lambda: attached_now() == 0, 10, "the consumer gone")
         assert d.proc.poll() is None
     finally:
         sub.close()

@@ -27,6 +27,11 @@ class _Collector:
         g = GaugeMetricFamily("emitterd_connections", "Open control connections")
         g.add_metric([], len(ctx.server.conns))
         yield g
+        g = GaugeMetricFamily("emitterd_attached_consumers",
+                              "Attached consumer connections (max_connections counts them "
+                              "with emitterd_connections)")
+        g.add_metric([], ctx.registry.consumer_count())
+        yield g
         labels = ["key", "name"]
         fam = {
             "delivered": CounterMetricFamily("emitterd_pool_delivered", "Events acked", labels=labels),
