@@ -139,9 +139,16 @@ class Worker:
             else:
                 self.report({"op": "requeue", "positions": positions, "reason": "no consumer"})
             return
-        conn.deliver(positions, frame)
         if unsent:
-            self.report({"op": "sent", "positions": positions})
+            self._say_sent(positions)
+        conn.deliver(positions, frame)
+
+    def _say_sent(self, positions: list) -> None:
+        """Tell the parent these reach a consumer, on the wire before they do: killed after
+        the consumer read them but before a later flush, the parent would count them never
+        sent, and deliver them again with the same attempt."""
+        self.report({"op": "sent", "positions": positions})
+        self.parent.flush()
 
     def _expire(self) -> None:
         now = monotonic()
@@ -163,13 +170,11 @@ class Worker:
                          "attached": self._attached()})
         if conn.closed:
             return
-        sent = []
+        if self.waiting:
+            self._say_sent([p for positions, _ in self.waiting for p in positions])
         while self.waiting and not conn.closed:
             positions, frame = self.waiting.popleft()
             conn.deliver(positions, frame)
-            sent.extend(positions)
-        if sent:
-            self.report({"op": "sent", "positions": sent})
 
     def consumer_closed(self, conn: Any, lost: list, reason: str) -> None:
         if conn in self.consumers:
