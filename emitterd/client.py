@@ -195,13 +195,18 @@ def _seconds(timeout: Optional[float]) -> str:
     return "ever" if timeout is None else "%gs" % timeout
 
 
+def _is_shared_fallback(socket_path: Optional[str]) -> bool:
+    """Whether a client given `socket_path` connects to the default of last resort, in
+    /tmp/emitterd-<uid> (no --socket, EMITTERD_SOCKET nor XDG_RUNTIME_DIR)."""
+    return (socket_path is None and os.getuid() != 0 and not os.environ.get("EMITTERD_SOCKET")
+            and not os.environ.get("XDG_RUNTIME_DIR"))
+
+
 def _check_shared_default(path: str) -> None:
     """The default socket without XDG_RUNTIME_DIR lies in /tmp/emitterd-<uid>, a name any
     user can take first: refuse a directory there that is not ours (the daemon refuses it
     too), or a fake daemon could take what this client publishes."""
     uid = os.getuid()
-    if uid == 0 or path != paths.default_socket_path({}, uid):
-        return
     d = os.path.dirname(path)
     try:
         st = os.lstat(d)
@@ -220,7 +225,6 @@ def _check_shared_default(path: str) -> None:
 def _connect(path: str, deadline: Optional[float]) -> socket.socket:
     """Connect a Unix stream socket by `deadline` (None: no limit); every way of failing
     becomes Unreachable or TimeoutError."""
-    _check_shared_default(path)
     started = time.monotonic()
     pause = 0.005
     while True:
@@ -433,6 +437,7 @@ class Client:
     """
 
     def __init__(self, socket_path: Optional[str] = None, timeout: Optional[float] = 30.0) -> None:
+        self._fallback = _is_shared_fallback(socket_path)
         self.socket_path = socket_path or paths.default_socket_path()
         self.timeout = timeout
         self._conn: Optional[_Conn] = None
@@ -446,6 +451,8 @@ class Client:
         if self._conn is None:
             if deadline is None:
                 deadline = _deadline(self.timeout)
+            if self._fallback:
+                _check_shared_default(self.socket_path)
             sock = _connect(self.socket_path, deadline)
             self._conn = _Conn(sock, self.socket_path)
             self._next_id = 1
@@ -730,6 +737,8 @@ class Client:
         t = self.timeout if timeout is None else timeout
         data = _encode_request({"id": 1, "op": "attach", "args": {"key": key}})
         deadline = _deadline(t)
+        if self._fallback:
+            _check_shared_default(self.socket_path)
         sock = _connect(self.socket_path, deadline)
         conn = _Conn(sock, self.socket_path)
         try:

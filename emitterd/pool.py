@@ -298,6 +298,18 @@ class Pool:
             else:
                 self._consumer_cut_off()
 
+    def pending_consumer_gone(self, left: bool) -> None:
+        """An attach whose handover did not happen (its client left first, or its worker
+        went): if it was the last consumer, the ephemeral rule applies as for any other."""
+        if (not self.spec["options"]["ephemeral"] or self.stopping is not None
+                or self.attached_count() > 0 or self.ctx.registry.pools.get(self.key) is not self):
+            return
+        if left:
+            log.info("ephemeral subscription lost its last consumer", pool=self.name)
+            self.ctx.registry.delete(self.key)
+        else:
+            self._consumer_cut_off()
+
     def _consumer_cut_off(self, **why: Any) -> None:
         """The daemon, not the client, ended the last attached consumer of an ephemeral
         subscription: it waits for one to attach again, as after a start (§3)."""
@@ -318,7 +330,7 @@ class Pool:
             self._ephemeral_timer = None
 
     def ephemeral_changed(self) -> None:
-        """After an update of options.ephemeral (or of the subscriber)."""
+        """After an update that turned options.ephemeral on or off."""
         if self.spec["options"]["ephemeral"]:
             self.arm_ephemeral_timer()
         else:

@@ -40,10 +40,10 @@ class Registry:
             self._saved[key] = row["checkpoint"]
             if row["desired"] == "running":
                 pool.start()
-            if spec["options"].get("ephemeral"):
+            if spec["options"].get("ephemeral") and row["desired"] == "running":
                 # its consumers went with the daemon that stopped: they have as long to
-                # attach again as after a start (§3), then it goes
-                pool.arm_ephemeral_timer()
+                # attach again as after a start (§3; start() armed the timer), then it goes.
+                # A stopped one stays stopped, as it would have in the run before.
                 log.info("ephemeral subscription restored; deleted in %.0f s unless a "
                          "consumer attaches" % EPHEMERAL_IDLE, pool=pool.name)
         if len(self.pools) > self.ctx.cfg.max_subscriptions:

@@ -996,6 +996,15 @@ def test_an_ephemeral_subscription_nobody_attaches_to_is_deleted_after_60s(daemo
         c.stop(again)                       # cuts its consumer off; it stays, stopped
         assert was.recv(timeout=10) is None
     assert start("again", ephemeral=True) == again   # attached before, not since
+    # stopped with a consumer attached, it stays, stopped; an update of another option
+    # must not start the 60 s (every update did)
+    kept = start("kept", ephemeral=True)
+    with c.attach(kept) as was:
+        c.publish([{"stream": "kept", "type": "t"}])
+        assert next(was.batches(timeout=10))      # taken by its worker: attached for sure
+        c.stop(kept, drain_timeout=0)
+        assert was.recv(timeout=10) is None
+    c.update(kept, options={"batch_size": 5})
     cut = start("cut", ephemeral=True)
     consumer = c.attach(cut)
     st = wait_status(c, cut, lambda s: s["workers"][0]["consumers"] == 1, what="attached")
@@ -1023,6 +1032,7 @@ def test_an_ephemeral_subscription_nobody_attaches_to_is_deleted_after_60s(daemo
         c.status(lonely)
     time.sleep(2)
     assert c.status(gkey)["state"] == "running", "the durable subscription was deleted"
+    assert c.status(kept)["state"] == "stopped", "an update started its 60 s"
 
 
 @pytest.mark.timeout(30)

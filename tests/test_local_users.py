@@ -292,52 +292,46 @@ def test_a_frame_trickled_one_byte_at_a_time_is_still_cut_off(make_daemon: Any) 
 @needs_root
 @pytest.mark.timeout(60)
 def test_a_client_does_not_talk_to_a_socket_in_a_default_directory_another_user_made(
-        short_tmp: str) -> None:
+        make_daemon: Any, short_tmp: str, monkeypatch: Any) -> None:
     """PROTOCOL §2 makes /tmp/emitterd-<uid>/emitterd.sock the default without
-    XDG_RUNTIME_DIR (cron, su, ssh without pam_systemd). The daemon refuses such a directory
-    made first by another user ("this protects its clients", server._check_socket_dir),
-    but the client library and emitterctl connect to whatever listens there: the other
-    user's listener gets every publish and answers as it likes."""
-    victim = NOBODY
-    attacker = 64999
-    where = "/tmp/emitterd-%d" % victim
-    if os.path.lexists(where):
-        pytest.skip("%s exists already" % where)
+    XDG_RUNTIME_DIR (cron, su, ssh without pam_systemd), a name another user can take first.
+    The daemon refuses such a directory; the client library and emitterctl connected to
+    whatever listened there. No fixed path is touched: the client's uid and its default are
+    patched in process to a directory of this test's, owned by another uid. A path given
+    explicitly (what the refusal advises) is not refused."""
+    from emitterd import client as client_mod
+    from emitterd.client import Client, Unreachable
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("EMITTERD_SOCKET", raising=False)
+    where = os.path.join(short_tmp, "emitterd-1000")
     os.mkdir(where, 0o755)
-    os.chown(where, attacker, attacker)
+    os.chown(where, 64999, 64999)                  # made first by another user
     fake = Listener(os.path.join(where, "emitterd.sock"), 0o666)
     try:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(r)
-                os.environ.pop("XDG_RUNTIME_DIR", None)
-                os.environ.pop("EMITTERD_SOCKET", None)
-                from emitterd.client import Client
-                os.setgroups([])
-                os.setgid(victim)
-                os.setuid(victim)
-                try:
-                    with Client(timeout=3) as c:
-                        c.publish([{"stream": "payroll", "type": "t", "data": {"x": 1}}])
-                except BaseException:  # noqa: BLE001 - the fake does not answer: fine here
-                    pass
-            finally:
-                os._exit(0)
-        os.close(w)
-        os.waitpid(pid, 0)
-        os.close(r)
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and not fake.got:
-            time.sleep(0.05)
-        assert not fake.got, (
-            "a client of uid %d sent its publish to %s, a directory made by uid %d: %r"
-            % (victim, fake.path, attacker, fake.got[0][:120]))
+        monkeypatch.setattr(client_mod.os, "getuid", lambda: 1000)
+        monkeypatch.setattr(client_mod.paths, "default_socket_path",
+                            lambda env=None, uid=None: fake.path)
+        with pytest.raises(Unreachable) as ei:
+            Client(timeout=3).publish([{"stream": "payroll", "type": "t", "data": {"x": 1}}])
+        assert "owned by uid 64999" in str(ei.value) and "give --socket" in str(ei.value)
+        time.sleep(0.3)
+        assert not fake.got, "the publish went to %s, a directory of uid 64999: %r" % (
+            fake.path, fake.got[0][:120])
     finally:
         fake.close()
-        import shutil
-        shutil.rmtree(where, ignore_errors=True)
+    # the advice works: the daemon's own socket in such a place, named explicitly
+    d = make_daemon(start=False)
+    real = os.path.join(d.root, "real")
+    os.mkdir(real, 0o700)
+    link = os.path.join(d.root, "emitterd-1000")
+    os.symlink(real, link)
+    d.socket = os.path.join(link, "emitterd.sock")
+    d.start()
+    monkeypatch.setattr(client_mod.paths, "default_socket_path",
+                        lambda env=None, uid=None: d.socket)
+    with pytest.raises(Unreachable):
+        Client(None).ping()                         # the default: a link, refused
+    assert Client(d.socket).ping()["pid"] == d.proc.pid
 
 
 @pytest.mark.timeout(30)

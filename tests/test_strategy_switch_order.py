@@ -16,7 +16,7 @@ import pytest
 from daemon_fixture import Daemon
 from emitterd.dispatch import stream_slot
 from subscriber_helper import (ACK, HOLD, start_pool, sub_spec, subscribers,  # noqa: F401
-                               wait_status, wait_until)
+                               wait_until)
 
 
 def _run(daemon: Daemon, subscribers: Any, first: str, name: str) -> tuple:

@@ -62,10 +62,12 @@ def attach(ctx: Any, req: Any) -> Any:
         def handoff() -> None:
             if conn.channel.closed:          # the client left before its answer went out
                 h.pending_consumers = max(0, h.pending_consumers - 1)
+                pool.pending_consumer_gone(left=True)
                 return
             if h.channel is None or h.channel.closed or h.planned:
                 h.pending_consumers = max(0, h.pending_consumers - 1)
                 conn.channel.close("worker gone before handoff")
+                pool.pending_consumer_gone(left=False)
                 return
             rest = conn.channel.decoder.take_rest()
             sock = ctx.server.detach(conn)

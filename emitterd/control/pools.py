@@ -87,9 +87,11 @@ def update(ctx: Any, req: Any) -> Any:
                      or spec["options"]["ack_timeout"] != pool.spec["options"]["ack_timeout"])
     new_size = spec["pool_size"]
     spec["pool_size"] = pool.spec["pool_size"]
+    was_ephemeral = pool.spec["options"]["ephemeral"]
     pool.spec = spec
     pool.dispatcher.options = spec["options"]
-    pool.ephemeral_changed()
+    if spec["options"]["ephemeral"] != was_ephemeral:
+        pool.ephemeral_changed()
     if changed_sinks:
         pool.configure_workers()
     if checkpoint is not None:

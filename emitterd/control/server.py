@@ -307,8 +307,10 @@ def _check_socket_dir(where: str) -> None:
     user (root aside), or writable by group or others without the sticky bit (/tmp has it).
     Peer credentials protect the daemon; this protects its clients, which would otherwise
     talk to whatever listens there (a /tmp/emitterd-<uid> made first by another user).
-    Every directory above it counts as much (whoever may rename one may swap what is below),
-    and a symbolic link on the way as well: the path as given and as reached are checked."""
+    Every directory above it must be root's or ours too, and not writable by others
+    without the sticky bit (whoever may rename one may swap what is below; a group-writable
+    one such as Debian's /usr/local, 2775 root:staff, trusts its group), and so must a
+    symbolic link on the way: the path as given and as reached are checked."""
     euid = os.geteuid()
     seen = set()
     for p in _ancestors(where) + _ancestors(os.path.realpath(where)):
@@ -323,11 +325,13 @@ def _check_socket_dir(where: str) -> None:
                                "replace the socket; refusing" % (what, st.st_uid))
         if stat.S_ISLNK(st.st_mode):
             continue       # root's or ours; where it leads is checked as reached
-        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            raise RuntimeError("%s is writable by %s (mode %04o, no sticky bit): anyone could "
+        writable = st.st_mode & (0o022 if p == where else 0o002)
+        if writable and not st.st_mode & stat.S_ISVTX:
+            raise RuntimeError("%s is writable by %s (mode %04o, no sticky bit): %s could "
                                "replace the socket; refusing"
                                % (what, "others" if st.st_mode & 0o002 else "its group",
-                                  stat.S_IMODE(st.st_mode)))
+                                  stat.S_IMODE(st.st_mode), "anyone" if st.st_mode & 0o002
+                                  else "its group's members"))
 
 
 def _ancestors(path: str) -> list:
