@@ -206,7 +206,8 @@ SETTINGS: tuple[Setting, ...] = (
        minimum=1, maximum=1_000_000),
     _s("max_connections", INT, 1024, L, True, """
         Most open connections on the control socket, attached consumers
-        included; more are refused.""",
+        included; more are refused. Root and the daemon's own user have 4
+        more, so a client holding them all cannot lock out an administrator.""",
        minimum=1, maximum=1_000_000),
     _s("max_subscriptions", INT, 1000, L, True, """
         Most registered subscriptions (pools); starting one more fails.""",
