@@ -291,28 +291,25 @@ class Pool:
         h.attached = attached
         if self.attached_count() > 0:
             self._cancel_ephemeral_timer()
-        elif before > 0 and self.spec["options"]["ephemeral"] and self.stopping is None:
-            if left:
-                log.info("ephemeral subscription lost its last consumer", pool=self.name)
-                self.ctx.registry.delete(self.key)
-            else:
-                self._consumer_cut_off()
+        elif before > 0:
+            self._last_consumer_gone(left)
 
     def pending_consumer_gone(self, left: bool) -> None:
         """An attach whose handover did not happen (its client left first, or its worker
         went): if it was the last consumer, the ephemeral rule applies as for any other."""
-        if (not self.spec["options"]["ephemeral"] or self.stopping is not None
-                or self.attached_count() > 0 or self.ctx.registry.pools.get(self.key) is not self):
+        if self.attached_count() == 0 and self.ctx.registry.pools.get(self.key) is self:
+            self._last_consumer_gone(left)
+
+    def _last_consumer_gone(self, left: bool, **why: Any) -> None:
+        """No attached consumer is left. An ephemeral subscription goes if its client closed
+        the last one (§3); one the daemon cut off (`left` False) may attach again within
+        EPHEMERAL_IDLE, as after a start. A stop is no leaving."""
+        if not self.spec["options"]["ephemeral"] or self.stopping is not None:
             return
         if left:
             log.info("ephemeral subscription lost its last consumer", pool=self.name)
             self.ctx.registry.delete(self.key)
-        else:
-            self._consumer_cut_off()
-
-    def _consumer_cut_off(self, **why: Any) -> None:
-        """The daemon, not the client, ended the last attached consumer of an ephemeral
-        subscription: it waits for one to attach again, as after a start (§3)."""
+            return
         log.info("ephemeral subscription's last consumer was cut off by the daemon; deleted "
                  "in %.0f s unless a consumer attaches" % EPHEMERAL_IDLE, pool=self.name, **why)
         self.arm_ephemeral_timer()
@@ -409,11 +406,10 @@ class Pool:
         if h in self.retiring:
             self.retiring.remove(h)
         lost = self.dispatcher.worker_lost(h.wid) if self.dispatcher else 0
-        if (h.attached + h.pending_consumers and self.spec["options"]["ephemeral"]
-                and self.stopping is None and self.attached_count() == 0):
+        if h.attached + h.pending_consumers and self.attached_count() == 0:
             # its consumers went with it (the worker reports no close when it dies): cut
             # off by the daemon, not gone by their own will
-            self._consumer_cut_off(worker_exited=h.index)
+            self._last_consumer_gone(False, worker_exited=h.index)
         if h.planned:
             log.debug("worker stopped", pool=self.name, index=h.index, pid=h.pid)
             self._check_stopped()

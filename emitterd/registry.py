@@ -8,8 +8,8 @@ import time
 from typing import Any, Callable, Optional
 
 from emitterd import logs
-from emitterd.errors import UNAVAILABLE, ProtocolError
 from emitterd.dispatch import SCAN_LIMIT
+from emitterd.errors import UNAVAILABLE, ProtocolError
 from emitterd.loop import monotonic
 from emitterd.pool import EPHEMERAL_IDLE, Pool
 
