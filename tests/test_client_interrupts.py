@@ -22,6 +22,20 @@ def _raise(*_a: Any) -> None:
     raise _Interrupt()
 
 
+def _fill_backlog(path: str) -> List[socket.socket]:
+    """Connections that fill the listen backlog of a stopped daemon (for the caller to close)."""
+    held = []
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            return held
+        held.append(s)
+
+
 @pytest.fixture
 def alarm() -> Any:
     old = signal.signal(signal.SIGALRM, _raise)
@@ -92,15 +106,7 @@ def test_a_request_timeout_bounds_the_connect_too(daemon: Any) -> None:
     os.kill(daemon.proc.pid, signal.SIGSTOP)
     held: List[socket.socket] = []
     try:
-        while True:                                         # fill the listen backlog
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.setblocking(False)
-            try:
-                s.connect(daemon.socket)
-            except BlockingIOError:
-                s.close()
-                break
-            held.append(s)
+        held += _fill_backlog(daemon.socket)
         c = Client(daemon.socket, timeout=60)
         t0 = time.monotonic()
         with pytest.raises(TimeoutError) as info:
@@ -249,15 +255,7 @@ def test_timeout_none_waits_for_a_full_accept_queue(daemon: Any, alarm: Any) -> 
     os.kill(daemon.proc.pid, signal.SIGSTOP)
     held: List[socket.socket] = []
     try:
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.setblocking(False)
-            try:
-                s.connect(daemon.socket)
-            except BlockingIOError:
-                s.close()
-                break
-            held.append(s)
+        held += _fill_backlog(daemon.socket)
         c = Client(daemon.socket, timeout=None)
         alarm(11.0)
         try:

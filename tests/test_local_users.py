@@ -37,6 +37,21 @@ def victim_file(where: str) -> str:
     return path
 
 
+def _start_or_refuse(d: Daemon) -> bool:
+    """Run d's daemon until it listens or exits; whether it listened. It is stopped after."""
+    proc = subprocess.Popen(d.argv(), env=d.env, cwd=d.root, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    d.proc = proc
+    d.track(proc.pid)
+    try:
+        wait_for(lambda: proc.poll() is not None or os.path.exists(d.socket), 20,
+                 "the daemon to start or refuse")
+        return proc.poll() is None
+    finally:
+        d.stop()
+
+
 class Listener:
     """A unix socket that records every connection made to it."""
 
@@ -117,16 +132,7 @@ def test_a_root_daemon_does_not_truncate_through_a_lock_symlink_in_a_foreign_dat
     os.chown(d.data_dir, NOBODY, NOBODY)
     os.symlink(victim, os.path.join(d.data_dir, "emitterd.lock"))
     os.lchown(os.path.join(d.data_dir, "emitterd.lock"), NOBODY, NOBODY)
-    proc = subprocess.Popen(d.argv(), env=d.env, cwd=d.root, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    d.proc = proc
-    d.track(proc.pid)
-    try:
-        wait_for(lambda: proc.poll() is not None or os.path.exists(d.socket), 20,
-                 "the daemon to start or refuse")
-    finally:
-        d.stop()
+    _start_or_refuse(d)
     with open(victim) as f:
         content = f.read()
     assert content == "root-only content\n", (
@@ -189,17 +195,7 @@ def test_a_socket_directory_that_is_another_users_symlink_is_refused(make_daemon
     os.lchown(planted, NOBODY, NOBODY)           # made by uid 65534 before the daemon
     d = make_daemon(start=False)
     d.socket = os.path.join(planted, "emitterd.sock")
-    r = subprocess.Popen(d.argv(), env=d.env, cwd=d.root, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         start_new_session=True)
-    d.proc = r
-    d.track(r.pid)
-    try:
-        wait_for(lambda: r.poll() is not None or os.path.exists(d.socket), 20,
-                 "the daemon to refuse or to listen")
-        listening = r.poll() is None
-    finally:
-        d.stop()
+    listening = _start_or_refuse(d)
     assert not listening, ("the daemon listens on %s although its directory is a symlink "
                            "owned by uid %d, who can re-point it at any time"
                            % (d.socket, NOBODY))
