@@ -1000,6 +1000,38 @@ def test_tail_ephemeral_subscription(daemon: Any) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_tail_attaches_again_when_its_worker_dies(daemon: Any) -> None:
+    """The worker serving tail is killed: the pool runs on (its ephemeral subscription
+    waits for a consumer), so tail attaches again and goes on printing. It used to exit 1,
+    and its subscription was deleted with the event it was about to print."""
+    proc = daemon.ctl_popen("--json", "tail", "--type", "stream", "--selector", "kept")
+    c = daemon.client()
+    try:
+        reader = LineReader(proc)
+
+        def tail_pool() -> Optional[Dict[str, Any]]:
+            for p in c.list()["subscriptions"]:
+                if sum(w["consumers"] for w in p["workers"]) == 1:
+                    return p
+            return None
+        pool = wait_for(tail_pool, 15, "the ephemeral tail subscription")
+        first = c.publish([{"stream": "kept", "type": "t"}])["positions"][0]
+        assert json.loads(reader.lines(1, 15)[0])["position"] == first
+        os.kill(pool["workers"][0]["pid"], signal.SIGKILL)
+        def on_new_worker() -> bool:
+            p = tail_pool()
+            return p is not None and p["workers"][0]["pid"] != pool["workers"][0]["pid"]
+        wait_for(on_new_worker, 20, "tail attached to the new worker")
+        second = c.publish([{"stream": "kept", "type": "t"}])["positions"][0]
+        assert json.loads(reader.lines(1, 15)[0])["position"] == second
+        assert proc.poll() is None
+    finally:
+        rc = _finish(proc)
+    assert rc == 0
+    assert "attaching again" in proc.stderr.read()
+
+
+@pytest.mark.timeout(60)
 def test_top_once(daemon: Any) -> None:
     key = start_json(daemon, "topped")["key"]
     d = jdoc(daemon.ctl("--json", "top", "--once"))

@@ -839,9 +839,14 @@ def tail(ctx: click.Context, key: Optional[str], sub_type: Optional[str], select
     Lines are `position stream type data` (control characters escaped); with
     --json one JSON event per line.
 
+    When the worker serving tail exits (killed, recycled, retired by a
+    resize) while the pool runs on, tail attaches again and goes on; its
+    unacked events come again. It gives up when its worker exits within 5 s
+    of attaching four times in a row.
+
     Exit status: 0 stopped by Ctrl-C, SIGTERM or the reader going away; 1 the
-    pool was stopped or deleted by another client (or its worker exited); 3
-    the daemon went away or is shutting down.
+    pool was stopped or deleted by another client (or kept losing its
+    worker); 3 the daemon went away or is shutting down.
     """
     st = state(ctx)
     if key is not None and (sub_type is not None or selector is not None):
@@ -859,24 +864,35 @@ def tail(ctx: click.Context, key: Optional[str], sub_type: Optional[str], select
             sub = {"name": "tail-" + secrets.token_hex(4), "type": sub_type, "selector": selector,
                    "options": {"ephemeral": True}, "start_from": start_from}
             key = client.start(sub)["key"]
-        # the daemon holds the attach until the new pool's first worker is ready
-        consumer = client.attach(key)
-        client.close()
-        if not st.as_json:
-            click.echo("tailing %s (worker %s); Ctrl-C to stop" % (consumer.key, consumer.worker),
-                       err=True)
-        # the SIGTERM handler raises _Terminated; should that land where it is swallowed (in
-        # a __del__, say) the flag it sets still ends the loop within TAIL_POLL seconds
-        while not _terminated and not consumer.closed and not _reader_gone():
-            for batch in consumer.batches(timeout=TAIL_POLL):
-                lines = [render.compact(e) if st.as_json else render.event_line(e) for e in batch]
-                sys.stdout.write("\n".join(lines) + "\n")
-                sys.stdout.flush()
-                consumer.ack([e["position"] for e in batch if isinstance(e.get("position"), int)])
-                if _terminated:
-                    break
-        if consumer.closed_by_peer:
-            code, why = _why_tail_ended(st, key)
+        quick_ends = 0
+        while True:
+            # the daemon holds the attach until the new pool's first worker is ready
+            consumer = client.attach(key)
+            attached_at = time.monotonic()
+            client.close()
+            if not st.as_json:
+                click.echo("tailing %s (worker %s); Ctrl-C to stop"
+                           % (consumer.key, consumer.worker), err=True)
+            # the SIGTERM handler raises _Terminated; should that land where it is swallowed
+            # (in a __del__, say) the flag it sets still ends the loop within TAIL_POLL seconds
+            while not _terminated and not consumer.closed and not _reader_gone():
+                for batch in consumer.batches(timeout=TAIL_POLL):
+                    lines = [render.compact(e) if st.as_json else render.event_line(e)
+                             for e in batch]
+                    sys.stdout.write("\n".join(lines) + "\n")
+                    sys.stdout.flush()
+                    consumer.ack([e["position"] for e in batch
+                                  if isinstance(e.get("position"), int)])
+                    if _terminated:
+                        break
+            if not consumer.closed_by_peer:
+                break
+            code, why, worker_gone = _why_tail_ended(st, key)
+            quick_ends = quick_ends + 1 if time.monotonic() - attached_at < 5.0 else 1
+            if worker_gone and quick_ends <= 3:
+                # the pool runs on (an ephemeral one waits for us): attach again
+                click.echo("tail: %s; attaching again" % why, err=True)
+                continue
             click.echo("error: %s" % why, err=True)
             ctx.exit(code)
     except (KeyboardInterrupt, _Terminated):
@@ -889,9 +905,10 @@ def tail(ctx: click.Context, key: Optional[str], sub_type: Optional[str], select
             consumer.close()
 
 
-def _why_tail_ended(st: Any, key: str) -> Tuple[int, str]:
+def _why_tail_ended(st: Any, key: str) -> Tuple[int, str, bool]:
     """The daemon closed tail's consumer connection: asked again, it says whether the pool
-    stopped (exit 1, the daemon answered) or the daemon went away (exit 3)."""
+    stopped (exit 1, the daemon answered) or the daemon went away (exit 3); the last field
+    is True when only the worker serving tail went and the pool runs on."""
     try:
         with Client(st.socket_path, timeout=5.0) as c:
             pool = c.status(key)
@@ -904,19 +921,19 @@ def _why_tail_ended(st: Any, key: str) -> Tuple[int, str]:
             # is the daemon going away, not another client's stop
             shutting_down = pool.get("state") != "running" and c.ping().get("shutting_down")
     except Unreachable:
-        return EXIT_UNREACHABLE, "the daemon closed the connection and no longer answers"
+        return EXIT_UNREACHABLE, "the daemon closed the connection and no longer answers", False
     except EmitterError as e:
         if e.code == "not_found":
-            return EXIT_DAEMON_ERROR, "subscription %s was deleted" % key
-        return EXIT_DAEMON_ERROR, "the daemon closed the connection (status: %s)" % e
+            return EXIT_DAEMON_ERROR, "subscription %s was deleted" % key, False
+        return EXIT_DAEMON_ERROR, "the daemon closed the connection (status: %s)" % e, False
     except TimeoutError:
-        return EXIT_UNREACHABLE, "the daemon closed the connection and does not answer"
+        return EXIT_UNREACHABLE, "the daemon closed the connection and does not answer", False
     if shutting_down:
-        return EXIT_UNREACHABLE, "the daemon is shutting down"
+        return EXIT_UNREACHABLE, "the daemon is shutting down", False
     if pool.get("state") != "running":
-        return EXIT_DAEMON_ERROR, "the pool of %s is %s" % (key, pool.get("state"))
+        return EXIT_DAEMON_ERROR, "the pool of %s is %s" % (key, pool.get("state")), False
     return EXIT_DAEMON_ERROR, ("the daemon closed the connection (the worker serving it "
-                               "exited); the pool of %s is running" % key)
+                               "exited); the pool of %s is running" % key), True
 
 
 def _reader_gone() -> bool:
