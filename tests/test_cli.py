@@ -828,6 +828,16 @@ def _finish(proc: subprocess.Popen) -> int:
         raise
 
 
+def _tail_pool(c: Any) -> Optional[Dict[str, Any]]:
+    """The status of the ephemeral subscription a `tail --type --selector` made, once its
+    consumer is attached."""
+    for p in c.list()["subscriptions"]:
+        if p["subscription"]["name"].startswith("tail-") and \
+                sum(w["consumers"] for w in p["workers"]) == 1:
+            return p
+    return None
+
+
 def _consumers(daemon: Any, key: str) -> int:
     try:
         return sum(w["consumers"] for w in daemon.client().status(key)["workers"])
@@ -977,14 +987,7 @@ def test_tail_ephemeral_subscription(daemon: Any) -> None:
     try:
         reader = LineReader(proc)
 
-        def tail_pool() -> Optional[Dict[str, Any]]:
-            for p in c.list()["subscriptions"]:
-                if p["subscription"]["name"].startswith("tail-") and \
-                        sum(w["consumers"] for w in p["workers"]) == 1:
-                    return p
-            return None
-
-        pool = wait_for(tail_pool, 15, "the ephemeral tail subscription")
+        pool = wait_for(lambda: _tail_pool(c), 15, "the ephemeral tail subscription")
         sub = pool["subscription"]
         assert sub["options"]["ephemeral"] is True and sub["start_from"] == "now"
         assert sub["type"] == "event_type" and sub["selector"] == "wanted"
@@ -1009,17 +1012,12 @@ def test_tail_attaches_again_when_its_worker_dies(daemon: Any) -> None:
     try:
         reader = LineReader(proc)
 
-        def tail_pool() -> Optional[Dict[str, Any]]:
-            for p in c.list()["subscriptions"]:
-                if sum(w["consumers"] for w in p["workers"]) == 1:
-                    return p
-            return None
-        pool = wait_for(tail_pool, 15, "the ephemeral tail subscription")
+        pool = wait_for(lambda: _tail_pool(c), 15, "the ephemeral tail subscription")
         first = c.publish([{"stream": "kept", "type": "t"}])["positions"][0]
         assert json.loads(reader.lines(1, 15)[0])["position"] == first
         os.kill(pool["workers"][0]["pid"], signal.SIGKILL)
         def on_new_worker() -> bool:
-            p = tail_pool()
+            p = _tail_pool(c)
             return p is not None and p["workers"][0]["pid"] != pool["workers"][0]["pid"]
         wait_for(on_new_worker, 20, "tail attached to the new worker")
         second = c.publish([{"stream": "kept", "type": "t"}])["positions"][0]
