@@ -1016,12 +1016,17 @@ def test_tail_attaches_again_when_its_worker_dies(daemon: Any) -> None:
         first = c.publish([{"stream": "kept", "type": "t"}])["positions"][0]
         assert json.loads(reader.lines(1, 15)[0])["position"] == first
         os.kill(pool["workers"][0]["pid"], signal.SIGKILL)
+
         def on_new_worker() -> bool:
             p = _tail_pool(c)
             return p is not None and p["workers"][0]["pid"] != pool["workers"][0]["pid"]
         wait_for(on_new_worker, 20, "tail attached to the new worker")
         second = c.publish([{"stream": "kept", "type": "t"}])["positions"][0]
-        assert json.loads(reader.lines(1, 15)[0])["position"] == second
+        # the first comes again when its ack had not reached the worker (at least once)
+        seen = [json.loads(reader.lines(1, 15)[0])["position"]]
+        if seen[0] == first:
+            seen.append(json.loads(reader.lines(1, 15)[0])["position"])
+        assert seen[-1] == second, seen
         assert proc.poll() is None
     finally:
         rc = _finish(proc)
