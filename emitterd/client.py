@@ -212,14 +212,16 @@ def _check_shared_default(path: str) -> None:
         st = os.lstat(d)
     except OSError:
         return                      # connect() says what is missing
-    if (stat.S_ISLNK(st.st_mode) or st.st_uid not in (0, uid)
-            or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX)):
+    who = "link" if stat.S_ISLNK(st.st_mode) else paths.swappable_by(st, uid)
+    if who is not None:
         raise Unreachable("%s is not this user's own private directory (%s): another user "
                           "could have put a socket there; refusing to connect (give --socket "
                           "or EMITTERD_SOCKET if it is meant)" % (
-                              d, "a symbolic link" if stat.S_ISLNK(st.st_mode) else
-                              "owned by uid %d" % st.st_uid if st.st_uid not in (0, uid) else
-                              "writable by others, mode %04o" % stat.S_IMODE(st.st_mode)), path)
+                              d, "a symbolic link" if who == "link" else
+                              "owned by uid %d" % st.st_uid if who == "owner" else
+                              "writable by %s, mode %04o" % (
+                                  "others" if who == "others" else "its group",
+                                  stat.S_IMODE(st.st_mode))), path)
 
 
 def _connect(path: str, deadline: Optional[float]) -> socket.socket:

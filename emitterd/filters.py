@@ -47,6 +47,11 @@ class SelectorError(ValueError):
 
 # --------------------------------------------------------------------------- normalize
 
+def a_selector(type_: str) -> str:
+    """ "a stream selector", "an event_type selector": for messages."""
+    return "%s %s selector" % ("an" if type_[:1] in ("a", "e", "i", "o", "u") else "a", type_)
+
+
 def normalize(type_: str, selector: Any) -> Any:
     """Validate a selector of type `type_` and return its canonical form (a fresh copy).
 
@@ -54,8 +59,7 @@ def normalize(type_: str, selector: Any) -> Any:
     """
     if type_ == "stream" or type_ == "event_type":
         if not isinstance(selector, str) or not selector:
-            raise SelectorError("", "%s %s selector must be a non-empty string"
-                                    % ("an" if type_[0] in "aeiou" else "a", type_))
+            raise SelectorError("", "%s must be a non-empty string" % a_selector(type_))
         return selector
     if type_ == "event_pattern":
         return _normalize_pattern(selector)

@@ -1,5 +1,6 @@
 """Default locations of the control socket and the data dir (PROTOCOL §2, DESIGN §6)."""
 import os
+import stat
 from typing import Mapping, Optional
 
 
@@ -26,6 +27,22 @@ def default_data_dir(env: Optional[Mapping[str, str]] = None, uid: Optional[int]
         return "/var/lib/emitterd"
     home = env.get("HOME") or os.path.expanduser("~")
     return os.path.join(home, ".local", "state", "emitterd")
+
+
+def swappable_by(st: os.stat_result, uid: int, group_trusted: bool = False) -> Optional[str]:
+    """Who, besides root and `uid`, could swap what lies in the directory (or symbolic link)
+    `st` (an lstat result) describes: "owner" (it is another user's), "others" or "group"
+    (writable by them, no sticky bit; a link's mode means nothing); None if nobody. The one
+    rule for the daemon's socket directory and the client's /tmp fallback."""
+    if st.st_uid not in (0, uid):
+        return "owner"
+    if stat.S_ISLNK(st.st_mode) or st.st_mode & stat.S_ISVTX:
+        return None
+    if st.st_mode & 0o002:
+        return "others"
+    if st.st_mode & 0o020 and not group_trusted:
+        return "group"
+    return None
 
 
 def ensure_private_dir(path: str) -> None:

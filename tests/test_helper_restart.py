@@ -17,12 +17,12 @@ The interpreter is made to vanish by starting the daemon through a symlinked ven
 (sys.executable = the symlink) and removing the link; restoring the link makes spawning
 work again.
 """
+import contextlib
 import os
 import shutil
-import signal
 import sys
 import time
-from typing import Any, List
+from typing import Any, Iterator, List
 
 import psutil
 import pytest
@@ -66,6 +66,17 @@ def _start(make_daemon: Any) -> Any:
     return d
 
 
+@contextlib.contextmanager
+def _interpreter_gone(d: Any) -> Iterator[None]:
+    """The daemon's interpreter (a symlink to the venv's) is gone for the block."""
+    target = os.readlink(d.python_link)
+    os.unlink(d.python_link)
+    try:
+        yield
+    finally:
+        os.symlink(target, d.python_link)
+
+
 def _wait(cond: Any, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -80,14 +91,10 @@ def test_fork_server_is_started_again_after_a_failed_restart(make_daemon: Any) -
     d = _start(make_daemon)
     assert _wait(lambda: _helpers(d, "fork server"), 20), "no fork server at start"
     (fs,) = _helpers(d, "fork server")
-    target = os.readlink(d.python_link)
-    os.unlink(d.python_link)                        # the interpreter is gone for a moment
-    try:
+    with _interpreter_gone(d):                      # for a moment
         fs.kill()
         assert _wait(lambda: "fork server not started" in open(d.log_path).read(), 20), \
             "the restart attempt was not made"
-    finally:
-        os.symlink(target, d.python_link)           # and back
     # the daemon should keep trying (as it does for workers and the checkpointer)
     assert _wait(lambda: _helpers(d, "fork server"), 30), (
         "fork server never started again after one failed attempt, although the "
@@ -99,16 +106,12 @@ def test_checkpointer_start_failure_is_not_logged_every_second(make_daemon: Any)
     d = _start(make_daemon)
     assert _wait(lambda: _helpers(d, "checkpointer"), 20), "no checkpointer at start"
     (ck,) = _helpers(d, "checkpointer")
-    target = os.readlink(d.python_link)
-    os.unlink(d.python_link)
-    try:
+    with _interpreter_gone(d):
         ck.kill()
         assert _wait(lambda: "checkpointer not started" in open(d.log_path).read(), 20)
         t0 = time.monotonic()
         time.sleep(12)
         n = open(d.log_path).read().count("checkpointer not started")
-    finally:
-        os.symlink(target, d.python_link)
     # a backoff (as for workers: 0.5 s doubling) gives at most ~5 lines in 12 s; the
     # current code logs an ERROR line every second for as long as it lasts
     assert n <= 6, ("%d 'checkpointer not started' ERROR lines in %.0f s: retried and "

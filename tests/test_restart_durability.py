@@ -24,25 +24,16 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import psutil
 import pytest
 
 from daemon_fixture import Daemon
 from emitterd.client import Client, serve_subscriber
+from waits import wait_for
 
 STRACE = shutil.which("strace")
-
-
-def _wait(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.01)
-    raise AssertionError("timed out waiting for %s" % what)
 
 
 def _crash_between_write_and_fdatasync(d: Daemon, tmp: str) -> None:
@@ -57,7 +48,7 @@ def _crash_between_write_and_fdatasync(d: Daemon, tmp: str) -> None:
          "-e", "inject=fdatasync:delay_enter=60000000:when=2", "-o", trace1],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait(lambda: os.path.exists(trace1), 10, "strace to attach")
+        wait_for(lambda: os.path.exists(trace1), 10, "strace to attach")
         time.sleep(0.5)
         answer: dict = {}
 
@@ -69,7 +60,7 @@ def _crash_between_write_and_fdatasync(d: Daemon, tmp: str) -> None:
                 answer["error"] = repr(e)
         pt = threading.Thread(target=publish)
         pt.start()
-        _wait(lambda: open(trace1).read().count("fdatasync(") >= 2, 15,
+        wait_for(lambda: open(trace1).read().count("fdatasync(") >= 2, 15,
               "the parent's own fdatasync of the commit")
         time.sleep(0.3)
         os.kill(d.proc.pid, signal.SIGKILL)
@@ -133,19 +124,19 @@ def test_restart_does_not_deliver_unsynced_events_before_syncing(make_daemon: An
                           args=(sub_path, lambda e: got.append((time.time(), e["position"], e["id"]))),
                           kwargs={"stop": stop})
     th.start()
-    _wait(lambda: os.path.exists(sub_path), 10, "the subscriber socket")
+    wait_for(lambda: os.path.exists(sub_path), 10, "the subscriber socket")
     restarted = None
     try:
         with Client(d.socket) as c:
             c.start({"name": "u", "type": "stream", "selector": "$all", "start_from": "origin",
                      "subscriber": "unix:" + sub_path})
             c.publish([{"stream": "s", "type": "t", "id": "first"}])
-        _wait(lambda: got, 20, "the first event delivered")
+        wait_for(lambda: got, 20, "the first event delivered")
         _crash_between_write_and_fdatasync(d, short_tmp)
         assert [g[2] for g in got] == ["first"], got
         n = len(got)
         restarted, trace2 = _start_traced(d, short_tmp)
-        _wait(lambda: len(got) > n, 60, "the restarted daemon's delivery")
+        wait_for(lambda: len(got) > n, 60, "the restarted daemon's delivery")
         t_delivered, pos, eid = got[n]
         assert eid == "never-synced", got
         time.sleep(1.0)

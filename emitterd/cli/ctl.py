@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import click
 
-from emitterd import __version__
+from emitterd import __version__, filters
 from emitterd.cli import render
 from emitterd.client import (Client, EmitterError, EncodeError, FrameTooLarge,
                              Unreachable)
@@ -135,9 +135,8 @@ def parse_selector(ctx: click.Context, param: click.Parameter, value: Optional[s
         elif sub_type == "event_payload":
             hint = "an event_payload selector is a JSON map: --selector '{\"field\": value}'"
         elif sub_type is not None:
-            hint = ("%s %s selector that starts with [ cannot be given on the command line "
-                    "(the Python client takes it)"
-                    % ("an" if sub_type[0] in "aeiou" else "a", sub_type))
+            hint = ("%s that starts with [ cannot be given on the command line (the Python "
+                    "client takes it)" % filters.a_selector(sub_type))
         else:
             hint = ("%s; an event_pattern that starts with [ can be given in the map form: "
                     "%s; a stream or event_type selector cannot" % (tags, form))

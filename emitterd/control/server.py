@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 from emitterd import framing, logs
 from emitterd.channel import Channel
 from emitterd.control.peercred import Peer, peer_of
-from emitterd.paths import ensure_private_dir
+from emitterd.paths import ensure_private_dir, swappable_by
 from emitterd.errors import (INTERNAL, INVALID, PERMISSION_DENIED, UNAVAILABLE, UNKNOWN_OP,
                              ProtocolError)
 from emitterd.eventlog import PublishBatch
@@ -318,20 +318,20 @@ def _check_socket_dir(where: str) -> None:
             continue
         seen.add(p)
         st = os.lstat(p)
+        # a link of root's or ours is judged by its owner; where it leads, as reached
+        who = swappable_by(st, euid, group_trusted=p != where)
+        if who is None:
+            continue
         what = "socket directory %s" % where if p == where else "%s (above socket directory " \
             "%s)" % (p, where)
-        if st.st_uid not in (0, euid):
+        if who == "owner":
             raise RuntimeError("%s belongs to uid %d, not to this user: anyone owning it could "
                                "replace the socket; refusing" % (what, st.st_uid))
-        if stat.S_ISLNK(st.st_mode):
-            continue       # root's or ours; where it leads is checked as reached
-        writable = st.st_mode & (0o022 if p == where else 0o002)
-        if writable and not st.st_mode & stat.S_ISVTX:
-            raise RuntimeError("%s is writable by %s (mode %04o, no sticky bit): %s could "
-                               "replace the socket; refusing"
-                               % (what, "others" if st.st_mode & 0o002 else "its group",
-                                  stat.S_IMODE(st.st_mode), "anyone" if st.st_mode & 0o002
-                                  else "its group's members"))
+        raise RuntimeError("%s is writable by %s (mode %04o, no sticky bit): %s could "
+                           "replace the socket; refusing"
+                           % (what, "others" if who == "others" else "its group",
+                              stat.S_IMODE(st.st_mode), "anyone" if who == "others"
+                              else "its group's members"))
 
 
 def _ancestors(path: str) -> list:
