@@ -80,11 +80,15 @@ class WorkerHandle:
 class Pool:
     """Runs pool_size workers for one subscription and feeds them from its dispatcher."""
 
-    def __init__(self, ctx: Any, key: str, spec: dict, checkpoint: int, created_at: int) -> None:
+    def __init__(self, ctx: Any, key: str, spec: dict, checkpoint: int, created_at: int,
+                 subscriber_rights: Optional[list] = None) -> None:
         self.ctx = ctx
         self.key = key
         self.name = ctx.pool_name(key)
         self.spec = spec
+        # [uid, groups] of the client that named the subscriber: the workers reach it as
+        # that user would (socketpath); None when root or the daemon's own user named it
+        self.subscriber_rights = subscriber_rights
         self.created_at = created_at
         self.state = "stopped"
         self.dispatcher: Optional[Dispatcher] = None
@@ -192,6 +196,7 @@ class Pool:
         cfg = self.ctx.cfg
         spec = {"key": self.key, "name": self.name, "index": index,
                 "subscriber": self.spec["subscriber"],
+                "subscriber_rights": self.subscriber_rights,
                 "ack_timeout": self.spec["options"]["ack_timeout"],
                 "heartbeat_interval": cfg.heartbeat_interval,
                 "max_frame": cfg.max_frame_bytes, "out_cap": cfg.output_buffer_bytes,
@@ -642,6 +647,7 @@ class Pool:
         cfg = self.ctx.cfg
         self.dispatcher.max_frame = cfg.max_frame_bytes
         self._tell_workers({"op": "configure", "subscriber": self.spec["subscriber"],
+                            "subscriber_rights": self.subscriber_rights,
                             "ack_timeout": self.spec["options"]["ack_timeout"],
                             "max_frame": cfg.max_frame_bytes, "out_cap": cfg.output_buffer_bytes,
                             "log": [cfg.log_level, cfg.log_format]})

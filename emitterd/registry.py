@@ -34,7 +34,8 @@ class Registry:
         """Bring back every stored subscription; those that were running run again."""
         for row in self.ctx.log.load_subscriptions():
             key, spec = row["key"], row["spec"]
-            pool = Pool(self.ctx, key, spec, row["checkpoint"], row["created_at"])
+            pool = Pool(self.ctx, key, spec, row["checkpoint"], row["created_at"],
+                        row["subscriber_rights"])
             self.pools[key] = pool
             self.desired[key] = row["desired"]
             self._saved[key] = row["checkpoint"]
@@ -53,12 +54,13 @@ class Registry:
         log.info("subscriptions loaded", total=len(self.pools),
                  running=sum(1 for p in self.pools.values() if p.state == "running"))
 
-    def create(self, key: str, spec: dict) -> Pool:
+    def create(self, key: str, spec: dict, subscriber_rights: Optional[list] = None) -> Pool:
         head = self.ctx.log.head
         sf = spec["start_from"]
         # a start_from beyond the head is kept: the cursor waits there (reported checkpoint <= head)
         checkpoint = 0 if sf == "origin" else head if sf == "now" else sf - 1
-        pool = Pool(self.ctx, key, spec, checkpoint, int(time.time() * 1_000_000))
+        pool = Pool(self.ctx, key, spec, checkpoint, int(time.time() * 1_000_000),
+                    subscriber_rights)
         # stored first: a subscription that cannot be stored is refused, not half made
         try:
             self._save(pool, "running")
@@ -74,7 +76,8 @@ class Registry:
     def _save(self, pool: Pool, desired: str) -> None:
         """Write the pool's subscription (spec, desired state, checkpoint); sqlite3.Error."""
         cp = pool.stored_checkpoint
-        self.ctx.log.save_subscription(pool.key, pool.spec, desired, cp, pool.created_at)
+        self.ctx.log.save_subscription(pool.key, pool.spec, desired, cp, pool.created_at,
+                                       pool.subscriber_rights)
         self._saved[pool.key] = cp
 
     def persist(self, pool: Pool, desired: Optional[str] = None) -> None:

@@ -339,3 +339,56 @@ def test_a_data_directory_every_user_may_write_is_refused(make_daemon: Any) -> N
     r = d.run_refused()
     assert r.returncode == 1, r
     assert "is writable by every user (mode 0777)" in r.stderr, r.stderr
+
+
+# ---- 5. a link swapped in after the check ------------------------------------------------------
+
+@needs_root
+@pytest.mark.timeout(120)
+def test_a_link_swapped_in_after_the_check_leads_the_workers_nowhere_the_client_could_not_go(
+        make_daemon: Any, short_tmp: str) -> None:
+    """README Security: "a client may only name a socket it could connect to itself". The
+    check ran at `start` only, with the worker following the path with the daemon's rights
+    at each connect: a client that owns the directory of its subscriber swapped a symbolic
+    link in after the check, and the worker connected to a root-only socket for it. Also
+    after a restart (the client's rights are stored with the subscription)."""
+    d = make_daemon(start=False)
+    os.chmod(d.root, 0o755)
+    d.extra_args = ["--socket-mode", "0666", "--allow-uids", str(NOBODY)]
+    d.start()
+    os.chmod(short_tmp, 0o755)
+    own = os.path.join(short_tmp, "own")
+    os.mkdir(own, 0o755)
+    os.chown(own, NOBODY, NOBODY)
+    private = os.path.join(short_tmp, "private")
+    os.mkdir(private, 0o700)
+    mine = Listener(os.path.join(own, "mine.sock"), 0o666)      # the client may connect here
+    secret = Listener(os.path.join(private, "secret.sock"), 0o600)
+    link = os.path.join(own, "sub")
+    try:
+        os.symlink(mine.path, link)
+        os.lchown(link, NOBODY, NOBODY)
+        got = as_user(d.socket, NOBODY, NOBODY, [], {"id": 1, "op": "start", "args": {
+            "subscription": sub_spec("swap", subscriber="unix:" + link, pool_size=1)}},
+            closed_wait=0.1)
+        assert got["frame"]["ok"] is True, got
+        # the listener closes each connection at once: the worker connects again and again
+        wait_for(lambda: mine.got, 20, "the worker to connect to the client's socket")
+        os.unlink(link)
+        os.symlink(secret.path, link)      # as uid 65534 may: own/ is its directory
+        os.lchown(link, NOBODY, NOBODY)
+
+        def refusals() -> int:
+            with open(d.log_path, "rb") as f:
+                return f.read().count(b"subscriber refused")
+        wait_for(lambda: secret.got or refusals(), 30, "the worker to connect again")
+        assert not secret.got, "the worker connected to %s through a link swapped in " \
+            "after the check" % secret.path
+        d.stop()
+        before = refusals()
+        d.start()
+        wait_for(lambda: secret.got or refusals() > before, 30, "the restarted worker to connect")
+        assert not secret.got, "after a restart, the worker connected to %s" % secret.path
+    finally:
+        mine.close()
+        secret.close()

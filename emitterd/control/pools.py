@@ -17,14 +17,15 @@ def start(ctx: Any, req: Any) -> Any:
     if "subscription" not in req.args:
         raise invalid("subscription", "subscription is required")
     spec = subscription.validate(req.args["subscription"], ctx.cfg)
-    subscriber_access.check(ctx, req.conn.peer, spec["subscriber"], "subscription.subscriber")
+    rights = subscriber_access.check(ctx, req.conn.peer, spec["subscriber"],
+                                     "subscription.subscriber")
     key = subscription.key_of(spec)
     reg = ctx.registry
     pool = reg.pools.get(key)
     if pool is None:
         if len(reg.pools) >= ctx.cfg.max_subscriptions:
             raise ProtocolError(UNAVAILABLE, "max_subscriptions (%d) reached" % ctx.cfg.max_subscriptions)
-        pool = reg.create(key, spec)
+        pool = reg.create(key, spec, rights)
         pool.start()
         return pool.status()
     if pool.state == "running" or pool.stopping is not None:
@@ -32,6 +33,7 @@ def start(ctx: Any, req: Any) -> Any:
     # a stopped, backoff or failed pool restarts from its checkpoint with the new settings
     spec["start_from"] = pool.spec["start_from"]
     pool.spec = spec
+    pool.subscriber_rights = rights
     # workers that outlived a backoff take the new subscriber and ack_timeout
     pool.configure_workers()
     pool.start()
@@ -67,11 +69,12 @@ def update(ctx: Any, req: Any) -> Any:
     only_keys(args, ("key", "subscription", "pool_size", "subscriber", "options", "checkpoint"))
     pool = find_pool(ctx, args)
     spec = dict(pool.spec)
+    rights = pool.subscriber_rights
     if "pool_size" in args:
         spec["pool_size"] = subscription.validate_pool_size(args["pool_size"], "pool_size")
     if "subscriber" in args:
         spec["subscriber"] = subscription.validate_subscriber(args["subscriber"], "subscriber")
-        subscriber_access.check(ctx, req.conn.peer, spec["subscriber"], "subscriber")
+        rights = subscriber_access.check(ctx, req.conn.peer, spec["subscriber"], "subscriber")
     if "options" in args:
         spec["options"] = subscription.validate_options(args["options"], pool.spec["options"], "options")
     if spec["options"]["ephemeral"] and spec["subscriber"] is not None:
@@ -84,11 +87,13 @@ def update(ctx: Any, req: Any) -> Any:
         if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or not 0 <= checkpoint <= head:
             raise invalid("checkpoint", "checkpoint must be an integer from 0 to head (%d)" % head)
     changed_sinks = (spec["subscriber"] != pool.spec["subscriber"]
+                     or rights != pool.subscriber_rights
                      or spec["options"]["ack_timeout"] != pool.spec["options"]["ack_timeout"])
     new_size = spec["pool_size"]
     spec["pool_size"] = pool.spec["pool_size"]
     was_ephemeral = pool.spec["options"]["ephemeral"]
     pool.spec = spec
+    pool.subscriber_rights = rights
     pool.dispatcher.options = spec["options"]
     if spec["options"]["ephemeral"] != was_ephemeral:
         pool.ephemeral_changed()

@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     spec       BLOB NOT NULL,
     desired    TEXT NOT NULL,
     checkpoint INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    subscriber_rights BLOB
 );
 CREATE TABLE IF NOT EXISTS parked (
     key      TEXT NOT NULL,
@@ -306,6 +307,11 @@ class SqliteLog(EventLog):
         self._db.executescript(SCHEMA)
         if cols:
             self._migrate_v2()
+        if "subscriber_rights" not in {r[1] for r in self._db.execute(
+                "PRAGMA table_info(subscriptions)")}:
+            # a log from before this column: NULL, the subscriptions stored then were judged at
+            # their start only (as are those an older emitterd writes, which leaves it NULL)
+            self._db.execute("ALTER TABLE subscriptions ADD COLUMN subscriber_rights BLOB")
         os.chmod(self.path, 0o600)
         salt = self.meta("id_salt")
         if salt is None:
@@ -811,16 +817,20 @@ class SqliteLog(EventLog):
 
     # ---- subscriptions and checkpoints ---------------------------------------
     def load_subscriptions(self) -> list:
-        rows = self._db.execute("SELECT key, spec, desired, checkpoint, created_at "
-                                "FROM subscriptions ORDER BY created_at, key").fetchall()
+        rows = self._db.execute("SELECT key, spec, desired, checkpoint, created_at, "
+                                "subscriber_rights FROM subscriptions "
+                                "ORDER BY created_at, key").fetchall()
         return [{"key": k, "spec": msgpack.unpackb(s, raw=False, strict_map_key=False),
-                 "desired": d, "checkpoint": c, "created_at": t} for k, s, d, c, t in rows]
+                 "desired": d, "checkpoint": c, "created_at": t,
+                 "subscriber_rights": None if r is None else msgpack.unpackb(r)}
+                for k, s, d, c, t, r in rows]
 
     def save_subscription(self, key: str, spec: dict, desired: str, checkpoint: int,
-                          created_at: int) -> None:
+                          created_at: int, subscriber_rights: Optional[list] = None) -> None:
         self._db.execute("INSERT OR REPLACE INTO subscriptions (key, spec, desired, checkpoint, "
-                         "created_at) VALUES (?, ?, ?, ?, ?)",
-                         (key, _pack(spec), desired, checkpoint, created_at))
+                         "created_at, subscriber_rights) VALUES (?, ?, ?, ?, ?, ?)",
+                         (key, _pack(spec), desired, checkpoint, created_at,
+                          None if subscriber_rights is None else _pack(subscriber_rights)))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

@@ -76,7 +76,8 @@ class Worker:
         self.loop.running = False
 
     def _configure(self, msg: dict) -> None:
-        for k in ("ack_timeout", "heartbeat_interval", "max_frame", "out_cap"):
+        # new subscriber_rights apply from the sink's next connect
+        for k in ("ack_timeout", "heartbeat_interval", "max_frame", "out_cap", "subscriber_rights"):
             if k in msg:
                 self.spec[k] = msg[k]
         for c in self.consumers:

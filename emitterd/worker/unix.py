@@ -1,9 +1,10 @@
 """The unix: sink: connect to the subscriber's socket, say hello, reconnect with backoff."""
 import errno
+import os
 import socket
 from typing import Any, Optional
 
-from emitterd import logs
+from emitterd import logs, socketpath
 from emitterd.loop import monotonic
 from emitterd.worker.consumer import ConsumerConn, hello
 
@@ -33,12 +34,19 @@ class UnixSink:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.setblocking(False)
         try:
-            s.connect(self.path)
-        except OSError as e:
+            self._connect(s)
+        except (OSError, socketpath.Refused) as e:
             s.close()
             if self.failures == 0:
-                log.warning("subscriber not reachable, retrying", path=self.path,
-                            error=errno.errorcode.get(e.errno, str(e)), worker=self.worker.index)
+                if isinstance(e, socketpath.Refused):
+                    log.warning("subscriber refused, retrying: the client that named it could "
+                                "not connect there itself", path=self.path, why=str(e),
+                                uid=self.worker.spec["subscriber_rights"][0],
+                                worker=self.worker.index)
+                else:
+                    log.warning("subscriber not reachable, retrying", path=self.path,
+                                error=errno.errorcode.get(e.errno, str(e)),
+                                worker=self.worker.index)
             self.failures += 1
             self.timer = self.worker.loop.call_later(self.backoff, self.connect)
             self.backoff = min(self.backoff * 2, BACKOFF_MAX)
@@ -52,6 +60,19 @@ class UnixSink:
         self.conn = ConsumerConn(self.worker, s, "unix")
         self.conn.channel.send_raw(hello(spec["key"], spec["name"], spec["index"]))
         self.worker.consumer_opened(self.conn)
+
+    def _connect(self, s: socket.socket) -> None:
+        rights = self.worker.spec.get("subscriber_rights")
+        if rights is None:
+            s.connect(self.path)
+            return
+        # walked now, as the client that named it would walk it, and connected through the
+        # descriptor held: a link swapped in since the check at start/update changes nothing
+        fd = socketpath.open_as(self.path, rights)
+        try:
+            s.connect(socketpath.fd_path(fd))
+        finally:
+            os.close(fd)
 
     def lost(self, conn: ConsumerConn) -> None:
         if conn is self.conn:
