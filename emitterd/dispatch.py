@@ -7,7 +7,7 @@ import zlib
 from bisect import bisect_left
 from itertools import compress
 from operator import attrgetter
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import msgpack
 
@@ -615,7 +615,8 @@ class Dispatcher:
                 continue
             self._release(e)
             e.retries += 1
-            due = now + min(initial * 2 ** (e.retries - 1), maximum)
+            # 2 ** 1024 is no float: cap the exponent (the delay is `maximum` long before)
+            due = now + min(initial * 2.0 ** min(e.retries - 1, 1000), maximum)
             heapq.heappush(self.retry_heap, (due, p))
             self.schedule(due)
         if to_park:
@@ -693,9 +694,16 @@ class Dispatcher:
         self.per_worker.pop(wid, None)
         return len(lost)
 
-    def replay(self, records: list) -> int:
+    def replay(self, records: list) -> Tuple[int, list]:
+        """Queue parked events again; (how many, the positions the log read sends anyway)."""
         n = 0
+        ahead = []
         for rec in records:
+            if rec.position >= self.cursor:
+                # not read since `update checkpoint` moved back: queued here too, it would
+                # go out twice, and one ack would settle only one of the two
+                ahead.append(rec.position)
+                continue
             if rec.position in self.entries or any(rec.position in fw
                                                    for fw in self.flying.values()):
                 continue
@@ -703,7 +711,7 @@ class Dispatcher:
             self.replaying.add(rec.position)
             heapq.heappush(self.ready, rec.position)
             n += 1
-        return n
+        return n, ahead
 
     def held_by_workers(self) -> int:
         """Events handed to a worker and not yet answered (what a drain waits for)."""

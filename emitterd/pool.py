@@ -47,6 +47,7 @@ class WorkerHandle:
         self.drain_deadline = 0.0
         self.replacement = False      # respawned after an unplanned death
         self.ready_at = 0.0           # CLOCK_MONOTONIC when it said ready (for metrics/bench)
+        self.forgetting = 0           # "forget"s sent that the worker has not answered yet
 
     @property
     def routable_consumers(self) -> int:
@@ -125,8 +126,17 @@ class Pool:
         self.recount_parked()
         log.info("events parked", pool=self.name, count=len(rows), reason=rows[0][1])
 
+    def replay(self, records: list) -> int:
+        """Send parked events again (`parked replay`); how many."""
+        n, ahead = self.dispatcher.replay(records)
+        if ahead:
+            # the cursor is before them (update checkpoint moved back): the log read sends
+            # them, and a crash before that reads them again from the checkpoint
+            self._unpark(ahead)
+        return n + len(ahead)
+
     def _unpark(self, positions: list) -> None:
-        """Replayed parked events handled at last: their rows go."""
+        """Replayed parked events handled at last (or ahead of the cursor): their rows go."""
         try:
             self.ctx.log.unpark(self.key, positions)
         except sqlite3.Error as e:
@@ -242,7 +252,10 @@ class Pool:
         h.last_seen = monotonic()
         op = msg.get("op")
         if op in _DELIVERY_REPORTS:
-            self._delivery_report(h, op, msg)
+            if not h.forgetting:      # else of deliveries made before update checkpoint
+                self._delivery_report(h, op, msg)
+        elif op == "forgot":
+            h.forgetting = max(0, h.forgetting - 1)
         elif op == "hb":
             pass
         elif op == "consumers":
@@ -402,7 +415,9 @@ class Pool:
             if self.dispatcher is not None:
                 for msg in h.channel.read_rest():
                     op = msg.get("op")
-                    if op in _DELIVERY_REPORTS:
+                    if op == "forgot":
+                        h.forgetting = max(0, h.forgetting - 1)
+                    elif op in _DELIVERY_REPORTS and not h.forgetting:
                         self._delivery_report(h, op, msg)
             h.channel.close("worker exited")
         in_slot = self.slots.get(h.index) is h
@@ -639,7 +654,8 @@ class Pool:
     def forget_in_flight(self) -> None:
         """After the dispatcher's checkpoint moved: the workers drop the old deliveries'
         bookkeeping too (their consumers' late acks are then ignored)."""
-        self._tell_workers({"op": "forget"})
+        for h in self._tell_workers({"op": "forget"}):
+            h.forgetting += 1     # until its "forgot": what it reports is of the old deliveries
 
     def configure_workers(self) -> None:
         """Tell the workers (and the dispatcher) the subscription's and the daemon's
@@ -652,11 +668,12 @@ class Pool:
                             "max_frame": cfg.max_frame_bytes, "out_cap": cfg.output_buffer_bytes,
                             "log": [cfg.log_level, cfg.log_format]})
 
-    def _tell_workers(self, msg: dict) -> None:
-        """Send `msg` to every worker alive, draining ones included."""
-        for h in list(self.slots.values()) + self.retiring:
-            if h.channel is not None:
-                h.channel.send(msg)
+    def _tell_workers(self, msg: dict) -> list:
+        """Send `msg` to every worker alive, draining ones included; the handles told."""
+        told = [h for h in list(self.slots.values()) + self.retiring if h.channel is not None]
+        for h in told:
+            h.channel.send(msg)
+        return told
 
 
 def _noop() -> None:

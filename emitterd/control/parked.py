@@ -32,7 +32,7 @@ def parked(ctx: Any, req: Any) -> dict:
     records = ctx.log.get([p for p, _ in rows])
     if action == "replay":
         require_running(pool, "replay")
-        return {"count": pool.dispatcher.replay([records[p] for p, _ in rows if p in records])}
+        return {"count": pool.replay([records[p] for p, _ in rows if p in records])}
     # as many as fit in one answer (limit is a most): a list of large events would
     # otherwise be no answer at all, only an error
     budget = ctx.cfg.max_frame_bytes - FRAME_SLACK

@@ -110,6 +110,8 @@ class Worker:
             c.inflight.clear()
         self.waiting.clear()
         self.held.clear()
+        # what we reported before this line was of the old deliveries: the parent drops it
+        self.report({"op": "forgot"})
 
     def _heartbeat(self) -> None:
         self.report({"op": "hb", "consumers": len(self.consumers),
