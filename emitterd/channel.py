@@ -54,7 +54,7 @@ class Channel:
         # until the peer has taken half of it; `reading` stays the owner's own switch
         self.backpressure = backpressure
         self._held = False
-        self._close_when_flushed = False
+        self._close_when_flushed: Optional[str] = None   # the close reason, once asked for
         self._events = 0
         self._update_events()
 
@@ -196,8 +196,8 @@ class Channel:
         else:
             self._after_flush.append(callback)
 
-    def close_when_flushed(self) -> None:
-        self._close_when_flushed = True
+    def close_when_flushed(self, reason: str = "closed after final response") -> None:
+        self._close_when_flushed = reason
         self.reading = False
         self._update_events()
         self.loop.mark_dirty(self)
@@ -248,7 +248,7 @@ class Channel:
                     self.sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
-                self.close("closed after final response")
+                self.close(self._close_when_flushed)
                 return
         self._update_events()
 

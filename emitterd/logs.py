@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import select
 import time
 import sys
 from typing import IO, Any, Optional
@@ -231,6 +232,55 @@ def _level(level: str) -> int:
                          % (level, ", ".join(LEVELS))) from None
 
 
+class _NoWaitHandler(logging.StreamHandler):
+    """Writes a line only when the stream can take it now: a pipe nobody reads (a stalled
+    journald, `emitterd run 2>&1 | less` paused) would otherwise hold the loop in write(),
+    and with it every client, delivery and watchdog ping. A line it cannot take is dropped
+    and counted; the next line written says how many (field log_lines_dropped=N). Files
+    and terminals always take them. The stream is written in pieces of at most PIPE_BUF
+    bytes, each only when poll() says the pipe has room for it, so no write blocks."""
+
+    PIECE = select.PIPE_BUF
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(stream)
+        self.dropped = 0
+        self._cut = False             # a line was cut short: the next one starts anew
+        self._fd: Optional[int] = None
+        try:
+            fd = stream.fileno()
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLOUT)
+            self._fd = fd
+        except (AttributeError, OSError, ValueError):
+            pass                      # no descriptor (a StringIO in tests): write as is
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._fd is None:
+            super().emit(record)
+            return
+        try:
+            if self.dropped:
+                record.kv = {**(getattr(record, "kv", None) or {}),
+                             "log_lines_dropped": self.dropped}
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            if self._cut:
+                data = b"\n" + data
+            self.stream.flush()       # what else went to the stream goes first
+            for i in range(0, len(data), self.PIECE):
+                if not self._poll.poll(0):
+                    self.dropped += 1
+                    self._cut = i > 0
+                    return
+                os.write(self._fd, data[i:i + self.PIECE])
+            self.dropped = 0
+            self._cut = False
+        except OSError:
+            pass                      # nobody reads any more (EPIPE): nobody to tell
+        except Exception:             # noqa: BLE001 - logging's own rule: never raise
+            self.handleError(record)
+
+
 def configure(level: str = "info", fmt: str = "text", stream: Optional[IO[str]] = None,
               journal: Optional[bool] = None) -> None:
     """Send emitterd's logs to `stream` (stderr) at `level`, as `fmt` ("text" or "json").
@@ -247,7 +297,7 @@ def configure(level: str = "info", fmt: str = "text", stream: Optional[IO[str]] 
     root = logging.getLogger(_ROOT)
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.StreamHandler(stream)
+    handler = _NoWaitHandler(stream)
     handler.setFormatter(_JsonFormatter(journal) if fmt == "json" else _TextFormatter(journal))
     root.addHandler(handler)
     root.setLevel(levelno)

@@ -445,7 +445,11 @@ class Pool:
         # no restart counts
         restart = (self.state == "running" and self.stopping is None
                    and h.index < self.spec["pool_size"])
-        if restart:
+        # in backoff the slot is filled again when the backoff ends: an unplanned restart
+        # too (counted, though not against the restart intensity the backoff answers)
+        refilled = (self.state == "backoff" and self.stopping is None
+                    and h.index < self.spec["pool_size"])
+        if restart or refilled:
             self.restarts += 1
             self.restarts_total += 1
             self.slot_restarts[h.index] = self.slot_restarts.get(h.index, 0) + 1

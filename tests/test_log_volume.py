@@ -3,15 +3,23 @@ no warning, and a cause that lasts is said seldom (first, then at growing counts
 per loop turn, reconnect or redelivery; late nacks are ignored quietly; HEAD gets no body."""
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import socket
+import struct
+import subprocess
 import threading
 import time
-from typing import Any
+from typing import Any, List
 
+import msgpack
 import pytest
 
 from daemon_fixture import Daemon
+from emitterd import framing
+from emitterd.client import Client
+from waits import wait_for
 from subscriber_helper import (HOLD, events, start_pool, sub_spec, subscribers,  # noqa: F401
                                wait_until)
 
@@ -263,3 +271,120 @@ def test_unwritable_log_does_not_log_a_traceback_per_park_attempt(
     assert errors <= 2 and tracebacks <= 1, \
         "%d 'could not park events' errors and %d tracebacks for one unwritable log" % (
             errors, tracebacks)
+
+
+def log_text(d: Daemon) -> str:
+    with open(d.log_path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+@pytest.mark.timeout(60)
+def test_full_stderr_pipe_does_not_block_the_daemon(short_tmp: str) -> None:
+    """A daemon whose stderr is a pipe that nobody reads (a stalled log collector, a paused
+    `emitterd run 2>&1 | less`, journald busy) must not stop serving: a log line that cannot be
+    written now must not block the loop (it stops answering, pinging the watchdog, delivering)."""
+    d = Daemon([])
+    r, w = os.pipe()
+    try:
+        # the smallest pipe the kernel gives (one page): a few log lines fill it
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+        d.proc = subprocess.Popen(d.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=w, env=d.env, cwd=d.root, start_new_session=True)
+        os.close(w)
+        w = -1
+        d.track(d.proc.pid)
+        d.wait_ping(20)
+        d.collect_children()
+        # each start/stop writes two info lines (~150 bytes each): 100 of them are ~30 KB,
+        # several times what the pipe holds; nobody reads r
+        with Client(d.socket, timeout=5.0) as c:
+            for i in range(100):
+                st = c.request("start", {"subscription": {"name": "p%d" % i, "type": "stream",
+                                                           "selector": "s"}}, timeout=5.0)
+                c.request("stop", {"key": st["key"], "delete": True}, timeout=5.0)
+            assert c.ping()["head"] == 0
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)          # a blocked write gets EPIPE now: the daemon can stop
+        d.cleanup()
+
+
+def _attach_and_send_garbage(d: Daemon, key: str) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect(d.socket)
+        s.sendall(framing.encode({"id": 1, "op": "attach", "args": {"key": key}}))
+        ln = struct.unpack(">I", s.recv(4, socket.MSG_WAITALL))[0]
+        assert msgpack.unpackb(s.recv(ln, socket.MSG_WAITALL), raw=False)["ok"]
+        s.sendall(struct.pack(">I", 3) + b"\xc1\xc1\xc1")     # 0xc1: never valid msgpack
+        ln = struct.unpack(">I", s.recv(4, socket.MSG_WAITALL))[0]
+        err = msgpack.unpackb(s.recv(ln, socket.MSG_WAITALL), raw=False)
+        assert err["error"]["code"] == "bad_frame"
+        assert s.recv(1) == b""          # closed by the worker
+    finally:
+        s.close()
+
+
+@pytest.mark.timeout(30)
+def test_consumer_bad_frame_is_named_in_the_log(daemon: Daemon) -> None:
+    """A consumer that sends a frame the daemon cannot decode: the log must say so, and a client
+    that does it over and over must not write a line per connection (the control socket's bad
+    frames go through logs.Throttle; a consumer connection's do not)."""
+    c = daemon.client()
+    key = start_pool(daemon, c, sub_spec("garbage", pool_size=1))["key"]
+    _attach_and_send_garbage(daemon, key)
+    line = wait_for(lambda: [ln for ln in log_text(daemon).splitlines()
+                             if "consumer connection closed" in ln], 10,
+                    "the worker's line about the closed connection")[0]
+    # it says reason="closed after final response": nothing tells the operator that the
+    # consumer broke the protocol (a wrong op says "not a valid ack or nack: op ...")
+    assert "bad_frame" in line or "msgpack" in line, line
+
+
+@pytest.mark.timeout(60)
+def test_consumer_bad_frame_flood_is_throttled(daemon: Daemon) -> None:
+    c = daemon.client()
+    key = start_pool(daemon, c, sub_spec("garbage", pool_size=1))["key"]
+    before = len(log_text(daemon).splitlines())
+    for _ in range(100):
+        _attach_and_send_garbage(daemon, key)
+    c.ping()
+    wait_for(lambda: c.status(key)["workers"][0]["consumers"] == 0, 10)
+    lines = [ln for ln in log_text(daemon).splitlines()[before:]
+             if "consumer connection closed" in ln]
+    # control-socket bad frames: at most 5 lines a minute (logs.Throttle, "a line any client
+    # can cause once per connection (a refused peer, a bad frame)"); here each of the 100
+    # connections writes its own info line (with "consumer attached": ~4,000 lines/s from a
+    # tight loop)
+    assert len(lines) <= 20, "%d log lines for 100 bad consumer frames:\n%s" % (
+        len(lines), "\n".join(lines[:4]))
+
+
+@pytest.mark.timeout(60)
+def test_half_sent_frames_do_not_write_a_warning_per_connection(make_daemon: Any) -> None:
+    """A client that opens connections and sends each a frame's start, never its end, gets a
+    warning line per connection: the other lines a client can cause once per connection (a
+    refused peer, a bad frame, max_connections) go through logs.Throttle (5 a minute, then one
+    with suppressed=N); this one does not."""
+    d = make_daemon("--partial-frame-timeout", "0.5")
+    socks: List[socket.socket] = []
+    try:
+        for _ in range(30):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(d.socket)
+            s.sendall(struct.pack(">I", 100) + b"\x81")      # 1 byte of a 100-byte frame
+            socks.append(s)
+        for s in socks:
+            s.settimeout(10)
+            assert s.recv(1) == b""                           # closed by the daemon
+    finally:
+        for s in socks:
+            s.close()
+    c = d.client()
+    c.ping()
+    lines = wait_for(lambda: [ln for ln in log_text(d).splitlines() if "half sent" in ln], 5,
+                     "the half-sent-frame lines")
+    assert len(lines) <= 6, "%d warnings for 30 connections of one client:\n%s" % (
+        len(lines), "\n".join(lines[:3]))

@@ -6,10 +6,12 @@ Observed: during the drain the pool reads "backoff", yet `start` answers already
 import os
 import signal
 import threading
+from typing import Any
 
 import pytest
 
 from emitterd.client import Client, EmitterError
+from subscriber_helper import start_pool, sub_spec, wait_status
 from waits import ready_status, wait_for
 
 
@@ -63,3 +65,29 @@ def test_stopping_a_backoff_pool_reads_running_while_it_drains(make_daemon):
         consumer.ack([e["position"] for e in frame["events"]])
         t.join(60)
         consumer.close()
+
+
+@pytest.mark.timeout(60)
+def test_worker_death_during_backoff_is_counted_when_it_is_replaced(make_daemon: Any) -> None:
+    """PROTOCOL §2: pool status `restarts` = "unplanned worker restarts since the pool
+    started" (and workers[].restarts per worker; the metric emitterd_pool_restarts_total). A
+    worker that dies while its pool is in backoff is replaced when the backoff ends, an
+    unplanned restart like any other, but no count shows it: an operator sees two crashed
+    workers replaced and `restarts` 1."""
+    d = make_daemon("--restart-backoff", "2,2")
+    c = d.client()
+    st = start_pool(d, c, sub_spec("crashy", pool_size=2, max_restarts=0))
+    key = st["key"]
+    pids = {w["index"]: w["pid"] for w in st["workers"]}
+    os.kill(pids[0], signal.SIGKILL)
+    wait_status(c, key, lambda s: s["state"] == "backoff", what="backoff")
+    os.kill(pids[1], signal.SIGKILL)          # dies too, while the pool waits out its backoff
+    st = wait_status(c, key, lambda s: s["state"] == "running" and len(s["workers"]) == 2
+                     and all(w["state"] == "ready" and w["pid"] not in pids.values()
+                             for w in s["workers"]),
+                     what="both workers replaced after the backoff")
+    d.collect_children()
+    per_worker = {w["index"]: w["restarts"] for w in st["workers"]}
+    assert (st["restarts"], per_worker) == (2, {0: 1, 1: 1}), \
+        "two unplanned deaths, both workers replaced: restarts %r, per worker %r" % (
+            st["restarts"], per_worker)

@@ -158,9 +158,11 @@ class ControlConn:
         elif self._partial is None or self._partial[0] != self._frames:
             self._partial = (self._frames, now)
         elif now - self._partial[1] >= limit:
-            log.warning("control connection closed: a frame half sent for %.0fs" % limit,
-                        buffered=pending, peer_pid=self.peer.pid)
-            ch.close("frame half sent for %.0fs" % limit)
+            extra = self.server._throttles["partial"].allow()
+            if extra is not None:
+                log.warning("control connection closed: a frame half sent for %gs" % limit,
+                            buffered=pending, peer_pid=self.peer.pid, **extra)
+            ch.close("frame half sent for %gs" % limit)
 
     def _on_frame_error(self, err: framing.FrameError) -> None:
         extra = self.server._throttles["frame"].allow()
@@ -193,7 +195,8 @@ class ControlServer:
         self.owns_path = False
         self._bound: tuple = ()
         # lines a client can cause per connection: a flood of them must not flood the log
-        self._throttles = {k: logs.Throttle() for k in ("peer", "full", "frame", "cutoff")}
+        self._throttles = {k: logs.Throttle() for k in ("peer", "full", "frame", "cutoff",
+                                                                 "partial")}
 
     def listen(self, inherited: Optional[socket.socket] = None) -> None:
         cfg = self.ctx.cfg

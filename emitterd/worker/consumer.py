@@ -97,7 +97,7 @@ class ConsumerConn:
 
     def _on_frame_error(self, err: Any) -> None:
         self.channel.send({"id": 0, "ok": False, "error": {"code": err.code, "message": err.message}})
-        self.channel.close_when_flushed()
+        self.channel.close_when_flushed("consumer sent a bad frame: %s: %s" % (err.code, err.message))
 
     def _on_close(self, reason: str) -> None:
         lost = list(self.inflight)

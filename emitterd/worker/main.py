@@ -32,6 +32,7 @@ class Worker:
         self.sink: Optional[UnixSink] = None
         self._rr = 0
         self._cut_off_said = logs.Throttle(burst=1, period=60.0)   # consumers not reading
+        self._bad_frame_said = logs.Throttle()     # consumers breaking the protocol, as control
 
     def run(self) -> None:
         self.report({"op": "ready", "pid": os.getpid()})
@@ -190,14 +191,20 @@ class Worker:
                          "attached": self._attached(), "left": left})
         # a consumer cut off for not reading gets its events again and again, never as
         # retries (it acked nothing late: it took nothing): that is worth a warning
-        say, extra = log.info, {}
+        say, extra, quiet = log.info, {}, False
         if reason.startswith("output buffer"):
             # a unix: subscriber reconnects and stalls again: a warning at most once a minute
             allowed = self._cut_off_said.allow()
             if allowed is not None:
                 say, extra = log.warning, allowed
-        say("consumer connection closed", worker=self.index, kind=conn.kind, reason=reason,
-            unfinished=len(lost), **extra)
+        elif reason.startswith("consumer sent a"):
+            # a client can break the protocol once per connection, over and over: as the
+            # control socket's bad frames, at most 5 lines a minute
+            allowed = self._bad_frame_said.allow()
+            quiet, extra = allowed is None, allowed or {}
+        if not quiet:
+            say("consumer connection closed", worker=self.index, kind=conn.kind, reason=reason,
+                unfinished=len(lost), **extra)
         if lost:
             self.report({"op": "requeue", "positions": lost, "reason": "consumer gone"})
         self._hand_back_waiting()
