@@ -64,17 +64,21 @@ def _uri_path(path: str) -> str:
 def summary(db: sqlite3.Connection, path: str) -> Dict[str, Any]:
     """Head, subscriptions and salt of an event log; BackupError if it is not one."""
     try:
-        missing = TABLES - tables_of(db)     # a backup holds the current schema, whole
+        tables = tables_of(db)
+        older = "events" in tables and "chunks" not in tables
+        # the current schema, whole; or an older one (one row per event), which the daemon
+        # migrates when it opens it (README: back up before upgrading)
+        missing = ({"meta", "events", "subscriptions", "parked"} if older else TABLES) - tables
         if missing:
             raise BackupError("%s is not an emitterd event log (tables missing: %s)"
                               % (path, ", ".join(sorted(missing))))
-        row = db.execute(HEAD_SQL).fetchone()
+        row = db.execute("SELECT MAX(position) FROM events" if older else HEAD_SQL).fetchone()
         subs = db.execute("SELECT count(*) FROM subscriptions").fetchone()[0]
         salt = db.execute("SELECT value FROM meta WHERE name = 'id_salt'").fetchone()
         before = db.execute("SELECT value FROM meta WHERE name = 'id_salts_before'").fetchone()
     except sqlite3.DatabaseError as e:
         raise BackupError("%s is not an emitterd event log: %s" % (path, e)) from None
-    return {"head": row[0] if row else 0, "subscriptions": subs,
+    return {"head": row[0] if row and row[0] else 0, "subscriptions": subs,
             "salt": salt[0] if salt else None,
             "salts_before": msgpack.unpackb(before[0]) if before else []}
 

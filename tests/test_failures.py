@@ -6,15 +6,14 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import sqlite3
 import time
 from typing import Any, Dict
 
-import msgpack
 import psutil
 import pytest
 
 from daemon_fixture import Daemon
+from old_logs import write_v2_log
 from emitterd.client import Conflict, Unavailable
 from subscriber_helper import (ACK, HOLD, ack_all, events, start_pool, sub_spec,  # noqa: F401
                                subscribers, wait_checkpoint, wait_status, wait_until)
@@ -347,20 +346,8 @@ def test_stream_versions_continue_after_sigkill_right_after_first_publish(make_d
 def test_stream_versions_continue_after_upgrade_then_sigkill(make_daemon: Any) -> None:
     """A version 2 log (README: migrated on open) whose daemon is killed in its first second
     after the upgrade: the events published since the upgrade are forgotten by the stream heads."""
-    here = os.path.dirname(os.path.abspath(__file__))
     d = make_daemon(start=False)
-    os.makedirs(d.data_dir, mode=0o700)
-    db = sqlite3.connect(os.path.join(d.data_dir, "emitterd.db"), isolation_level=None)
-    db.executescript(open(os.path.join(here, "data_v2_schema.sql")).read())
-    db.execute("INSERT INTO meta (name, value) VALUES ('id_salt', ?)", ((12345).to_bytes(8, "big"),))
-    pack = msgpack.Packer(use_bin_type=True).pack
-    for pos in (1, 2, 3):
-        body = b"".join(pack(k) + pack(v) for k, v in (
-            ("position", pos), ("id", "v2-%d" % pos), ("stream", "s"), ("version", pos - 1),
-            ("type", "T"), ("data", None), ("metadata", {}), ("tags", []), ("timestamp", 1)))
-        db.execute("INSERT INTO events VALUES (?, 's', ?, 'T', NULL, ?)", (pos, pos - 1, body))
-    db.execute("INSERT INTO streams VALUES ('s', 2)")
-    db.close()
+    write_v2_log(d.data_dir, 3)
     d.start()
     c = d.client()
     assert c.publish([{"stream": "s", "type": "T"} for _ in range(3)])["versions"] == [3, 4, 5]

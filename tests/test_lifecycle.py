@@ -312,18 +312,24 @@ def test_a_path_that_cannot_be_used_is_one_line_not_a_traceback(make_daemon: Any
 @pytest.mark.timeout(30)
 def test_another_programs_database_is_not_taken_for_an_event_log(make_daemon: Any) -> None:
     """An SQLite file of another program at <data_dir>/emitterd.db: refused in one line,
-    and left without emitterd's tables."""
+    and left as it was, byte for byte: it was switched to WAL mode (header bytes 18-19, for
+    good) before the tables were looked at."""
     d = make_daemon(start=False)
     os.makedirs(d.data_dir, mode=0o700)
     path = os.path.join(d.data_dir, "emitterd.db")
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE x (a)")
+    with open(path, "rb") as f:
+        before = f.read()
     r = d.run_refused()
     out = r.stdout + r.stderr
     assert r.returncode == 1 and "cannot start" in out, out
     assert "is not an emitterd event log (its tables: x)" in out, out
-    with sqlite3.connect(path) as db:
-        assert [t for (t,) in db.execute("SELECT name FROM sqlite_master")] == ["x"]
+    with open(path, "rb") as f:
+        after = f.read()
+    assert after[18:20] == before[18:20], "switched to WAL mode: %r -> %r" % (
+        before[18:20], after[18:20])
+    assert after == before
 
 
 @pytest.mark.timeout(30)
@@ -334,6 +340,59 @@ def test_an_event_log_path_that_is_a_directory_is_named(make_daemon: Any) -> Non
     out = r.stdout + r.stderr
     assert r.returncode == 1 and "cannot start" in out, out
     assert "emitterd.db is a directory, not the event log" in out, out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["emitterd.db", "emitterd.db-wal"])
+def test_a_fifo_in_place_of_the_log_is_refused_not_waited_on(make_daemon: Any, name: str) -> None:
+    """A FIFO at emitterd.db or its WAL: the start-up fdatasync of what an earlier run left
+    opened it O_RDONLY and waited for a writer for good, without a word (under systemd:
+    killed by TimeoutStartSec, started again, over and over)."""
+    d = make_daemon()
+    d.client().publish([{"stream": "s", "type": "t"}])
+    assert d.stop() == 0
+    path = os.path.join(d.data_dir, name)
+    if os.path.lexists(path):
+        os.unlink(path)
+    os.mkfifo(path, 0o600)
+    try:
+        r = d.run_refused(timeout=6)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"") + (e.stderr or b"")
+        raise AssertionError("with a FIFO at %s the daemon neither started nor refused in 6 s "
+                             "(output: %r)" % (name, out[-500:])) from None
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "cannot start" in out and name in out, out
+
+
+@pytest.mark.timeout(60)
+def test_a_log_of_a_newer_schema_is_refused_and_left_unchanged(make_daemon: Any) -> None:
+    """There is no downgrade (README, Upgrading). The log carried no schema version, so an
+    older emitterd (an rpm/apt rollback, a pinned image) could not tell a newer log from its
+    own: it opened it, as v2 did with v3 logs. Now the log says its version, and a newer one
+    is refused with the reason, its files unchanged."""
+    d = make_daemon()
+    d.client().publish([{"stream": "s", "type": "t"} for _ in range(5)])
+    assert d.stop() == 0
+    path = os.path.join(d.data_dir, "emitterd.db")
+    with sqlite3.connect(path, isolation_level=None) as db:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        assert version > 0, "the event log records no schema version"
+        db.execute("PRAGMA user_version = %d" % (version + 1))   # what a newer one leaves
+    db.close()
+
+    def files() -> Dict[str, bytes]:
+        out = {}
+        for n in ("emitterd.db", "emitterd.db-wal", "emitterd.db-shm"):
+            if os.path.exists(os.path.join(d.data_dir, n)):
+                with open(os.path.join(d.data_dir, n), "rb") as f:
+                    out[n] = f.read()
+        return out
+    before = files()
+    r = d.run_refused()
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "cannot start" in out and "newer" in out, out
+    assert files() == before, "a refused start changed the log"
 
 
 @pytest.mark.timeout(60)

@@ -107,6 +107,13 @@ HEAD_SQL = "SELECT last FROM chunks ORDER BY first DESC LIMIT 1"
 TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA))
 
 
+# PRAGMA user_version of the log this code writes; a log with a higher one is a newer
+# emitterd's (refused: there is no downgrade). Logs before it carry 0 and are migrated.
+# Raised only for a change an older emitterd could not live with: a column that it leaves
+# alone (subscriptions.subscriber_rights) is found by PRAGMA table_info instead.
+SCHEMA_VERSION = 3
+
+
 class LogUnusable(RuntimeError):
     """The event log's files are there but cannot be used as they are; the message says why
     and what to do."""
@@ -128,6 +135,10 @@ def _check_usable(path: str) -> None:
             continue
         if stat.S_ISDIR(st.st_mode):
             raise LogUnusable("%s is a directory, not the event log" % p)
+        if not stat.S_ISREG(st.st_mode):
+            # a FIFO would block the open below (and SQLite's) for good, without a word
+            raise LogUnusable("%s is not a regular file (mode %06o), not the event log"
+                              % (p, st.st_mode))
         if not os.access(p, os.R_OK | os.W_OK):
             # SQLite would open the log read-only: the daemon would start, and every
             # publish would fail
@@ -281,17 +292,25 @@ class SqliteLog(EventLog):
         self._wal_ino = -1
         self._wal_checked = False     # _wal_fd checked against the file since the last sync()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        # before anything writes the file (WAL mode does): a page size is fixed at creation
-        self._db.execute("PRAGMA page_size=%d" % PAGE_SIZE)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=%s" % ("FULL" if synchronous == "full" else "NORMAL"))
-        self._db.execute("PRAGMA busy_timeout=2000")
+        # checked before anything writes the file (WAL mode does): a refusal changes nothing
         tables = tables_of(self._db)
         if tables and not tables & {"meta", "chunks", "events"}:
             # some other program's database where ours belongs: never add our tables to it
             self._db.close()
             raise sqlite3.DatabaseError("%s is not an emitterd event log (its tables: %s)"
                                         % (self.path, ", ".join(sorted(tables)[:5])))
+        stored = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if stored > SCHEMA_VERSION:
+            self._db.close()
+            raise LogUnusable(
+                "%s was written by a newer emitterd (log schema %d; this one knows up to %d): "
+                "there is no downgrade; run the newer version, or restore a backup taken "
+                "before the upgrade" % (self.path, stored, SCHEMA_VERSION))
+        # a page size is fixed at creation: before WAL mode writes the file
+        self._db.execute("PRAGMA page_size=%d" % PAGE_SIZE)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=%s" % ("FULL" if synchronous == "full" else "NORMAL"))
+        self._db.execute("PRAGMA busy_timeout=2000")
         cols = [r[1] for r in self._db.execute("PRAGMA table_info(events)")]
         if cols and "chunks" in tables and self._db.execute(
                 "SELECT 1 FROM chunks LIMIT 1").fetchone():
@@ -312,6 +331,8 @@ class SqliteLog(EventLog):
             # a log from before this column: NULL, the subscriptions stored then were judged at
             # their start only (as are those an older emitterd writes, which leaves it NULL)
             self._db.execute("ALTER TABLE subscriptions ADD COLUMN subscriber_rights BLOB")
+        if stored != SCHEMA_VERSION:
+            self._db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
         os.chmod(self.path, 0o600)
         salt = self.meta("id_salt")
         if salt is None:
