@@ -638,8 +638,11 @@ class Pool:
         self.stopping = None
         self.state = "stopped"
         cp = self.checkpoint
-        # unfinished events stay queued (attempts kept) and after the checkpoint on disk
-        self.ctx.registry.persist(self, desired="stopped" if st["persist"] else None)
+        # unfinished events stay queued (attempts kept) and after the checkpoint on disk.
+        # A shutdown's stop (persist False) saves nothing here: the daemon's last
+        # flush_checkpoints saves every pool's checkpoint in one commit, not one per pool
+        if st["persist"]:
+            self.ctx.registry.persist(self, desired="stopped")
         log.info("pool stopped", pool=self.name, checkpoint=cp)
         self.ctx.spare.release_if_idle()
         for cb in st["waiters"]:

@@ -700,6 +700,14 @@ def _resolve_one(s: Setting, raw: Any, origin: str, config_path: Optional[str],
     return value
 
 
+def _is_default(s: Setting, raw: Any) -> bool:
+    """Whether a file's raw value for `s` is its built-in default."""
+    try:
+        return _coerce(s, raw, "file") == _coerce(s, s.default, "default")
+    except _Invalid:
+        return False
+
+
 def _cross_check(values: Mapping[str, Any], sources: Mapping[str, str],
                  config_path: Optional[str]) -> None:
     """Rules that tie two settings together."""
@@ -795,7 +803,9 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, object]
 
     warnings = []
     for s in SETTINGS:
-        if s.name in file_values and sources[s.name] in ("flag", "env"):
+        if (s.name in file_values and sources[s.name] in ("flag", "env")
+                and not _is_default(s, file_values[s.name])):
+            # (a key left at its built-in default, as in the example file, asks for nothing)
             # a file value that never applies: say so, at start and at every reload, where
             # editing the file and reloading would otherwise change nothing, silently
             warnings.append("config file %s sets %s, but %s overrides it (flags and the "

@@ -133,3 +133,34 @@ def test_nothing_leaves_before_the_fdatasync(daemon: Daemon, subscribers: Any,
         answer = [x for x in after if x["pid"] == parent and x["name"] in sends
                   and x["fd"] == client_fd]
         assert answer and answer[0]["start"] >= sync["end"], "%s answered before the sync" % marker
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed")
+def test_shutdown_saves_the_pools_in_a_few_commits_not_one_per_pool(make_daemon: Any) -> None:
+    """SIGTERM (systemctl stop) saves every running pool in a commit of its own: one fsync of the
+    event log per pool, on the loop, before the exit. The final flush_checkpoints already saves
+    every checkpoint in one transaction; with max_subscriptions pools (1000 by default) on a disk
+    whose fsync takes 10-30 ms that is 10-30 s more on top of drain_timeout, past the unit's
+    TimeoutStopSec=30 (systemd then SIGKILLs the stop)."""
+    pools = 30
+    d = make_daemon()
+    c = d.client()
+    for i in range(pools):
+        c.start({"name": "p%d" % i, "type": "event_type", "selector": "t%d" % i})
+    c.publish([{"stream": "s", "type": "t%d" % i} for i in range(pools)])
+    c.close()
+    out = os.path.join(d.root, "strace.out")
+    tracer = _attach_strace([d.proc.pid], out)      # the parent only: it has one thread
+    try:
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+        tracer.wait(10)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+    with open(out, errors="replace") as f:
+        syncs = [line for line in f if re.search(r"\b(fsync|fdatasync)\(", line)]
+    # the final checkpoint flush and the last publishes: a handful, whatever the pools
+    assert len(syncs) <= 5, "%d fsyncs during the shutdown of %d pools" % (len(syncs), pools)

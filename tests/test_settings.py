@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -752,3 +753,31 @@ def test_log_journal_detected_from_journal_stream(tmp_path, mode, expected):
         assert text == expected
     else:
         assert re.fullmatch(r"\S+ WARNING emitterd\.t: hello a=1\n", text), text
+
+
+def _unit_environment() -> dict:
+    """The Environment= assignments of systemd/emitterd.service."""
+    env = {}
+    with open(REPO / "systemd" / "emitterd.service") as f:
+        for line in f:
+            m = re.match(r"^Environment=(.*)$", line.strip())
+            if m:
+                for item in shlex.split(m.group(1)):
+                    k, _, v = item.partition("=")
+                    env[k] = v
+    return env
+
+
+@pytest.mark.timeout(10)
+def test_example_config_under_the_unit_gives_no_warnings() -> None:
+    """The shipped example config, installed as the README and install-systemd say, under the
+    shipped unit's environment: every start and every reload warns that the file's `socket` and
+    `data_dir` are overridden (the unit sets EMITTERD_SOCKET and EMITTERD_DATA_DIR), although
+    the operator changed nothing."""
+    env = _unit_environment()
+    assert env.get("EMITTERD_SOCKET") and env.get("EMITTERD_DATA_DIR")
+    # what `install -m 0640 -g emitterd .../emitterd.toml.example /etc/emitterd/emitterd.toml`
+    # plus EMITTERD_CONFIG=/etc/emitterd/emitterd.toml in emitterd.env give the daemon
+    env["EMITTERD_CONFIG"] = str(REPO / "systemd" / "emitterd.toml")
+    cfg = settings.load(env=env)
+    assert cfg.warnings == [], cfg.warnings

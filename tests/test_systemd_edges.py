@@ -384,3 +384,29 @@ def test_startup_refusal_under_journald_has_an_error_priority(short_tmp, env_ext
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_stale_listen_pid_is_named_not_taken_for_another_daemon(short_tmp: str) -> None:
+    """LISTEN_FDS meant for another process (LISTEN_PID of a wrapper that forked emitterd, say
+    ExecStart=/bin/sh -c 'emitterd run; ...'): the daemon skips the inherited socket, as it must,
+    but says nothing about it and then refuses to start because "another daemon is already
+    listening" on the socket path, which is systemd's own socket (the one it was given). The
+    operator is sent looking for a second daemon that does not exist."""
+    path = os.path.join(short_tmp, "ctl.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)          # what systemd's emitterd.socket holds
+    listener.listen(16)
+    env = clean_env(short_tmp, {"LISTEN_PID": "1", "LISTEN_FDS": "1",
+                                "LISTEN_FDNAMES": "control"})
+    r = subprocess.run([sys.executable, "-c",
+                        "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+                        "os.execv(sys.executable, [sys.executable, '-m', 'emitterd', 'run', "
+                        "'--socket', sys.argv[2], '--data-dir', sys.argv[3]])",
+                        str(listener.fileno()), path, os.path.join(short_tmp, "data")],
+                       pass_fds=(listener.fileno(),), env=env, capture_output=True, text=True,
+                       timeout=20)
+    listener.close()
+    assert r.returncode == 1, r.stderr
+    # the cause is the inherited socket meant for another pid, not a second daemon
+    assert "LISTEN_PID" in r.stderr, r.stderr

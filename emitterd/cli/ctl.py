@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import click
 
-from emitterd import __version__, filters
+from emitterd import __version__, filters, framing
 from emitterd.cli import render
 from emitterd.client import (Client, EmitterError, EncodeError, FrameTooLarge,
                              Unreachable)
@@ -67,7 +67,13 @@ class State:
 
 
 def out(text: str = "") -> None:
-    click.echo(text)
+    try:
+        click.echo(text)
+    except BrokenPipeError:
+        # the reader is gone (`| head -1`): the command was done; click's main() would
+        # turn this EPIPE into exit 1, the status of an error answered by the daemon
+        _quiet_stdout()
+        raise click.exceptions.Exit(EXIT_OK) from None
 
 
 def emit(st: State, result: Any, human: Any) -> None:
@@ -441,6 +447,11 @@ def _event_of(lineno: int, text: str) -> Dict[str, Any]:
     if not isinstance(obj, dict):
         raise click.BadParameter("line %d: an event must be a JSON object" % lineno,
                                  param_hint="--file")
+    try:
+        framing.pack(obj)       # what the publish request will do with it
+    except (TypeError, OverflowError, ValueError, RecursionError) as e:
+        raise click.BadParameter("line %d: cannot be sent (%s)" % (lineno, e),
+                                 param_hint="--file") from None
     return obj
 
 
@@ -1128,6 +1139,13 @@ def _not_utf8_argument(args: List[str]) -> Optional[str]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Run emitterctl; never returns (exits with the §6 status)."""
+    if sys.stdout is None:
+        # started with stdout closed (`>&-`): Python gives None; the output is discarded,
+        # as a shell's `> /dev/null` would (every use below expects a file)
+        sys.stdout = open(os.devnull, "w")
+    # the daemon takes values nested up to 1,024 deep (framing); rendering one as JSON takes
+    # two Python frames a level, and json.dumps counts its own against the same limit
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 4 * 1024 + 500))
     try:
         # not standalone: click would turn Ctrl-C into "Aborted!" and exit 1, which §6
         # keeps for an error the daemon answered
