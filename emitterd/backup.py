@@ -29,7 +29,7 @@ import msgpack
 import psutil
 
 from emitterd import datalock
-from emitterd.eventlog.sqlite import HEAD_SQL, TABLES, tables_of
+from emitterd.eventlog.sqlite import HEAD_SQL, SCHEMA_VERSION, TABLES, tables_of
 
 LOG_NAME = "emitterd.db"
 LOG_FILES = (LOG_NAME, LOG_NAME + "-wal", LOG_NAME + "-shm")
@@ -72,6 +72,11 @@ def summary(db: sqlite3.Connection, path: str) -> Dict[str, Any]:
         if missing:
             raise BackupError("%s is not an emitterd event log (tables missing: %s)"
                               % (path, ", ".join(sorted(missing))))
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            # the daemon would refuse to start on it: better said now, before a restore
+            raise BackupError("%s was written by a newer emitterd (log schema %d; this one "
+                              "knows up to %d)" % (path, version, SCHEMA_VERSION))
         row = db.execute("SELECT MAX(position) FROM events" if older else HEAD_SQL).fetchone()
         subs = db.execute("SELECT count(*) FROM subscriptions").fetchone()[0]
         salt = db.execute("SELECT value FROM meta WHERE name = 'id_salt'").fetchone()

@@ -58,7 +58,7 @@ class Daemon:
         # first, before this process opens any fd of its own: a LISTEN_FDS larger than what
         # was passed would otherwise take our own descriptors for inherited sockets
         stale = os.environ.get("LISTEN_FDS") and os.environ.get("LISTEN_PID") != str(os.getpid())
-        self._stale_listen_pid = os.environ.get("LISTEN_PID") if stale else None
+        self._listen_pid_of_another = os.environ.get("LISTEN_PID") if stale else None
         self._inherited = sd.listen_fds_with_names()
         self.ctx = Context(cfg)
         self._wake_r, self._wake_w = socket.socketpair()
@@ -76,10 +76,10 @@ class Daemon:
         os.umask(0o077)
         _raise_fd_limit(cfg.max_connections)
         ctx.notifier = sd.Notifier()
-        if self._stale_listen_pid is not None:
+        if self._listen_pid_of_another is not None:
             log.warning("socket activation not used: LISTEN_FDS was passed for LISTEN_PID=%s, "
                         "not this process (a wrapper in ExecStart= that forks instead of exec?)"
-                        % self._stale_listen_pid, pid=os.getpid())
+                        % self._listen_pid_of_another, pid=os.getpid())
         inherited = control_socket(self._inherited, cfg.socket)
         self._inherited = []
         self._lock_fd = datalock.lock(cfg.data_dir)     # before anything opens the log

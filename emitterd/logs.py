@@ -270,7 +270,7 @@ class _NoWaitHandler(logging.StreamHandler):
             for i in range(0, len(data), self.PIECE):
                 if not self._poll.poll(0):
                     self.dropped += 1
-                    self._cut = i > 0
+                    self._cut = self._cut or i > 0   # a fragment left unended stays so
                     return
                 os.write(self._fd, data[i:i + self.PIECE])
             self.dropped = 0

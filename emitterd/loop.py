@@ -120,8 +120,12 @@ class Loop:
     def every(self, interval: float, callback: Callable[[], Any]) -> None:
         """Run callback every `interval` seconds (interval may be a callable, re-read each time)."""
         def tick() -> None:
-            callback()
-            self.call_later(interval() if callable(interval) else interval, tick)
+            try:
+                callback()
+            finally:
+                # a callback that raised (logged by run_once) runs again: the heartbeat,
+                # the watchdog ping and the checkpoint flush must not stop after one bug
+                self.call_later(interval() if callable(interval) else interval, tick)
         self.call_later(interval() if callable(interval) else interval, tick)
 
     # end of turn

@@ -251,11 +251,8 @@ class Pool:
     def _on_worker_msg(self, h: WorkerHandle, msg: dict) -> None:
         h.last_seen = monotonic()
         op = msg.get("op")
-        if op in _DELIVERY_REPORTS:
-            if not h.forgetting:      # else of deliveries made before update checkpoint
-                self._delivery_report(h, op, msg)
-        elif op == "forgot":
-            h.forgetting = max(0, h.forgetting - 1)
+        if op in _DELIVERY_REPORTS or op == "forgot":
+            self._report(h, op, msg)
         elif op == "hb":
             pass
         elif op == "consumers":
@@ -283,6 +280,14 @@ class Pool:
             self._maybe_finish_drain(h)
         if self.stopping is not None:
             self.poll_stop()
+
+    def _report(self, h: WorkerHandle, op: str, msg: dict) -> None:
+        """A delivery report or "forgot": reports a worker sent before it forgot (update
+        checkpoint) are of the old deliveries, and dropped."""
+        if op == "forgot":
+            h.forgetting = max(0, h.forgetting - 1)
+        elif not h.forgetting:
+            self._delivery_report(h, op, msg)
 
     def _delivery_report(self, h: WorkerHandle, op: str, msg: dict) -> None:
         d = self.dispatcher
@@ -415,10 +420,8 @@ class Pool:
             if self.dispatcher is not None:
                 for msg in h.channel.read_rest():
                     op = msg.get("op")
-                    if op == "forgot":
-                        h.forgetting = max(0, h.forgetting - 1)
-                    elif op in _DELIVERY_REPORTS and not h.forgetting:
-                        self._delivery_report(h, op, msg)
+                    if op in _DELIVERY_REPORTS or op == "forgot":
+                        self._report(h, op, msg)
             h.channel.close("worker exited")
         in_slot = self.slots.get(h.index) is h
         if in_slot:

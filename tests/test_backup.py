@@ -346,3 +346,24 @@ def test_a_pre_upgrade_log_can_be_backed_up_and_restored(make_daemon: Any, short
     assert rc == 0, err
     d.start()
     assert d.client().ping()["head"] == 3
+
+
+@pytest.mark.timeout(60)
+def test_a_backup_of_a_newer_schema_is_refused_before_it_replaces_anything(
+        make_daemon: Any, short_tmp: str) -> None:
+    """The daemon refuses a log of a newer schema than it knows; a restore of such a backup
+    went through, and left a data directory the daemon would not start on."""
+    d = make_daemon()
+    d.client().publish(events(3, 0))
+    dest = os.path.join(short_tmp, "b.db")
+    rc, _, err = emitterd("backup", "--data-dir", d.data_dir, dest)
+    assert rc == 0, err
+    assert d.stop() == 0
+    with sqlite3.connect(dest, isolation_level=None) as db:
+        newer = db.execute("PRAGMA user_version").fetchone()[0] + 1
+        db.execute("PRAGMA user_version = %d" % newer)      # as a newer emitterd's backup
+    db.close()
+    rc, _, err = emitterd("restore", "--data-dir", d.data_dir, dest)
+    assert rc != 0 and "newer emitterd" in err, (rc, err)
+    d.start()
+    assert d.client().ping()["head"] == 3        # the data directory is as it was

@@ -1181,7 +1181,10 @@ def test_tail_prints_a_deeply_nested_event(daemon: Any, as_json: bool) -> None:
 # anything is sent; a refused event's message names the line and how many events went before.
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("bad", ['"\\ud800"', "99999999999999999999999"])
+# a lone surrogate; an integer past 64 bits; 1,021 lists, fine alone, but the publish request
+# carries the event three levels deeper, past msgpack's 1,024
+@pytest.mark.parametrize("bad", ['"\\ud800"', "99999999999999999999999",
+                                 "[" * 1021 + "1" + "]" * 1021])
 def test_unencodable_line_is_found_before_publishing_or_named(daemon: Any, short_tmp: str,
                                                               bad: str) -> None:
     path = short_tmp + "/ev.jsonl"
@@ -1196,3 +1199,43 @@ def test_unencodable_line_is_found_before_publishing_or_named(daemon: Any, short
     # either nothing was published (checked first, as README says), or the status and the
     # message do not claim a usage error with nothing done
     assert head == 0 or (rc != 2 and "2 events published" in err), (rc, err, head)
+
+
+@pytest.mark.timeout(60)
+def test_stopped_publish_with_reader_gone_says_lines_were_not_sent(daemon: Any, short_tmp: str) -> None:
+    """`emitterctl publish --file F | tee log`, Ctrl-C: the terminal's SIGINT ends tee and stops
+    publish between two batches. publish then prints its summary into the pipe nobody reads:
+    ctl.out() turns that EPIPE into exit 0 at once, before _publish_file says "stopped by a
+    signal: the lines of F after line N were not sent" and exits 130. The script (or user)
+    sees 0 and no word about the lines that were never published."""
+    path = short_tmp + "/ev.jsonl"
+    n = 20000
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write('{"stream": "s", "type": "t", "data": %d}\n' % i)
+    r, w = os.pipe()
+    os.close(r)                     # the reader (tee) is gone: Ctrl-C ended it
+    errf = open(os.path.join(short_tmp, "err"), "w+")
+    try:
+        p = subprocess.Popen(ctl_argv() + ["--socket", daemon.socket, "publish", "--file", path,
+                                           "--batch-size", "1"],
+                             stdin=subprocess.DEVNULL, stdout=w, stderr=errf,
+                             env=daemon.env, cwd=daemon.root)
+    finally:
+        os.close(w)
+    try:
+        c = daemon.client()
+        wait_for(lambda: c.ping()["head"] >= 5, 20, "publishing under way")
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+    head = daemon.client().ping()["head"]
+    errf.seek(0)
+    err = errf.read()
+    errf.close()
+    assert head < n, "published everything before the signal: inconclusive"
+    # the stop is what matters here, not the lost summary: 130 and the lines not sent
+    assert rc == 130 and "were not sent" in err, (rc, err, head)

@@ -11,7 +11,10 @@ drain_timeout and then warned, and the replayed rows were neither listed nor rem
 import os
 import signal
 
+import psutil
 import pytest
+
+from emitterd import procs
 
 from raw_subscriber import RawSubscriber
 from waits import wait_until
@@ -164,4 +167,68 @@ def test_ack_of_delivery_before_update_checkpoint_is_not_taken_for_the_new_one(d
     finally:
         if wpid is not None:
             os.kill(wpid, signal.SIGCONT)
+        sub.close()
+
+
+# ---- a forget that came with a spare's activate ----------------------------------------
+
+def _spare_pid(daemon):
+    for k in daemon.collect_children():
+        try:
+            if procs.service_name(k.cmdline()) == "spare":
+                return k.pid
+        except psutil.Error:
+            pass
+    return None
+
+
+@pytest.mark.timeout(60)
+def test_forget_sent_with_a_spare_activation_is_answered(daemon, short_tmp):
+    """A "forget" sent to a worker that was a spare and has not read its "activate" yet is
+    lost: the spare's standby() reads activate with a decoder of its own and drops whatever
+    came with it. h.forgetting then stays 1 for good, and the parent drops every delivery
+    report of that worker (acks, nacks, requeues): what it delivers stays in flight forever,
+    the checkpoint never passes it.
+    
+    Deterministic: the spare is SIGSTOPped while it is handed the dead worker's slot and the
+    update checkpoint arrives, so activate and forget are read in one recv()."""
+    sub = RawSubscriber(os.path.join(short_tmp, "s.sock"))
+    stopped = None
+    try:
+        c = daemon.client()
+        key = c.start({"name": "spare", "type": "stream", "selector": "$all",
+                       "subscriber": "unix:" + sub.path, "start_from": "origin",
+                       "pool_size": 1})["key"]
+        sub.accept()
+        # a first death: its replacement, once ready, has a spare forked for the next one
+        os.kill(c.status(key)["workers"][0]["pid"], signal.SIGKILL)
+        sub.accept()
+        spare = wait_until(lambda: _spare_pid(daemon), 10, "a spare worker")
+        os.kill(spare, signal.SIGSTOP)
+        stopped = spare
+        os.kill(c.status(key)["workers"][0]["pid"], signal.SIGKILL)
+        wait_until(lambda: c.status(key)["workers"]
+                   and c.status(key)["workers"][0]["pid"] == spare, 10, "the spare took the slot")
+        assert c.update(key, checkpoint=0)["checkpoint"] == 0
+        c.ping()
+        os.kill(spare, signal.SIGCONT)
+        stopped = None
+        sub.accept()
+        c.publish([{"stream": "s", "type": "t"}])
+        (ev,) = sub.recv()["events"]
+        sub.send({"op": "ack", "positions": [ev["position"]]})
+
+        def settled():
+            s = c.status(key)
+            return s if s["checkpoint"] == 1 and s["in_flight"] == 0 else None
+        try:
+            wait_until(settled, 5, "the ack counted")
+        except AssertionError:
+            s = c.status(key)
+            pytest.fail("position 1 was acked by the subscriber, yet checkpoint=%d in_flight=%d:"
+                        " the worker's reports are dropped (its 'forget' was lost with the "
+                        "spare's activate)" % (s["checkpoint"], s["in_flight"]))
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
         sub.close()

@@ -70,10 +70,10 @@ def out(text: str = "") -> None:
     try:
         click.echo(text)
     except BrokenPipeError:
-        # the reader is gone (`| head -1`): the command was done; click's main() would
-        # turn this EPIPE into exit 1, the status of an error answered by the daemon
+        # the reader is gone (`| head -1`): the rest of the output goes nowhere, and the
+        # command ends with its own status (a stopped publish --file still says what it did
+        # not send, and exits 130); click's main() would turn this EPIPE into exit 1
         _quiet_stdout()
-        raise click.exceptions.Exit(EXIT_OK) from None
 
 
 def emit(st: State, result: Any, human: Any) -> None:
@@ -448,7 +448,9 @@ def _event_of(lineno: int, text: str) -> Dict[str, Any]:
         raise click.BadParameter("line %d: an event must be a JSON object" % lineno,
                                  param_hint="--file")
     try:
-        framing.pack(obj)       # what the publish request will do with it
+        # as the publish request carries it: three levels down ({"args": {"events": [obj]}}),
+        # which counts against msgpack's nesting limit too
+        framing.pack({"args": {"events": [obj]}})
     except (TypeError, OverflowError, ValueError, RecursionError) as e:
         raise click.BadParameter("line %d: cannot be sent (%s)" % (lineno, e),
                                  param_hint="--file") from None

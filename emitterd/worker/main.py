@@ -243,16 +243,24 @@ def standby(sock: socket.socket) -> None:
     """A spare worker: wait (blocking) for {"op": "activate", "spec"}, then become that worker."""
     from setproctitle import setproctitle
     from emitterd import framing
-    decoder = framing.Decoder(PIPE_MAX_FRAME)
     sock.setblocking(True)
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            return                      # the parent is gone before it needed us
-        decoder.feed(data)
-        msg = decoder.next()
-        if msg is not None:
-            break
-    spec = msg["spec"]
+    # exactly the activate frame: what the parent sent after it (configure, forget, a
+    # delivery, with its descriptors) stays in the socket for the worker's own channel
+    head = _recv_exactly(sock, framing.HEADER.size)
+    body = None if head is None else _recv_exactly(sock, framing.HEADER.unpack(head)[0])
+    if body is None:
+        return                          # the parent is gone before it needed us
+    spec = framing.decode_payload(body)["spec"]
     setproctitle("emitterd: %s #%d" % (spec["name"], spec["index"]))
     main(sock, spec)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> Optional[bytes]:
+    """n bytes, or None at end of file."""
+    buf = bytearray()
+    while len(buf) < n:
+        data = sock.recv(n - len(buf))
+        if not data:
+            return None
+        buf += data
+    return bytes(buf)
