@@ -85,8 +85,17 @@ class Channel:
         if not data:
             self.close("eof")
             return
-        self.decoder.feed(data)
-        self.process()
+        try:
+            self.decoder.feed(data)
+            self.process()
+        except MemoryError:
+            # the bytes read are gone (or half parsed): this connection's framing cannot be
+            # trusted any more. Close it, so its peer learns at once (a publisher waited
+            # for its whole timeout), instead of leaving it open and desynchronised.
+            del data
+            self.decoder.clear()
+            log.error("out of memory reading a frame: connection closed")
+            self.close("out of memory")
 
     def read_rest(self, max_bytes: int = 64 << 20) -> list:
         """The frames the peer sent before it went away and nobody has read yet, decoded
@@ -299,7 +308,7 @@ class Channel:
         # its whole output buffer behind on every reconnection (worker RSS +25 MB each).
         self._out = bytearray()
         self._fd_marks.clear()
-        self.decoder.take_rest()
+        self.decoder.clear()
         # the owner's callbacks refer back to it: let go, so refcounting frees both
         self.on_frame = self.on_close = _ignore
         self.on_frame_error = None

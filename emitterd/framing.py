@@ -92,6 +92,11 @@ class Decoder:
         self._pos = 0
         return rest
 
+    def clear(self) -> None:
+        """Forget every byte fed (a closed connection; copies nothing, unlike take_rest)."""
+        self._buf = bytearray()
+        self._pos = 0
+
     def next_payload(self) -> Optional[bytes]:
         """The next complete payload, or None; raises FrameError on a bad header."""
         if self.error is not None:

@@ -63,6 +63,14 @@ class Worker:
                 _, positions, frame, unsent = held.popleft()
                 self._deliver(positions, frame, unsent)
         elif op == "consumer":
+            if not self.parent.fds:
+                # the kernel dropped the passed fd (we had no free descriptor: MSG_CTRUNC);
+                # the client's connection is gone with it. The parent must stop counting it.
+                log.warning("an attached consumer's connection was lost in the handover "
+                            "(out of file descriptors?)", worker=self.index)
+                self.report({"op": "consumers", "n": len(self.consumers), "adopted": 1,
+                             "attached": self._attached(), "left": False})
+                return
             fd = self.parent.fds.popleft()
             attached.adopt(self, fd, msg.get("pending") or b"")
         elif op == "configure":

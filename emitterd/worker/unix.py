@@ -31,12 +31,16 @@ class UnixSink:
         self.timer = None
         if self.stopped:
             return
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.setblocking(False)
+        s = None
         try:
+            # the socket too: out of descriptors (EMFILE, ENFILE) is one more failed try,
+            # not an exception that ends the retries for good
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
             self._connect(s)
         except (OSError, socketpath.Refused) as e:
-            s.close()
+            if s is not None:
+                s.close()
             if self.failures == 0:
                 if isinstance(e, socketpath.Refused):
                     log.warning("subscriber refused, retrying: the client that named it could "
