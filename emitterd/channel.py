@@ -70,7 +70,15 @@ class Channel:
         if mask & selectors.EVENT_READ and not self.closed and self.reading:
             self._read()
 
-    def _read(self) -> None:
+    def read_pending(self, max_reads: int = 16) -> None:
+        """Read and handle, without waiting, what the peer has sent so far: for an owner
+        about to change what later frames mean (a worker forgetting its deliveries)."""
+        for _ in range(max_reads):
+            if self.closed or not self.reading or not self._read():
+                return
+
+    def _read(self) -> bool:
+        """One read; whether it got data."""
         try:
             if self.recv_fds:
                 data, fds, _flags, _addr = socket.recv_fds(self.sock, READ_CHUNK, MAX_FDS)
@@ -78,13 +86,13 @@ class Channel:
             else:
                 data = self.sock.recv(READ_CHUNK)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as e:
             self.close("recv failed: %s" % e)
-            return
+            return False
         if not data:
             self.close("eof")
-            return
+            return False
         try:
             self.decoder.feed(data)
             self.process()
@@ -96,6 +104,8 @@ class Channel:
             self.decoder.clear()
             log.error("out of memory reading a frame: connection closed")
             self.close("out of memory")
+            return False
+        return True
 
     def read_rest(self, max_bytes: int = 64 << 20) -> list:
         """The frames the peer sent before it went away and nobody has read yet, decoded

@@ -115,6 +115,10 @@ class Worker:
         """The checkpoint moved (update checkpoint): the parent delivers from it anew. What
         this worker holds or has in flight is of the old deliveries: a late ack of one must
         not count for the new one of that position (it would be ignored: §3)."""
+        for c in list(self.consumers):
+            # what a consumer sent before now answers the old deliveries: reported (and
+            # dropped by the parent) before "forgot", never taken for the new ones'
+            c.channel.read_pending()
         for c in self.consumers:
             c.inflight.clear()
         self.waiting.clear()
