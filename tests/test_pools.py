@@ -429,6 +429,33 @@ def test_start_of_a_stopped_pool_resumes_from_its_checkpoint(daemon: Daemon) -> 
 
 
 @pytest.mark.timeout(60)
+def test_start_of_a_stopped_pool_keeps_the_settings_it_is_not_given(daemon: Daemon,
+                                                                     short_tmp: str) -> None:
+    """§2: a stopped pool "starts again from its checkpoint, taking the given pool_size,
+    subscriber and options". A start that gave only the triple (`emitterctl stop KEY`, then
+    `emitterctl start NAME --type T --selector S`) took the defaults instead: a unix:
+    subscription came back as an attach one with one worker, and its events waited for a
+    consumer nobody would attach."""
+    c = daemon.client()
+    triple = {"name": "kept", "type": "stream", "selector": "$all"}
+    path = "unix:" + os.path.join(short_tmp, "nobody-listens.sock")
+    key = c.start(dict(triple, subscriber=path, pool_size=2,
+                       options={"batch_size": 7, "strategy": "round_robin"}))["key"]
+    c.stop(key, drain_timeout=0.1)
+    sub = c.start(triple)["subscription"]
+    assert (sub["subscriber"], sub["pool_size"], sub["options"]["batch_size"],
+            sub["options"]["strategy"]) == (path, 2, 7, "round_robin"), sub
+    c.stop(key, drain_timeout=0.1)
+    # what is given is taken: options merge over the stored ones, nil clears the subscriber
+    sub = c.start(dict(triple, subscriber=None, options={"batch_size": 3}))["subscription"]
+    assert (sub["subscriber"], sub["pool_size"], sub["options"]["batch_size"],
+            sub["options"]["strategy"]) == (None, 2, 3, "round_robin"), sub
+    c.stop(key, drain_timeout=0.1)
+    sub = c.start(dict(triple, pool_size=1))["subscription"]
+    assert (sub["subscriber"], sub["pool_size"]) == (None, 1), sub
+
+
+@pytest.mark.timeout(60)
 def test_a_resize_during_a_stop_does_not_keep_the_pool_running(make_daemon: Any) -> None:
     """An update of pool_size that lands after a stop has ended its workers, while they
     exit, spawned new ones the stop never ended: the stop was never answered, a second one

@@ -323,7 +323,8 @@ def start(ctx: click.Context, name: str, sub_type: str, selector: Any, subscribe
     """Register subscription NAME and start its pool of workers.
 
     The same NAME, type and selector always give the same KEY. A stopped,
-    backing-off or failed subscription starts again from its checkpoint.
+    backing-off or failed subscription starts again from its checkpoint, with
+    the options given here and its stored settings for those left out.
     """
     st = state(ctx)
     sub: Dict[str, Any] = {"name": name, "type": sub_type, "selector": selector}

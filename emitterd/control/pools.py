@@ -16,7 +16,8 @@ def start(ctx: Any, req: Any) -> Any:
     only_keys(req.args, ("subscription",))
     if "subscription" not in req.args:
         raise invalid("subscription", "subscription is required")
-    spec = subscription.validate(req.args["subscription"], ctx.cfg)
+    given = req.args["subscription"]
+    spec = subscription.validate(given, ctx.cfg)
     rights = subscriber_access.check(ctx, req.conn.peer, spec["subscriber"],
                                      "subscription.subscriber")
     key = subscription.key_of(spec)
@@ -30,8 +31,10 @@ def start(ctx: Any, req: Any) -> Any:
         return pool.status()
     if pool.state == "running" or pool.stopping is not None:
         raise ProtocolError(ALREADY_STARTED, "subscription %s is already running" % key, {"key": key})
-    # a stopped, backoff or failed pool restarts from its checkpoint with the new settings
-    spec["start_from"] = pool.spec["start_from"]
+    # a stopped, backoff or failed pool restarts from its checkpoint with the settings given
+    # (§2); those left out keep what is stored, so `stop` then `start NAME --type --selector`
+    # brings it back as it was (defaults there turned a unix: subscription into an attach one)
+    spec, rights = _restarted(pool, given, spec, rights)
     pool.spec = spec
     pool.subscriber_rights = rights
     # workers that outlived a backoff take the new subscriber and ack_timeout
@@ -39,6 +42,27 @@ def start(ctx: Any, req: Any) -> Any:
     pool.start()
     reg.persist(pool, "running")
     return _saved_status(ctx, pool, "pool %s started" % key)
+
+
+def _restarted(pool: Any, given: dict, spec: dict, rights: Any) -> tuple:
+    """The spec (and subscriber rights) a start gives a known pool: the validated `spec`'s
+    pool_size, subscriber and options where `given` names them, else the stored ones."""
+    out = dict(pool.spec)
+    if given.get("pool_size") is not None:
+        out["pool_size"] = spec["pool_size"]
+    if "subscriber" in given:
+        out["subscriber"] = spec["subscriber"]          # nil clears it
+    else:
+        rights = pool.subscriber_rights
+    options = given.get("options") or {}
+    base = dict(pool.spec["options"])
+    if "subscriber" in given and spec["subscriber"] is not None and "ephemeral" not in options:
+        base["ephemeral"] = False     # as for a new one: one with a subscriber is not ephemeral
+    out["options"] = subscription.validate_options(options, base, "subscription.options")
+    if out["options"]["ephemeral"] and out["subscriber"] is not None:
+        raise invalid("subscription.options.ephemeral" if "ephemeral" in options
+                      else "subscription.subscriber", "an ephemeral subscription has no subscriber")
+    return out, rights
 
 
 def stop(ctx: Any, req: Any) -> Any:
