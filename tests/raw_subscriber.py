@@ -22,6 +22,11 @@ class RawSubscriber:
         self.conn: Optional[socket.socket] = None
         self.buf = b""
 
+    def spec(self, name: str, **fields: Any) -> dict:
+        """A subscription of every event from the origin, delivered to this socket."""
+        return {"name": name, "type": "stream", "selector": "$all",
+                "subscriber": "unix:" + self.path, "start_from": "origin", **fields}
+
     def accept(self, timeout: float = 10.0) -> dict:
         self.listener.settimeout(timeout)
         self.conn, _ = self.listener.accept()

@@ -10,6 +10,7 @@ flight for good: status.in_flight never returned to 0, every stop waited its who
 drain_timeout and then warned, and the replayed rows were neither listed nor removed."""
 import os
 import signal
+from typing import Any, List
 
 import psutil
 import pytest
@@ -20,14 +21,47 @@ from raw_subscriber import RawSubscriber
 from waits import wait_until
 
 
+def _ack_all(recv: Any, ack: Any) -> List[int]:
+    """A subscriber that acks every frame it gets, until none came for 1 s after positions
+    1..3 were all seen; the positions delivered, in order."""
+    seen: List[int] = []
+    while True:
+        try:
+            frame = recv(timeout=1.0 if len(set(seen)) >= 3 else 10.0)
+        except TimeoutError:
+            break
+        if frame is None:
+            break
+        ps = [e["position"] for e in frame["events"]]
+        seen += ps
+        ack(ps)
+    assert set(seen) == {1, 2, 3}
+    return seen
+
+
+def _settled(c: Any, key: str, seen: List[int]) -> None:
+    """Every delivery acked: nothing in flight (the pool's nor a worker's), the checkpoint
+    at 3, nothing parked nor listed."""
+    def settled() -> bool:
+        s = c.status(key)
+        return (s["in_flight"] == 0 and all(w["in_flight"] == 0 for w in s["workers"])
+                and s["checkpoint"] == 3 and s["parked"] == 0 and not c.parked(key)["events"])
+    try:
+        wait_until(settled, 5, "nothing in flight")
+    except AssertionError:
+        s = c.status(key)
+        pytest.fail("every delivery was acked (deliveries: %s) yet status says in_flight=%d, "
+                    "workers' in_flight=%s, checkpoint=%d, parked=%d, parked list=%d"
+                    % (seen, s["in_flight"], [w["in_flight"] for w in s["workers"]],
+                       s["checkpoint"], s["parked"], len(c.parked(key)["events"])))
+
+
 @pytest.mark.timeout(60)
 def test_replay_after_checkpoint_moved_back_settles(daemon, short_tmp):
     sub = RawSubscriber(os.path.join(short_tmp, "s.sock"))
     try:
         c = daemon.client()
-        st = c.start({"name": "replay", "type": "stream", "selector": "$all",
-                      "subscriber": "unix:" + sub.path, "start_from": "origin"})
-        key = st["key"]
+        key = c.start(sub.spec("replay"))["key"]
         sub.accept()
         c.publish([{"stream": "s", "type": "t"} for _ in range(3)])
         first = sub.recv()["events"]
@@ -41,30 +75,8 @@ def test_replay_after_checkpoint_moved_back_settles(daemon, short_tmp):
         assert upd["checkpoint"] == 0
         assert rep["count"] == 3
 
-        # a subscriber that acks everything it gets
-        seen = []
-        while True:
-            try:
-                frame = sub.recv(timeout=1.0 if len(set(seen)) >= 3 else 10.0)
-            except TimeoutError:
-                break
-            ps = [e["position"] for e in frame["events"]]
-            seen += ps
-            sub.send({"op": "ack", "positions": ps})
-        assert set(seen) == {1, 2, 3}
-
-        def settled():
-            s = c.status(key)
-            return s if s["in_flight"] == 0 and s["checkpoint"] == 3 and s["parked"] == 0 \
-                and not c.parked(key)["events"] else None
-        try:
-            wait_until(settled, 5, "in_flight 0 after every delivery was acked")
-        except AssertionError:
-            s = c.status(key)
-            pytest.fail("every delivery was acked (deliveries: %s) yet status says in_flight=%d "
-                        "(workers: %s), parked=%d, parked list=%d"
-                        % (seen, s["in_flight"], [w["in_flight"] for w in s["workers"]],
-                           s["parked"], len(c.parked(key)["events"])))
+        seen = _ack_all(sub.recv, lambda ps: sub.send({"op": "ack", "positions": ps}))
+        _settled(c, key, seen)
     finally:
         sub.close()
 
@@ -90,31 +102,7 @@ def test_replay_after_rewind_without_consumer_settles(daemon):
     assert c.update(key, checkpoint=0)["checkpoint"] == 0
     assert c.parked(key, "replay")["count"] == 3
     with daemon.client().attach(key) as con:
-        seen = []
-        while True:
-            try:
-                frame = con.recv(timeout=1.0 if len(set(seen)) >= 3 else 10.0)
-            except TimeoutError:
-                break
-            if frame is None:
-                break
-            ps = [e["position"] for e in frame["events"]]
-            seen += ps
-            con.ack(ps)
-        assert set(seen) == {1, 2, 3}
-
-        def settled():
-            s = c.status(key)
-            return (s["in_flight"] == 0 and all(w["in_flight"] == 0 for w in s["workers"])
-                    and s["checkpoint"] == 3 and s["parked"] == 0 and not c.parked(key)["events"])
-        try:
-            wait_until(settled, 5, "nothing in flight")
-        except AssertionError:
-            s = c.status(key)
-            pytest.fail("every delivery was acked (deliveries: %s) yet status says in_flight=%d, "
-                        "workers' in_flight=%s, checkpoint=%d"
-                        % (seen, s["in_flight"], [w["in_flight"] for w in s["workers"]],
-                           s["checkpoint"]))
+        _settled(c, key, _ack_all(con.recv, con.ack))
 
 
 # ---- a late ack of the delivery before the update ----------------------------------------
@@ -141,8 +129,7 @@ def test_ack_of_delivery_before_update_checkpoint_is_not_taken_for_the_new_one(d
     wpid = None
     try:
         c = daemon.client()
-        key = c.start({"name": "rewind", "type": "stream", "selector": "$all",
-                       "subscriber": "unix:" + sub.path, "start_from": "origin"})["key"]
+        key = c.start(sub.spec("rewind"))["key"]
         sub.accept()
         c.publish([{"stream": "s", "type": "t"}])
         (ev,) = sub.recv()["events"]
@@ -205,9 +192,7 @@ def test_forget_sent_with_a_spare_activation_is_answered(daemon, short_tmp):
     stopped = None
     try:
         c = daemon.client()
-        key = c.start({"name": "spare", "type": "stream", "selector": "$all",
-                       "subscriber": "unix:" + sub.path, "start_from": "origin",
-                       "pool_size": 1})["key"]
+        key = c.start(sub.spec("spare", pool_size=1))["key"]
         sub.accept()
         # a first death: its replacement, once ready, has a spare forked for the next one
         os.kill(c.status(key)["workers"][0]["pid"], signal.SIGKILL)

@@ -52,6 +52,16 @@ def _start_or_refuse(d: Daemon) -> bool:
         d.stop()
 
 
+def _daemon_for_nobody(make_daemon: Any, short_tmp: str) -> Daemon:
+    """A daemon uid 65534 may talk to, and a short_tmp it may search."""
+    d = make_daemon(start=False)
+    os.chmod(d.root, 0o755)
+    d.extra_args = ["--socket-mode", "0666", "--allow-uids", str(NOBODY)]
+    d.start()
+    os.chmod(short_tmp, 0o755)
+    return d
+
+
 class Listener:
     """A unix socket that records every connection made to it."""
 
@@ -151,11 +161,7 @@ def test_the_subscriber_check_does_not_resolve_links_inside_directories_the_clie
     judges the resolved path: a name inside a directory the client cannot search is judged
     by where the daemon found it leads, and the refusal names that target, which the client
     could not read (a symlink's target, an existence test inside a private directory)."""
-    d = make_daemon(start=False)
-    os.chmod(d.root, 0o755)
-    d.extra_args = ["--socket-mode", "0666", "--allow-uids", str(NOBODY)]
-    d.start()
-    os.chmod(short_tmp, 0o755)
+    d = _daemon_for_nobody(make_daemon, short_tmp)
     private = os.path.join(short_tmp, "private")
     os.mkdir(private, 0o700)
     public = os.path.join(short_tmp, "public")
@@ -352,11 +358,7 @@ def test_a_link_swapped_in_after_the_check_leads_the_workers_nowhere_the_client_
     at each connect: a client that owns the directory of its subscriber swapped a symbolic
     link in after the check, and the worker connected to a root-only socket for it. Also
     after a restart (the client's rights are stored with the subscription)."""
-    d = make_daemon(start=False)
-    os.chmod(d.root, 0o755)
-    d.extra_args = ["--socket-mode", "0666", "--allow-uids", str(NOBODY)]
-    d.start()
-    os.chmod(short_tmp, 0o755)
+    d = _daemon_for_nobody(make_daemon, short_tmp)
     own = os.path.join(short_tmp, "own")
     os.mkdir(own, 0o755)
     os.chown(own, NOBODY, NOBODY)

@@ -19,10 +19,8 @@ def test_retry_past_1024_comes_back(daemon, short_tmp):
     sub = RawSubscriber(os.path.join(short_tmp, "s.sock"))
     try:
         c = daemon.client()
-        st = c.start({"name": "many-retries", "type": "stream", "selector": "$all",
-                      "subscriber": "unix:" + sub.path, "start_from": "origin",
-                      "options": {"max_retries": 5000,
-                                  "retry_backoff": [0.000001, 0.000001]}})
+        st = c.start(sub.spec("many-retries", options={"max_retries": 5000,
+                                                       "retry_backoff": [0.000001, 0.000001]}))
         hello = sub.accept()
         assert hello["op"] == "hello" and hello["key"] == st["key"]
         c.publish([{"stream": "s", "type": "t"}])
