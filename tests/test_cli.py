@@ -9,6 +9,7 @@ import queue
 import re
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -1239,3 +1240,47 @@ def test_stopped_publish_with_reader_gone_says_lines_were_not_sent(daemon: Any, 
     assert head < n, "published everything before the signal: inconclusive"
     # the stop is what matters here, not the lost summary: 130 and the lines not sent
     assert rc == 130 and "were not sent" in err, (rc, err, head)
+
+
+def _swallowing_server(path: str, ready: threading.Event) -> None:
+    """Accept one connection, read one whole request frame, close without answering (a
+    daemon killed between its commit and its answer)."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    ready.set()
+    conn, _ = srv.accept()
+    with conn:
+        head = b""
+        while len(head) < 4:
+            head += conn.recv(4 - len(head))
+        (n,) = struct.unpack(">I", head)
+        got = 0
+        while got < n:
+            got += len(conn.recv(n - got))
+    srv.close()
+
+
+@pytest.mark.timeout(30)
+def test_retry_advice_counts_a_null_id_as_no_id(short_tmp: str) -> None:
+    """`emitterctl publish --file` whose publish goes unanswered tells the user whether sending
+    the batch again is safe. It decides by `"id" in event`, so a line with `"id": null` (the
+    daemon's default: a generated id, PROTOCOL "id?") counts as having an id, and the user is
+    told "publishing them again stores each once" -- republishing stores those events twice."""
+    sock = os.path.join(short_tmp, "s.sock")
+    events = os.path.join(short_tmp, "ev.jsonl")
+    with open(events, "w") as f:
+        f.write('{"stream": "s", "type": "t", "id": "a"}\n')
+        f.write('{"stream": "s", "type": "t", "id": null}\n')
+    ready = threading.Event()
+    t = threading.Thread(target=_swallowing_server, args=(sock, ready), daemon=True)
+    t.start()
+    assert ready.wait(5)
+    rc, out, err = run_ctl(["--socket", sock, "publish", "--file", events],
+                           env=clean_env(short_tmp), timeout=20)
+    t.join(5)
+    assert rc == 3, (rc, out, err)
+    assert "may or may not have been stored" in err, err
+    # line 2 has no id of its own: publishing the batch again stores it a second time
+    assert "stores each once" not in err, err
+    assert "may store some twice" in err, err

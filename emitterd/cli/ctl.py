@@ -709,7 +709,7 @@ def _report_failed_batch(ctx: click.Context, e: Exception, batch: list, publishe
             click.echo("hint: the daemon takes fewer events per publish: give a smaller "
                        "--batch-size", err=True)
         ctx.exit(EXIT_DAEMON_ERROR)
-    if all("id" in ev for _, ev in batch):
+    if all(ev.get("id") is not None for _, ev in batch):
         retry = "its events all have ids, so publishing them again stores each once"
     else:
         retry = ("publishing them again may store some twice (an event with an "

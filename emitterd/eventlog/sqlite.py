@@ -368,6 +368,7 @@ class SqliteLog(EventLog):
         self._tail_bytes = 0
         # first -> (last, records, bytes), least recently used first: see COLD_CHUNKS_KEPT
         self._cold: OrderedDict = OrderedDict()
+        self._cold_ids: dict = {}     # in append(): position -> (id, version) read ahead
         self._cold_bytes = 0
         if self._full and wal_bytes > 0:
             self._prefill_wal(wal_bytes)
@@ -440,15 +441,25 @@ class SqliteLog(EventLog):
             self._stream_versions[stream] = v
         return v
 
-    def _reserved_id(self, events: list) -> Optional[ProtocolError]:
+    def _check_ids(self, events: list) -> Optional[ProtocolError]:
         """A client id in the generated form of a position not yet given out is refused:
-        the event at that position would be given the same id."""
+        the event at that position would be given the same id. The events older than the
+        tail that generated-form ids name are read here, each chunk once, for _lookup_id: a
+        retry of 10,000 events by their generated ids read a chunk row per id (seconds)."""
+        cold = []
         for i, ev in enumerate(events):
             if ev.id is not None:
                 pos = generated_position(self._salt, ev.id)
                 if pos is not None and pos > self.head:
                     return invalid("events.%d.id" % i, "id %r has the form of the ids this "
                                    "store generates, for a position not yet used" % ev.id)
+                if pos is None and self._salts_before:
+                    pos = self._position_before_restore(ev.id)
+                if pos is not None and pos < self._tail_start and pos not in self._cold_ids:
+                    cold.append(pos)
+        if cold:
+            for event, _ in self._cold_events(sorted(set(cold))):
+                self._cold_ids[event["position"]] = (event["id"], event["version"])
         return None
 
     def _all_stored(self, events: list, ids: dict) -> bool:
@@ -472,14 +483,16 @@ class SqliteLog(EventLog):
         if pos is not None and pos <= self.head:
             if pos >= self._tail_start:
                 event = self._tail[pos - self._tail_start + self._tail_off].decode()
+                found = (event["id"], event["version"])
             else:
-                event = None
-                for event, _ in self._cold_events([pos]):
-                    pass
+                found = self._cold_ids.get(pos)     # read by _check_ids
+                if found is None:
+                    for event, _ in self._cold_events([pos]):
+                        found = (event["id"], event["version"])
             # the id has the generated form of pos, but the event there may carry a
             # client's id: then this id was never given out, and the index decides
-            if event is not None and event["id"] == event_id:
-                return (pos, event["version"])
+            if found is not None and found[0] == event_id:
+                return (pos, found[1])
         row = self._db.execute("SELECT position, version FROM event_ids WHERE id = ?",
                                (event_id,)).fetchone()
         return tuple(row) if row else None
@@ -504,8 +517,9 @@ class SqliteLog(EventLog):
         low_hex = _LOW_HEX
         high = -1
         id_entry = b""
+        self._cold_ids = {}
         for b in batches:
-            reserved = self._reserved_id(b.events)
+            reserved = self._check_ids(b.events)
             if reserved is not None:
                 b.result = reserved
                 continue
@@ -555,6 +569,7 @@ class SqliteLog(EventLog):
                 add_position(pos)
                 add_version(version)
             b.result = {"positions": positions, "versions": versions}
+        self._cold_ids = {}
         if not records:
             return []
         first = self.head + 1
