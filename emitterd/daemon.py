@@ -202,7 +202,11 @@ class Daemon:
             self.checkpointer.replace()
         for warning in cfg.warnings:
             log.warning(warning)
-        log.info("configuration reloaded", changed=len(applied), need_restart=len(pending))
+        if cfg.config_path is None:
+            log.warning("reload: no config file to re-read (give --config FILE or "
+                        "EMITTERD_CONFIG); flags and the environment are read at start only")
+        log.info("configuration reloaded", config=cfg.config_path or "", changed=len(applied),
+                 need_restart=len(pending))
         ctx.notifier.ready(self._summary())
 
     # ---- shutdown ------------------------------------------------------------

@@ -295,9 +295,12 @@ def configure(level: str = "info", fmt: str = "text", stream: Optional[IO[str]] 
     if journal is None:
         journal = journal_stream_matches(stream)
     root = logging.getLogger(_ROOT)
-    for h in list(root.handlers):
-        root.removeHandler(h)
     handler = _NoWaitHandler(stream)
+    for h in list(root.handlers):
+        if isinstance(h, _NoWaitHandler) and h.stream is stream:
+            # a reload: the lines dropped so far, and a line left cut short, are still owed
+            handler.dropped, handler._cut = h.dropped, h._cut
+        root.removeHandler(h)
     handler.setFormatter(_JsonFormatter(journal) if fmt == "json" else _TextFormatter(journal))
     root.addHandler(handler)
     root.setLevel(levelno)

@@ -647,7 +647,9 @@ class Config:
         for name in values:
             if BY_NAME[name].reloadable:
                 sources[name] = new.sources[name]
-        _cross_check(values, sources, self.config_path)
+        # a clash with a value kept until a restart names it so, not the file (which says
+        # otherwise, and is valid on its own)
+        _cross_check(values, {**sources, **{n: "running" for n in pending}}, self.config_path)
         return Config(values, sources, self.config_path, self.flags, new.warnings), applied, pending
 
 
@@ -660,6 +662,8 @@ def _where(s: Setting, origin: str, config_path: Optional[str]) -> str:
         return s.env_var
     if origin == "file":
         return "config file %s: %s" % (config_path, s.name)
+    if origin == "running":
+        return "the running %s, which needs a restart to change" % s.name
     return "default %s" % s.name
 
 
@@ -800,6 +804,11 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, object]
         values[s.name] = _resolve_one(s, raw, origin, config_path, env)
         sources[s.name] = origin
     _cross_check(values, sources, config_path)
+    for s in SETTINGS:
+        if s.name in file_values and sources[s.name] != "file":
+            # overridden, but still the file's value: a bad one is an error, as it would be
+            # without the override (and at the restart that drops it)
+            _resolve_one(s, file_values[s.name], "file", config_path, env)
 
     warnings = []
     for s in SETTINGS:

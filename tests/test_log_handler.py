@@ -59,3 +59,34 @@ def test_a_cut_line_is_ended_even_after_a_line_dropped_whole():
     assert third, data[-300:]
     assert b"first" not in third[0], "the third line is glued onto the cut first one: %r..%r" % (
         third[0][:60], third[0][-120:])
+
+
+@pytest.mark.timeout(10)
+def test_lines_dropped_before_a_reload_are_still_counted():
+    """README: "the next line written carries log_lines_dropped=N". Every SIGHUP calls
+    logs.configure(), which installed a new handler: the count of lines dropped so far (and
+    a line left cut short) was thrown away, and the next line said 1 instead of 4."""
+    r, w = os.pipe()
+    stream = os.fdopen(w, "w")
+    try:
+        _set_nonblock(r, True)
+        _set_nonblock(w, True)
+        while True:                              # a full pipe: every line is dropped
+            try:
+                os.write(w, b"F" * 4096)
+            except BlockingIOError:
+                break
+        _set_nonblock(w, False)
+        logs.configure("info", "text", stream=stream, journal=False)
+        log = logs.get("review")
+        for i in range(3):
+            log.warning("dropped %d" % i)
+        logs.configure("info", "json", stream=stream, journal=False)   # a reload
+        _drain(r)
+        log.warning("after")
+        data = _drain(r)
+    finally:
+        logs.configure("info", "text")          # back to stderr
+        stream.close()
+        os.close(r)
+    assert b'"log_lines_dropped":3' in data, data[-300:]

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from emitterd import procs
+from emitterd import procs, settings
 from emitterd.client import Client, Unavailable, Unreachable
 from service_helpers import (ActivatedDaemon, NotifyReceiver, Subscriber, has_line,
                              proc_fd_links, read_log, wait_log, wait_until, worker_pids)
@@ -849,3 +849,62 @@ def test_a_log_format_reload_reaches_every_process(make_daemon, short_tmp):
     assert not any("died" in r.get("msg", "") or "exited" in r.get("msg", "")
                    for r in records), lines
     c.ping()
+
+
+@pytest.mark.timeout(30)
+def test_reload_refusal_names_the_restart_only_setting_not_the_file(make_daemon, short_tmp):
+    """A reload whose only conflict is with a restart-only setting's *running* value.
+    
+    The file is valid on its own (`emitterd config --config FILE` accepts it, a restart applies
+    it): heartbeat_interval 5 -> 1 (restart-only) and worker_timeout 12 -> 3. The reload keeps
+    heartbeat_interval at its running 5.0, so worker_timeout 3 cannot go with it and the whole
+    reload is refused -- fine -- but the daemon says the configuration "is invalid" and blames
+    "config file ...: heartbeat_interval" for a value 5.0 the file does not hold (it says 1.0).
+    Nothing says that heartbeat_interval needs a restart, which is the operator's way out."""
+    cfg = os.path.join(short_tmp, "emitterd.toml")
+    _write(cfg, "heartbeat_interval = 5.0\nworker_timeout = 12.0\n")
+    d = make_daemon("--config", cfg)
+    new = 'heartbeat_interval = 1.0\nworker_timeout = 3.0\nlog_level = "debug"\n'
+    _write(cfg, new)
+    settings.load(cfg, {}, {})          # the file itself is valid (no ConfigError)
+    d.proc.send_signal(signal.SIGHUP)
+    wait_log(d.log_path, r"configuration reloaded|reload refused", timeout=10)
+    log = read_log(d.log_path)
+    line = [ln for ln in log.splitlines() if "reload" in ln and "daemon" in ln][-1]
+    # the file says heartbeat_interval = 1.0: a line that attributes 5.0 to the file misleads
+    assert not re.search(r"heartbeat_interval = 5\.0 \(config file", line), line
+    # the operator must learn that heartbeat_interval only changes with a restart
+    assert re.search(r"heartbeat_interval.*restart|restart.*heartbeat_interval", log), line
+
+
+@pytest.mark.timeout(30)
+def test_an_invalid_value_under_an_override_still_refuses_the_reload(make_daemon, short_tmp):
+    """README: "an invalid file changes nothing". A bad value for a key that a flag or the
+    environment overrides is never parsed: the reload is not refused, the file's other changes
+    are applied, and the only line about that key says the file "sets" it (as if valid). The
+    same file makes `emitterd run --config FILE` exit 2 once the override is gone."""
+    cfg = os.path.join(short_tmp, "emitterd.toml")
+    _write(cfg, "default_batch_size = 64\n")
+    d = make_daemon("--config", cfg, env={"EMITTERD_LOG_LEVEL": "info"})
+    c = d.client()
+    _write(cfg, 'log_level = "verbose"\ndefault_batch_size = 5\n')   # "verbose": no level
+    d.proc.send_signal(signal.SIGHUP)
+    wait_log(d.log_path, r"configuration reloaded|reload refused", timeout=10)
+    log = read_log(d.log_path)
+    st = c.start({"name": "n", "type": "stream", "selector": "$all"})
+    assert st["subscription"]["options"]["batch_size"] == 64, "the invalid file was applied"
+    assert re.search(r"reload refused.*log_level", log), log[-2000:]
+
+
+@pytest.mark.timeout(30)
+def test_a_reload_without_config_file_says_so(make_daemon):
+    """A SIGHUP to a daemon that reads no config file (no --config, no EMITTERD_CONFIG: the
+    installed unit until emitterd.env names one) logs "configuration reloaded changed=0": an
+    operator who edited /etc/emitterd/emitterd.toml and ran `systemctl reload` is told it was
+    reloaded. Nothing says that there is no file to re-read (nor which file was)."""
+    d = make_daemon()
+    d.proc.send_signal(signal.SIGHUP)
+    wait_log(d.log_path, r"configuration reloaded|reload refused", timeout=10)
+    log = read_log(d.log_path)
+    tail = log[log.index("emitterd ready"):]
+    assert re.search(r"no config(uration)? file", tail), tail
