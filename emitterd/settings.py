@@ -805,7 +805,8 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, object]
         sources[s.name] = origin
     _cross_check(values, sources, config_path)
     for s in SETTINGS:
-        if s.name in file_values and sources[s.name] != "file":
+        if (s.name in file_values and sources[s.name] != "file"
+                and not _is_default(s, file_values[s.name])):
             # overridden, but still the file's value: a bad one is an error, as it would be
             # without the override (and at the restart that drops it)
             _resolve_one(s, file_values[s.name], "file", config_path, env)

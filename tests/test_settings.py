@@ -781,3 +781,31 @@ def test_example_config_under_the_unit_gives_no_warnings() -> None:
     env["EMITTERD_CONFIG"] = str(REPO / "systemd" / "emitterd.toml")
     cfg = settings.load(env=env)
     assert cfg.warnings == [], cfg.warnings
+
+
+_LONG_RUNTIME = "/run/user/1000/" + "d" * 80       # the default socket path is > 107 bytes
+_LONG_ENV = {"XDG_RUNTIME_DIR": _LONG_RUNTIME, "HOME": "/root"}
+
+
+@pytest.mark.timeout(10)
+def test_the_example_file_does_not_refuse_a_socket_flag_when_the_default_is_too_long() -> None:
+    """A config file key left at its built-in default (the shipped example file has every key so)
+    "asks for nothing" (README), yet since the override check in settings.load() it is resolved
+    as a file value even when a flag overrides it: `socket = ""` resolves to the *default* socket
+    path from the environment, and when that default is too long for sun_path (a long
+    XDG_RUNTIME_DIR: the very reason to give --socket) the daemon refuses to start, blaming
+    "config file ...: socket" for a value the file does not hold. The same flags without the file,
+    or the same file before this change, start fine."""
+    # without a file the flag is all that counts
+    assert settings.load(None, {"socket": "/tmp/short.sock"}, _LONG_ENV).socket == "/tmp/short.sock"
+    # the shipped example restates the defaults (socket = ""): it must not change that
+    cfg = settings.load(str(REPO / "systemd" / "emitterd.toml"), {"socket": "/tmp/short.sock"}, _LONG_ENV)
+    assert cfg.socket == "/tmp/short.sock"
+
+
+@pytest.mark.timeout(10)
+def test_a_default_socket_key_under_a_flag_is_not_blamed_on_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "emitterd.toml"
+    path.write_text('socket = ""\ndefault_batch_size = 5\n')
+    cfg = settings.load(str(path), {"socket": "/tmp/short.sock"}, _LONG_ENV)
+    assert (cfg.socket, cfg.default_batch_size) == ("/tmp/short.sock", 5)

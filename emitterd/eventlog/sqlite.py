@@ -453,7 +453,7 @@ class SqliteLog(EventLog):
                 if pos is not None and pos > self.head:
                     return invalid("events.%d.id" % i, "id %r has the form of the ids this "
                                    "store generates, for a position not yet used" % ev.id)
-                if pos is None and self._salts_before:
+                if pos is None:
                     pos = self._position_before_restore(ev.id)
                 if pos is not None and pos < self._tail_start and pos not in self._cold_ids:
                     cold.append(pos)
@@ -478,7 +478,7 @@ class SqliteLog(EventLog):
 
     def _lookup_id(self, event_id: str) -> Optional[tuple]:
         pos = generated_position(self._salt, event_id)
-        if pos is None and self._salts_before:
+        if pos is None:
             pos = self._position_before_restore(event_id)
         if pos is not None and pos <= self.head:
             if pos >= self._tail_start:
