@@ -54,6 +54,13 @@ def validate_subscriber(value: Any, field: str) -> Optional[str]:
     return value
 
 
+def check_ephemeral(options: dict, subscriber: Optional[str], field: str) -> None:
+    """`invalid` at `field` for an ephemeral subscription with a subscriber (§3: ephemeral
+    ones are attached to, and go when their consumers leave)."""
+    if options["ephemeral"] and subscriber is not None:
+        raise invalid(field, "an ephemeral subscription has no subscriber")
+
+
 def validate_pool_size(value: Any, field: str) -> int:
     if not _is_int(value) or not 1 <= value <= 64:
         raise invalid(field, "pool_size must be an integer from 1 to 64")
@@ -158,8 +165,7 @@ def validate(sub: Any, cfg: Any, field: str = "subscription") -> dict:
     if subscriber is not None:
         defaults["ephemeral"] = False     # default_ephemeral is for subscriptions without one
     options = validate_options(sub.get("options"), defaults, field + ".options")
-    if options["ephemeral"] and subscriber is not None:
-        raise invalid(field + ".options.ephemeral", "an ephemeral subscription has no subscriber")
+    check_ephemeral(options, subscriber, field + ".options.ephemeral")
     return {"name": name, "type": type_, "selector": selector, "subscriber": subscriber,
             "pool_size": pool_size, "start_from": start_from, "options": options}
 

@@ -59,9 +59,9 @@ def _restarted(pool: Any, given: dict, spec: dict, rights: Any) -> tuple:
     if "subscriber" in given and spec["subscriber"] is not None and "ephemeral" not in options:
         base["ephemeral"] = False     # as for a new one: one with a subscriber is not ephemeral
     out["options"] = subscription.validate_options(options, base, "subscription.options")
-    if out["options"]["ephemeral"] and out["subscriber"] is not None:
-        raise invalid("subscription.options.ephemeral" if "ephemeral" in options
-                      else "subscription.subscriber", "an ephemeral subscription has no subscriber")
+    subscription.check_ephemeral(out["options"], out["subscriber"],
+                                 "subscription.options.ephemeral" if "ephemeral" in options
+                                 else "subscription.subscriber")
     return out, rights
 
 
@@ -101,9 +101,8 @@ def update(ctx: Any, req: Any) -> Any:
         rights = subscriber_access.check(ctx, req.conn.peer, spec["subscriber"], "subscriber")
     if "options" in args:
         spec["options"] = subscription.validate_options(args["options"], pool.spec["options"], "options")
-    if spec["options"]["ephemeral"] and spec["subscriber"] is not None:
-        raise invalid("subscriber" if "subscriber" in args else "options.ephemeral",
-                      "an ephemeral subscription has no subscriber")
+    subscription.check_ephemeral(spec["options"], spec["subscriber"],
+                                 "subscriber" if "subscriber" in args else "options.ephemeral")
     checkpoint = None
     if "checkpoint" in args:
         checkpoint = args["checkpoint"]
