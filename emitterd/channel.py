@@ -152,6 +152,11 @@ class Channel:
             self.on_frame(msg)
 
     @property
+    def over_cap(self) -> bool:
+        """More output queued than max_out allows."""
+        return bool(self.max_out) and len(self._out) > self.max_out
+
+    @property
     def receiving(self) -> bool:
         """Open and reading (not paused by its owner nor held back by its own output)."""
         return self.reading and not self._held and not self.closed

@@ -37,7 +37,8 @@ def _settling(room: dict, max_if: int) -> bool:
     one by one on its ack (half of a backlog's events went that way). Every ack ends a loop
     turn and every turn ends with a pump, so waiting costs no wake-up. A worker that runs
     below half its window is refilled at once, the full worker's share held back for it as
-    before: one full worker never starves the rest."""
+    before, up to hold_limit events in all: a worker stuck longer stops the reading for
+    every worker until its events time out (README, change 25)."""
     return max(room.values()) <= max_if // 2
 
 

@@ -40,6 +40,10 @@ class ConsumerConn:
             self.channel.process()
 
     @property
+    def over_cap(self) -> bool:
+        return self.channel.over_cap
+
+    @property
     def closed(self) -> bool:
         return self.channel.closed
 

@@ -133,7 +133,10 @@ class Worker:
 
     # ---- delivery --------------------------------------------------------------
     def _pick(self) -> Any:
-        live = [c for c in self.consumers if not c.closed]
+        # a consumer over output_buffer_bytes takes nothing more until it has read it: a
+        # slow reader would otherwise pile every ack_timeout redelivery behind its unread
+        # frames, without bound (it makes progress, so it is never cut off as stalled)
+        live = [c for c in self.consumers if not c.closed and not c.over_cap]
         if not live:
             return None
         if len(live) == 1:
@@ -148,6 +151,14 @@ class Worker:
         # when its belief ("unsent" means it thinks we have no consumer) is wrong.
         conn = self._pick()
         if conn is None:
+            if any(not c.closed for c in self.consumers):
+                # every consumer is over its output cap: the batch waits here (not on a
+                # consumer, so no ack_timeout runs) until one has read its backlog
+                self.waiting.append((positions, frame))
+                if not unsent:
+                    self.report({"op": "waiting", "positions": positions})
+                self._when_read(self._drain_waiting)
+                return
             if self.spec.get("subscriber"):
                 self.waiting.append((positions, frame))   # the sink reconnects; events wait
                 if not unsent:
@@ -158,6 +169,23 @@ class Worker:
         if unsent:
             self._say_sent(positions)
         conn.deliver(positions, frame)
+
+    def _drain_waiting(self) -> None:
+        """Send what waits for a consumer with room, as long as one has room."""
+        while self.waiting:
+            conn = self._pick()
+            if conn is None:
+                if any(not c.closed for c in self.consumers):
+                    self._when_read(self._drain_waiting)    # full again: once one has read
+                return
+            positions, frame = self.waiting.popleft()
+            self._say_sent(positions)
+            conn.deliver(positions, frame)
+
+    def _when_read(self, callback: Any) -> None:
+        """Call back once any consumer has written out what it has queued."""
+        for c in self.consumers:
+            c.channel.after_flush(callback)
 
     def _say_sent(self, positions: list) -> None:
         """Tell the parent these reach a consumer, on the wire before they do: killed after
