@@ -571,6 +571,9 @@ MDWE_CHILD = textwrap.dedent("""
     if pid == 0:
         os._exit(7)
     assert os.WEXITSTATUS(os.waitpid(pid, 0)[1]) == 7
+    db.close()
+    import shutil
+    shutil.rmtree(d)        # the test's own temp directory goes with it
     print("ok")
 """)
 
