@@ -16,7 +16,8 @@ from emitterd.worker import main as worker_main
 log = logs.get("pool")
 PIPE_MAX_FRAME = worker_main.PIPE_MAX_FRAME
 # what a worker reports of its deliveries (the rest of its messages are of its own state)
-_DELIVERY_REPORTS = frozenset(("ack", "nack", "requeue", "waiting", "sent"))
+# what Pool._report takes: a worker's delivery reports, and its answer to "forget"
+_REPORTS = frozenset(("ack", "nack", "requeue", "waiting", "sent", "forgot"))
 EPHEMERAL_IDLE = 60.0       # PROTOCOL §3: an ephemeral subscription nobody attached to
 
 
@@ -251,7 +252,7 @@ class Pool:
     def _on_worker_msg(self, h: WorkerHandle, msg: dict) -> None:
         h.last_seen = monotonic()
         op = msg.get("op")
-        if op in _DELIVERY_REPORTS or op == "forgot":
+        if op in _REPORTS:
             self._report(h, op, msg)
         elif op == "hb":
             pass
@@ -420,7 +421,7 @@ class Pool:
             if self.dispatcher is not None:
                 for msg in h.channel.read_rest():
                     op = msg.get("op")
-                    if op in _DELIVERY_REPORTS or op == "forgot":
+                    if op in _REPORTS:
                         self._report(h, op, msg)
             h.channel.close("worker exited")
         in_slot = self.slots.get(h.index) is h

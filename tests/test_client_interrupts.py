@@ -33,7 +33,8 @@ def _next_request_answers(c: Client, daemon: Any, symptom: type) -> None:
 
 
 def _fill_backlog(path: str) -> List[socket.socket]:
-    """Connections that fill the listen backlog of a stopped daemon (for the caller to close)."""
+    """Connections that fill the listen backlog of a listener nobody accepts on (a stopped
+    daemon, a busy program), for the caller to close."""
     held = []
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -225,15 +226,7 @@ def test_serve_subscriber_does_not_remove_a_live_but_busy_socket(short_tmp: str)
         except BaseException as e:  # noqa: BLE001 - what the test looks at
             outcome["raised"] = e
     try:
-        while True:                                     # the other program is busy
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.setblocking(False)
-            try:
-                s.connect(path)
-            except BlockingIOError:
-                s.close()
-                break
-            held.append(s)
+        held += _fill_backlog(path)                     # the other program is busy
         t = threading.Thread(target=run, daemon=True)
         t.start()
         wait_for(lambda: ready.is_set() or outcome, 10, "serve_subscriber to start or refuse")

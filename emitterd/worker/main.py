@@ -212,13 +212,8 @@ class Worker:
         if adopted or not conn.closed:
             self.report({"op": "consumers", "n": len(self.consumers), "adopted": int(adopted),
                          "attached": self._attached()})
-        if conn.closed:
-            return
-        if self.waiting:
-            self._say_sent([p for positions, _ in self.waiting for p in positions])
-        while self.waiting and not conn.closed:
-            positions, frame = self.waiting.popleft()
-            conn.deliver(positions, frame)
+        if not conn.closed:
+            self._drain_waiting()
 
     def consumer_closed(self, conn: Any, lost: list, reason: str) -> None:
         if conn in self.consumers:
