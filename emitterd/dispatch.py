@@ -37,8 +37,9 @@ def _settling(room: dict, max_if: int) -> bool:
     one by one on its ack (half of a backlog's events went that way). Every ack ends a loop
     turn and every turn ends with a pump, so waiting costs no wake-up. A worker that runs
     below half its window is refilled at once, the full worker's share held back for it as
-    before, up to hold_limit events in all: a worker stuck longer stops the reading for
-    every worker until its events time out (README, change 25)."""
+    before, up to hold_limit events in all; past that the full worker's slot lags (a read
+    position of its own, _catch_up) and the others read on. A lagging slot's worker is left
+    out of this test: it waits for its own acks (README, changes 25 and 29)."""
     return max(room.values()) <= max_if // 2
 
 
@@ -106,6 +107,11 @@ class Dispatcher:
         self.ready: list = []          # heap of positions to (re)send, lowest first
         self.retry_heap: list = []     # (due, position)
         self.per_worker: dict = {}     # wid -> events in flight on it
+        # Pinned: slots read past while their worker was stuck (slot -> the first position
+        # not yet read for it), counted among _lag_n slots. The cursor reads on for the other
+        # slots; _catch_up reads each lagging slot's events again once its worker has room.
+        self._lags: dict = {}
+        self._lag_n = 0
         # pinned order across resizes: streams whose in-flight events sit on a worker that is
         # not their slot any more (-> that wid); recomputed only while routing changes settle
         self._misplaced: dict = {}
@@ -153,7 +159,7 @@ class Dispatcher:
     @property
     def cursor_checkpoint(self) -> int:
         """Highest P with every matching event up to P handled (may exceed the head)."""
-        low = self.cursor
+        low = min(self.cursor, *self._lags.values()) if self._lags else self.cursor
         for p, e in self.entries.items():
             if p < low and not e.replay:
                 low = p
@@ -174,6 +180,7 @@ class Dispatcher:
         self.ready.clear()
         self.retry_heap.clear()
         self.per_worker.clear()
+        self._lags.clear()
         self._routing = None
         self._misplaced = {}
         self.cursor = position + 1
@@ -245,7 +252,7 @@ class Dispatcher:
         due = self.retry_heap
         if due and due[0][0] <= monotonic():
             self._release_due()
-        if not self.ready and self.cursor > self.log.head:
+        if not self.ready and self.cursor > self.log.head and not self._lags:
             return False
         if attach_mode:
             targets = [w for w in slots if w is not None and w.routable_consumers > 0]
@@ -328,24 +335,33 @@ class Dispatcher:
         for pos in held:
             heapq.heappush(ready, pos)
         more = False
+        lags = self._lags
+        scanned = 0
+        if lags and free > 0:
+            # 2a. the lagging slots' events, older than the cursor's
+            routed, scanned, more = self._catch_up(choose, assign, room, batches, batch_size,
+                                                   frame_budget, n_targets, slot_of)
+            free -= routed
         # 2. new events from the log: first attempts, on the fast path when the worker has
         # a consumer (the common case): no Entry, counters settled once per turn. This loop
         # runs once per published event, so choose() and _add_run() are written out in it for
         # the pinned strategy (a call each per event was a third of the pump's time).
         hold_limit = max_if * max(1, len(routable)) * 2
-        scanned = 0
         matcher = None if self.matcher is match_all else self.matcher
         flying = self.flying
         read = self.log.read
         cursor = self.cursor
         stop = False
         # the whole chunk at once when every worker has a consumer and room for its share
-        whole = (pinned and not misplaced and
+        whole = (pinned and not misplaced and (not lags or self._lag_n == n_targets) and
                  all(w is not None and w.consumers > 0 for w in targets))
-        settling = whole and _settling(room, max_if)
-        if settling and min(room.values()) <= 0:
+        live = room
+        if lags and whole:      # a lagging slot's worker waits for acks of its own events
+            live = {w.wid: room[w.wid] for i, w in enumerate(targets) if i not in lags}
+        settling = whole and bool(live) and _settling(live, max_if)
+        if settling and min(live.values()) <= 0:
             free = 0          # wait for more acks: see _settling
-        while free > 0 and not stop:
+        while free > 0 and not stop and not more:
             recs = read(cursor, SCAN_CHUNK)
             if not recs:
                 break
@@ -354,22 +370,24 @@ class Dispatcher:
             check = matcher
             if whole and not blocked:
                 todo = recs if matcher is None else [r for r in recs if matcher(r)]
-                routed = self._route_chunk(todo, targets, slot_of, room, batches, batch_size,
-                                           frame_budget)
+                done, routed = self._route_chunk(todo, targets, slot_of, room, batches,
+                                                 batch_size, frame_budget, lags)
                 free -= routed
-                if routed == len(todo):
+                if done == len(todo):
                     cursor = recs[-1].position + 1
                     if scanned >= SCAN_LIMIT:
                         more = cursor <= self.log.head
                         break
                     continue
                 # the rest from the first event whose worker has no room left, matched already
-                rest = todo[routed:]
+                rest = todo[done:]
                 check = None
             for rec in rest:
                 if check is not None and not check(rec):
                     continue
                 stream = rec.stream
+                if lags and self._lag_slot(stream, n_targets, slot_of) in lags:
+                    continue            # _catch_up reads it again
                 if free <= 0:
                     w = None
                 elif not pinned:
@@ -389,12 +407,20 @@ class Dispatcher:
                             w = None    # its earlier events are still in flight elsewhere
                 pos = rec.position
                 if w is None:
-                    if pinned and free > 0 and len(ready) < hold_limit and not settling:
-                        entries[pos] = Entry(rec)
-                        heapq.heappush(ready, pos)
-                        blocked.add(stream)
-                        cursor = pos + 1
-                        continue
+                    if pinned and free > 0 and not settling:
+                        if len(ready) < hold_limit:
+                            entries[pos] = Entry(rec)
+                            heapq.heappush(ready, pos)
+                            blocked.add(stream)
+                            cursor = pos + 1
+                            continue
+                        if not lags or self._lag_n == n_targets:
+                            # held back enough for it: the stuck slot lags, read again later,
+                            # and the others read on (one stuck worker stalled them all)
+                            self._lag_n = n_targets
+                            lags[_cached_slot(slot_of, stream, n_targets)] = pos
+                            cursor = pos + 1
+                            continue
                     cursor = pos
                     stop = True
                     break
@@ -432,14 +458,72 @@ class Dispatcher:
             self._send(b[0], b)
         return more
 
+    def _lag_slot(self, stream: str, n_targets: int, slot_of: dict) -> int:
+        """The slot of `stream` among the _lag_n slots the lagging ones were counted in."""
+        if self._lag_n == n_targets:
+            return _cached_slot(slot_of, stream, n_targets)
+        return stream_slot(stream, self._lag_n)       # a resize since: seldom, not cached
+
+    def _catch_up(self, choose: Callable, assign: Callable, room: dict, batches: dict,
+                  batch_size: int, frame_budget: int, n_targets: int,
+                  slot_of: dict) -> Tuple[int, int, bool]:
+        """Read the lagging slots' events again, from the lowest lag up to the cursor, and
+        route each as the cursor's loop would; a slot stops at its first event with nowhere
+        to go, and stops lagging once it reaches the cursor. (first attempts routed, records
+        read, whether the scan budget ran out first)"""
+        lags = self._lags
+        moving = set(lags)
+        matcher = None if self.matcher is match_all else self.matcher
+        flying = self.flying
+        end = self.cursor
+        pos = min(lags.values())
+        routed = scanned = 0
+        while moving and pos < end and scanned < SCAN_LIMIT:
+            recs = self.log.read(pos, min(SCAN_CHUNK, end - pos))
+            if not recs:
+                break           # past the head: the cursor was moved beyond it
+            scanned += len(recs)
+            for rec in recs:
+                p = rec.position
+                c = self._lag_slot(rec.stream, n_targets, slot_of)
+                if c not in moving or p < lags[c] or (matcher is not None and not matcher(rec)):
+                    continue
+                w = choose(rec.stream)
+                if w is None:
+                    lags[c] = p
+                    moving.discard(c)
+                    continue
+                fw = flying.get(w.wid)
+                if w.consumers > 0 and (not fw or next(reversed(fw)) < p):
+                    # the fast path keeps each worker's events in ascending order (its first
+                    # key is its lowest); a worker that has later ones takes an Entry
+                    if fw is None:
+                        fw = flying[w.wid] = {}
+                    fw[p] = rec
+                    room[w.wid] -= 1
+                    routed += 1
+                    self._add_run(w, [p], [rec.body], batches, batch_size, frame_budget)
+                else:
+                    e = self.entries[p] = Entry(rec)
+                    assign(p, e, w)
+            pos = recs[-1].position + 1
+        for c in moving:
+            if pos >= end:
+                del lags[c]
+            else:
+                lags[c] = max(lags[c], pos)
+        return routed, scanned, bool(moving) and pos < end and scanned >= SCAN_LIMIT
+
     def _route_chunk(self, recs: list, targets: list, slot_of: dict, room: dict,
-                     batches: dict, batch_size: int, frame_budget: int) -> int:
+                     batches: dict, batch_size: int, frame_budget: int,
+                     lagging: dict) -> Tuple[int, int]:
         """First attempts of a chunk, pinned, every target a worker with a consumer: route
         them with per-chunk bookkeeping (the per-event loop's result; a pump of 256 events
         to 2 workers in about 0.6 of the loop's time, measured) up to the first event whose
-        worker has no room left, and return how many (the per-event loop takes the rest)."""
+        worker has no room left, passing over the lagging slots' events (_catch_up's). Returns
+        how many of `recs` it went through (the per-event loop takes the rest) and routed."""
         if not recs:
-            return 0
+            return 0, 0
         n = len(targets)
         streams = list(map(_streams, recs))
         ss = list(map(slot_of.get, streams))
@@ -455,6 +539,8 @@ class Dispatcher:
             adds = [g.append for g in groups]
             for r, s in zip(recs, ss):
                 adds[s](r)
+        if lagging:
+            groups = [[] if i in lagging else g for i, g in enumerate(groups)]
         cut = None        # the position of the first event whose worker has no room left
         for w, g in zip(targets, groups):
             r = max(room[w.wid], 0)     # below 0 after max_in_flight was lowered
@@ -478,7 +564,9 @@ class Dispatcher:
                 fw.update(zip(positions, g))
                 self._add_run(w, positions, list(map(_bodies, g)), batches, batch_size,
                               frame_budget)
-        return routed
+        if cut is None:
+            return len(recs), routed
+        return bisect_left(recs, cut, key=_positions), routed
 
     def _add_run(self, w: Any, positions: list, bodies: list, batches: dict, batch_size: int,
                  frame_budget: int, fast: bool = True) -> None:
@@ -699,10 +787,14 @@ class Dispatcher:
         """Queue parked events again; (how many, the positions the log read sends anyway)."""
         n = 0
         ahead = []
+        lags = self._lags
         for rec in records:
-            if rec.position >= self.cursor:
-                # not read since `update checkpoint` moved back: queued here too, it would
-                # go out twice, and one ack would settle only one of the two
+            if rec.position >= self.cursor or (
+                    lags and rec.position >= lags.get(stream_slot(rec.stream, self._lag_n),
+                                                      self.cursor)):
+                # not read since `update checkpoint` moved back (or read past while its slot
+                # lags): queued here too, it would go out twice, and one ack would settle
+                # only one of the two
                 ahead.append(rec.position)
                 continue
             if rec.position in self.entries or any(rec.position in fw

@@ -275,13 +275,13 @@ def _run_steps(log: Any, matcher: Any, opts: dict, max_frame: int, shape: list, 
     d = _dispatcher(log, opts, matcher, max_frame)
     taken = [0]
     if not whole:
-        d._route_chunk = lambda *a: 0
+        d._route_chunk = lambda *a: (0, 0)
     else:
         real = d._route_chunk
 
         def spy(*a: Any) -> int:
             n = real(*a)
-            taken[0] += n > 0
+            taken[0] += n[1] > 0
             return n
         d._route_chunk = spy
     wids = iter(range(1, 1000))
