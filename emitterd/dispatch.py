@@ -77,6 +77,10 @@ def _cached_slot(slots: dict, stream: str, n: int) -> int:
 
 
 SLOT_CACHE_MAX = 100_000
+# Seconds a pinned slot's worker goes without an ack, its window full and its held-back share
+# too, before the slot lags. A slow worker that acks keeps the others' reading behind it (so a
+# graceful stop leaves no acked event after the checkpoint); a stuck one does not stall them.
+STUCK_AFTER = 1.0
 
 
 class Dispatcher:
@@ -112,6 +116,8 @@ class Dispatcher:
         # slots; _catch_up reads each lagging slot's events again once its worker has room.
         self._lags: dict = {}
         self._lag_n = 0
+        self.stuck_after = STUCK_AFTER
+        self._full_since: dict = {}    # slot -> (its worker's wid and acks, since when)
         # pinned order across resizes: streams whose in-flight events sit on a worker that is
         # not their slot any more (-> that wid); recomputed only while routing changes settle
         self._misplaced: dict = {}
@@ -181,6 +187,7 @@ class Dispatcher:
         self.retry_heap.clear()
         self.per_worker.clear()
         self._lags.clear()
+        self._full_since.clear()
         self._routing = None
         self._misplaced = {}
         self.cursor = position + 1
@@ -340,7 +347,7 @@ class Dispatcher:
         if lags and free > 0:
             # 2a. the lagging slots' events, older than the cursor's
             routed, scanned, more = self._catch_up(choose, assign, room, batches, batch_size,
-                                                   frame_budget, n_targets, slot_of)
+                                                   frame_budget, targets, slot_of)
             free -= routed
         # 2. new events from the log: first attempts, on the fast path when the worker has
         # a consumer (the common case): no Entry, counters settled once per turn. This loop
@@ -414,11 +421,12 @@ class Dispatcher:
                             blocked.add(stream)
                             cursor = pos + 1
                             continue
-                        if not lags or self._lag_n == n_targets:
+                        s = _cached_slot(slot_of, stream, n_targets)
+                        if (not lags or self._lag_n == n_targets) and self._stuck(s, targets[s]):
                             # held back enough for it: the stuck slot lags, read again later,
                             # and the others read on (one stuck worker stalled them all)
                             self._lag_n = n_targets
-                            lags[_cached_slot(slot_of, stream, n_targets)] = pos
+                            lags[s] = pos
                             cursor = pos + 1
                             continue
                     cursor = pos
@@ -458,6 +466,21 @@ class Dispatcher:
             self._send(b[0], b)
         return more
 
+    def _stuck(self, slot: int, w: Any) -> bool:
+        """Whether slot's worker (w; None: no worker) has had no ack for stuck_after seconds
+        since its slot was first found blocked; if not, a wake-up is set for when it would."""
+        mark = None if w is None else (w.wid, self.worker_delivered.get(w.index, 0))
+        now = monotonic()
+        seen = self._full_since.get(slot)
+        if seen is None or seen[0] != mark:
+            seen = self._full_since[slot] = (mark, now)
+            if self.stuck_after > 0:
+                self.schedule(now + self.stuck_after)   # once per mark: not once per turn
+        if now - seen[1] >= self.stuck_after:
+            del self._full_since[slot]
+            return True
+        return False
+
     def _lag_slot(self, stream: str, n_targets: int, slot_of: dict) -> int:
         """The slot of `stream` among the _lag_n slots the lagging ones were counted in."""
         if self._lag_n == n_targets:
@@ -465,7 +488,7 @@ class Dispatcher:
         return stream_slot(stream, self._lag_n)       # a resize since: seldom, not cached
 
     def _catch_up(self, choose: Callable, assign: Callable, room: dict, batches: dict,
-                  batch_size: int, frame_budget: int, n_targets: int,
+                  batch_size: int, frame_budget: int, targets: list,
                   slot_of: dict) -> Tuple[int, int, bool]:
         """Read the lagging slots' events again, from the lowest lag up to the cursor, and
         route each as the cursor's loop would; a slot stops at its first event with nowhere
@@ -473,12 +496,23 @@ class Dispatcher:
         read, whether the scan budget ran out first)"""
         lags = self._lags
         moving = set(lags)
+        n_targets = len(targets)
         matcher = None if self.matcher is match_all else self.matcher
         flying = self.flying
         end = self.cursor
         pos = min(lags.values())
         routed = scanned = 0
+        if self._lag_n == n_targets and self.options["strategy"] == "pinned":
+            # nothing to read for a slot whose worker has no room (a stuck one, most often)
+            moving = {c for c in moving
+                      if targets[c] is not None and room[targets[c].wid] > 0}
         while moving and pos < end and scanned < SCAN_LIMIT:
+            # from the lowest lag still moving: a slot that stopped keeps its lag, maybe the
+            # lowest, and the others' may be far past it (a scan budget spent between them
+            # moved nothing, and the pump spun: helper review, nineteenth session)
+            pos = max(pos, min(lags[c] for c in moving))
+            if pos >= end:
+                break
             recs = self.log.read(pos, min(SCAN_CHUNK, end - pos))
             if not recs:
                 break           # past the head: the cursor was moved beyond it

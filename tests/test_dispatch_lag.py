@@ -3,6 +3,7 @@ position of its own) while the cursor reads on for the others, and _catch_up rea
 events again once the worker has room. Against a model: nothing lost, the checkpoint never
 passes an unanswered event, each stream's events go out in position order."""
 import collections
+import time
 from typing import Any, Dict, List
 
 import hypothesis
@@ -41,12 +42,29 @@ def _log(tmp: Any, streams: List[str]) -> Any:
     return log
 
 
-def _dispatcher(log: Any, matcher: Any = match_all, **opts: Any) -> Dispatcher:
+def _dispatcher(log: Any, matcher: Any = match_all, stuck_after: float = 0.0,
+                wakeups: Any = None, **opts: Any) -> Dispatcher:
+    """A pinned dispatcher whose full workers count as stuck at once unless told otherwise
+    (the daemon waits STUCK_AFTER seconds without an ack)."""
     o = {"strategy": "pinned", "batch_size": 5, "max_in_flight": 10, "max_retries": 3,
          "retry_backoff": (0.0, 0.0)}
     o.update(opts)
-    return Dispatcher("k", matcher, log, o, 0, 1 << 20, lambda when: None, lambda rows: None,
-                      lambda ps: None)
+    d = Dispatcher("k", matcher, log, o, 0, 1 << 20,
+                   (lambda when: None) if wakeups is None else wakeups.append,
+                   lambda rows: None, lambda ps: None)
+    d.stuck_after = stuck_after
+    return d
+
+
+def _append(log: Any, streams: List[str]) -> None:
+    for i in range(0, len(streams), 5000):
+        log.append([validate_publish({"events": [{"stream": s, "type": "t"}
+                                                 for s in streams[i:i + 5000]]}, CFG)])
+
+
+def _ack_all(d: Dispatcher, w: "Worker") -> None:
+    while w.unsettled:
+        d.on_ack(w.wid, w.index, w.unsettled.pop(0))
 
 
 def _stream_on(slot: int, n: int = 2) -> str:
@@ -239,4 +257,73 @@ def test_parked_replay_of_an_event_its_lagging_slot_has_not_read_sends_it_once(
             d.on_ack(a.wid, 0, a.unsettled.pop(0))
     assert a.sent == list(range(1, 120, 2)) and d.checkpoint == 120
     assert d.in_flight == 0 and d.entries == {}
+    log.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_slow_worker_that_acks_keeps_the_others_behind_it_and_a_silent_one_lags(
+        tmp_path: Any) -> None:
+    """A worker that acks, however slowly, is not stuck: its slot does not lag, and the others
+    read no further ahead of it than its held-back share (a graceful stop then leaves no acked
+    event after the checkpoint). One without an ack for stuck_after seconds lags, and a wake-up
+    is asked for the moment it would."""
+    x, y = _stream_on(0), _stream_on(1)
+    log = _log(tmp_path, [x, y] * 300)
+    wakeups: List[float] = []
+    d = _dispatcher(log, stuck_after=0.4, wakeups=wakeups)
+    a, b = Worker(1, 0), Worker(2, 1)
+    for i in range(100):                  # a acks one batch every fourth turn, b all
+        d.pump([a, b], False)
+        if a.unsettled and i % 4 == 0:
+            d.on_ack(a.wid, 0, a.unsettled.pop(0))
+        _ack_all(d, b)
+        assert d._lags == {}
+        # b runs ahead of a's first unanswered event by a's window and held share at most
+        assert max(b.sent) - (d.checkpoint + 1) <= 2 * (10 + 2 * 10 * 2) + 1
+    assert max(b.sent) < 600
+    t0 = time.monotonic()
+    while a.unsettled:                    # now a says nothing
+        a.unsettled.pop(0)
+    a.unsettled.clear()
+    d.pump([a, b], False)
+    _ack_all(d, b)
+    d.pump([a, b], False)
+    assert d._lags == {} and t0 - 0.4 < wakeups[-1] <= time.monotonic() + 0.4
+    time.sleep(max(0.0, wakeups[-1] - time.monotonic()) + 0.01)
+    for _ in range(100):
+        d.pump([a, b], False)
+        _ack_all(d, b)
+    assert 0 in d._lags and b.sent[-1] == 600
+    log.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_busy_sibling_is_not_stalled_by_a_stuck_slot_far_behind(tmp_path: Any) -> None:
+    """Two lagging slots far apart (helper review, nineteenth session): a is stuck, b has a
+    backlog of 30,000 events of its own stream and lags too (full on every turn), c is idle.
+    b must get all its events, and pump() must not say "work left" on turn after turn while
+    nothing moves: the catch-up read spent its budget between the two lags, and the daemon
+    spun at 91 % CPU."""
+    x, y, z = _stream_on(0, 3), _stream_on(1, 3), _stream_on(2, 3)
+    log = _log(tmp_path, [x, y, z] * 100)
+    _append(log, [y] * 30000)
+    want = [r.position for r in log.read(1, log.head + 1) if r.stream == y]
+    d = _dispatcher(log, batch_size=10, max_in_flight=10)
+    a, b, c = Worker(1, 0), Worker(2, 1), Worker(3, 2)
+    stalled = 0
+    for _ in range(20000):
+        n = len(b.sent)
+        more = d.pump([a, b, c], False)
+        _ack_all(d, b)
+        _ack_all(d, c)
+        if len(b.sent) == len(want):
+            break
+        stalled = stalled + 1 if (more and len(b.sent) == n) else 0
+        assert stalled < 50, ("b gets nothing while pump() says work is left", d._lags,
+                              d.cursor, len(b.sent))
+    assert b.sent == want
+    _append(log, [z] * 5)                 # and c, idle, gets what is published now
+    for _ in range(5):
+        d.pump([a, b, c], False)
+    assert c.sent[-5:] == list(range(log.head - 4, log.head + 1)), (d._lags, d.cursor)
     log.close()
