@@ -250,6 +250,15 @@ def _move_aside(data_dir: str) -> str:
     present = [n for n in LOG_FILES if os.path.lexists(os.path.join(data_dir, n))]
     if not present:
         return ""
+    if LOG_NAME not in present:
+        # a WAL without its database: an earlier restore was killed between these renames;
+        # they go where it put the database, so the replaced log stays whole
+        earlier = _interrupted_aside(data_dir)
+        if earlier:
+            for name in present:
+                os.rename(os.path.join(data_dir, name), os.path.join(earlier, name))
+            _fsync(data_dir)
+            return earlier
     base = aside = os.path.join(data_dir, "replaced-%s" % time.strftime("%Y%m%dT%H%M%S"))
     n = 1
     while True:
@@ -265,6 +274,18 @@ def _move_aside(data_dir: str) -> str:
         os.rename(os.path.join(data_dir, name), os.path.join(aside, name))
     _fsync(data_dir)
     return aside
+
+
+def _interrupted_aside(data_dir: str) -> str:
+    """The newest replaced-* directory holding a database but none of its WAL files (what a
+    restore killed inside _move_aside leaves), or ""."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(data_dir), "replaced-*")),
+                       key=lambda p: os.lstat(p).st_mtime, reverse=True):
+        if os.path.isdir(path) and not os.path.islink(path) \
+                and os.path.lexists(os.path.join(path, LOG_NAME)) \
+                and not any(os.path.lexists(os.path.join(path, n)) for n in LOG_FILES[1:]):
+            return path
+    return ""
 
 
 def _owned_like(path: str, data_dir: str) -> None:

@@ -5,6 +5,7 @@ while a daemon runs, and gives no new event the generated id of an event it drop
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -367,3 +368,47 @@ def test_a_backup_of_a_newer_schema_is_refused_before_it_replaces_anything(
     assert rc != 0 and "newer emitterd" in err, (rc, err)
     d.start()
     assert d.client().ping()["head"] == 3        # the data directory is as it was
+
+
+@pytest.mark.timeout(60)
+def test_a_rerun_restore_keeps_the_replaced_log_whole(make_daemon: Any, short_tmp: str) -> None:
+    """backup.py: "Move the log files in `data_dir` (database, WAL, shared memory: together,
+    or SQLite would replay a WAL onto the wrong database) into a new subdirectory"; restore
+    --help: "The log already there is moved into a replaced-<time> directory inside it, never
+    deleted", and the daemon's refusal after an interrupted restore says: run `emitterd
+    restore` again. A restore killed after it moved emitterd.db but before emitterd.db-wal,
+    then run again as told, must still leave the replaced log whole (its database beside its
+    WAL) in the directory it names."""
+    d = make_daemon()
+    c = d.client()
+    c.publish(events(100, 0))
+    dest = os.path.join(short_tmp, "b.db")
+    assert emitterd("backup", "--data-dir", d.data_dir, dest)[0] == 0
+    c.publish(events(500, 100))            # only in the log the restore replaces
+    os.kill(d.proc.pid, signal.SIGKILL)    # a crashed daemon: its newest events are in the WAL
+    d.proc.wait()
+    assert os.path.exists(os.path.join(d.data_dir, "emitterd.db-wal"))
+    # `emitterd restore`, killed right after its first rename in _move_aside
+    code = (
+        "import os, signal, sys\n"
+        "real = os.rename\n"
+        "def rn(a, b, *k, **kw):\n"
+        "    real(a, b, *k, **kw)\n"
+        "    if a.endswith('/emitterd.db') and 'replaced-' in b:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.rename = rn\n"
+        "from emitterd.cli.daemon_cmd import main\n"
+        "main(['restore', '--data-dir', sys.argv[2], sys.argv[1]])\n")
+    r = subprocess.run([sys.executable, "-c", code, dest, d.data_dir], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    refused = d.run_refused()
+    assert "a restore was interrupted" in refused.stdout + refused.stderr
+    rc, out, err = emitterd("restore", "--data-dir", d.data_dir, dest)
+    assert rc == 0, err
+    named = out.split("the log it replaced is in ")[-1].strip()
+    kept = sorted(os.listdir(named))
+    assert "emitterd.db" in kept and "emitterd.db-wal" in kept, (
+        "the replaced log is split: %s holds %s; %s" % (
+            named, kept, {n: sorted(os.listdir(os.path.join(d.data_dir, n)))
+                          for n in os.listdir(d.data_dir) if n.startswith("replaced-")}))
