@@ -165,7 +165,7 @@ def _normalize_fields(m: dict, path: str, depth: int) -> dict:
 
 def _normalize_field_value(v: Any, path: str, depth: int) -> Any:
     if depth > MAX_DEPTH:
-        raise SelectorError(path, "selector nested deeper than %d levels" % MAX_DEPTH)
+        raise SelectorError(path, "selector nests more than %d levels" % (MAX_DEPTH - 1))
     if isinstance(v, dict):
         _check_str_keys(v, path)
         dollars = [k.startswith("$") for k in v]
@@ -212,7 +212,7 @@ def _normalize_literal(v: Any, path: str, depth: int) -> Any:
     Inside a literal, "$" keys are just keys: only a field's own value can be an operator map.
     """
     if depth > MAX_DEPTH:
-        raise SelectorError(path, "selector nested deeper than %d levels" % MAX_DEPTH)
+        raise SelectorError(path, "selector nests more than %d levels" % (MAX_DEPTH - 1))
     if v is None or isinstance(v, (bool, float, str, bytes)):
         return v
     if isinstance(v, int):

@@ -971,3 +971,18 @@ def test_matchers_never_raise(case, data, name, tags):
     ev = Ev(data=data)
     ev.stream, ev.type, ev.tags = name, name, tags
     assert m(ev) in (True, False)
+
+
+@pytest.mark.timeout(10)
+def test_the_nesting_limit_s_message_names_the_depth_taken() -> None:
+    """README: "a selector nests at most 63 levels". 63 are taken; the refusal of 64 names
+    63, not "deeper than 64 levels" (found by the selector audit, nineteenth session)."""
+    def nest(levels: int) -> dict:
+        v: object = 1
+        for _ in range(levels):
+            v = {"a": v}
+        return v            # type: ignore[return-value]
+    normalize("event_payload", nest(63))
+    with pytest.raises(SelectorError) as e:
+        normalize("event_payload", nest(64))
+    assert "more than 63 levels" in str(e.value), str(e.value)
