@@ -1284,3 +1284,27 @@ def test_retry_advice_counts_a_null_id_as_no_id(short_tmp: str) -> None:
     # line 2 has no id of its own: publishing the batch again stores it a second time
     assert "stores each once" not in err, err
     assert "may store some twice" in err, err
+
+
+def _columns(text: str) -> int:
+    """Terminal columns by Unicode's tables: wide and fullwidth 2, combining marks 0."""
+    import unicodedata
+    return sum(0 if unicodedata.combining(ch) else
+               2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
+
+
+@pytest.mark.timeout(60)
+def test_list_columns_stay_aligned_around_wide_and_combining_characters(daemon: Any) -> None:
+    """§6 "Without it, a human table": each row's STATE starts in the header's column when a
+    selector holds wide (CJK, emoji) or combining characters (padding counted code points:
+    found by the selector audit, nineteenth session)."""
+    for name, sel in (("ascii", "orders"), ("wide", "注文注文"), ("emoji", "s-😀😀"),
+                      ("comb", "zu\u0308ri\u0301ch")):
+        rc, out, err = daemon.ctl("start", name, "--type", "stream", "--selector", sel)
+        assert rc == 0, err
+    rc, out, err = daemon.ctl("list")
+    assert rc == 0, err
+    lines = out.splitlines()
+    want = _columns(lines[0][:lines[0].index("STATE")])
+    got = {line.split()[1]: _columns(line[:line.index("running")]) for line in lines[1:]}
+    assert len(got) == 4 and set(got.values()) == {want}, (want, got, out)

@@ -19,6 +19,7 @@ import math
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import msgpack
+from wcwidth import wcswidth, wcwidth
 
 # client text (stream names, selectors): one line each, no escape sequences
 from emitterd.logs import escape_controls as printable
@@ -125,9 +126,31 @@ def rate(v: Optional[float]) -> str:
     return "-" if v is None else ("%.1f" % v if v < 100 else "%d" % round(v))
 
 
+def text_width(s: str) -> int:
+    """Terminal columns of `s` (wide characters take 2, combining marks 0)."""
+    if s.isascii():
+        return len(s)
+    w = wcswidth(s)
+    return len(s) if w < 0 else w       # -1: a character without a width; count it as one
+
+
+def _pad(s: str, width: int, right: bool) -> str:
+    fill = " " * max(0, width - text_width(s))
+    return fill + s if right else s + fill
+
+
 def clip(s: str, width: int) -> str:
+    """`s` made printable and cut to `width` terminal columns, "…" included."""
     s = printable(s)
-    return s if len(s) <= width else s[:max(1, width - 1)] + "…"
+    if text_width(s) <= width:
+        return s
+    room = max(1, width - 1)
+    used = 0
+    for i, ch in enumerate(s):
+        used += max(0, wcwidth(ch))
+        if used > room:
+            return s[:max(1, i)] + "…"
+    return s + "…"
 
 
 def selector_text(sel: Any) -> str:
@@ -155,15 +178,15 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
                 s = s.replace("\n", "\\n")
             line.append(s)
         cells.append(line)
-    widths = [len(h) for h in headers]
+    widths = [text_width(h) for h in headers]
     for line in cells:
         for i, s in enumerate(line):
-            widths[i] = max(widths[i], len(s))
+            widths[i] = max(widths[i], text_width(s))
 
     def fmt(line: Sequence[str]) -> str:
         out = []
         for i, s in enumerate(line):
-            out.append(s.rjust(widths[i]) if i in right else s.ljust(widths[i]))
+            out.append(_pad(s, widths[i], i in right))
         return "  ".join(out).rstrip()
 
     return "\n".join([fmt(list(headers))] + [fmt(line) for line in cells])
