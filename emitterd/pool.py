@@ -123,8 +123,8 @@ class Pool:
         self.ctx.loop.call_at(when, _noop)   # wakes the loop; the end-of-turn pump does the work
 
     def _park(self, rows: list) -> None:
-        self.ctx.log.park(self.key, rows)
-        self.recount_parked()
+        # counted here, not recounted: COUNT(*) took 25 ms a park at a million parked rows
+        self._parked_rows += self.ctx.log.park(self.key, rows)
         log.info("events parked", pool=self.name, count=len(rows), reason=rows[0][1])
 
     def replay(self, records: list) -> int:
@@ -139,12 +139,11 @@ class Pool:
     def _unpark(self, positions: list) -> None:
         """Replayed parked events handled at last (or ahead of the cursor): their rows go."""
         try:
-            self.ctx.log.unpark(self.key, positions)
+            self._parked_rows -= self.ctx.log.unpark(self.key, positions)
         except sqlite3.Error as e:
             # handled all the same; the rows stay, so they are listed (and replayable) again
             log.warning("could not remove handled events from the parked list", pool=self.name,
                         count=len(positions), error=str(e))
-        self.recount_parked()
 
     def recount_parked(self) -> None:
         self._parked_rows = self.ctx.log.parked_count(self.key)

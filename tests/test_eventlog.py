@@ -863,6 +863,22 @@ def test_a_failed_fdatasync_exits_74_before_anything_is_answered(tmp_path):
 
 
 @pytest.mark.timeout(30)
+def test_park_tells_how_many_rows_are_new_and_a_second_park_keeps_one_row(tmp_path):
+    """The pool counts parked rows from what park and unpark return (a COUNT(*) per park
+    took 25 ms at a million rows): parking an event parked already adds no row, and takes
+    the new reason."""
+    log = open_log(str(tmp_path))
+    log.append([batch([ev("s")] * 10)])
+    assert log.park("k", [(p, "nack") for p in (1, 2, 3)]) == 3
+    assert log.park("k", [(2, "max_retries"), (4, "nack")]) == 1
+    assert log.parked_count("k") == 4
+    assert dict(log.parked("k", 10)) == {1: "nack", 2: "max_retries", 3: "nack", 4: "nack"}
+    assert log.park("k", [(3, "again")]) == 0 and dict(log.parked("k", 10))[3] == "again"
+    assert log.unpark("k", [1, 9]) == 1 and log.parked_count("k") == 3
+    log.close()
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("op", ["park", "unpark"])
 def test_parking_and_purging_are_one_transaction(tmp_path, op):
     """All or nothing, and one commit: in autocommit every row was a commit (and an fsync)

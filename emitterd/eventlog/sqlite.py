@@ -914,10 +914,17 @@ class SqliteLog(EventLog):
         self._unsaved.clear()
 
     # ---- parked events -------------------------------------------------------
-    def park(self, key: str, items: list) -> None:
+    def park(self, key: str, items: list) -> int:
+        """Store (position, reason) items as parked; how many were not parked already (a
+        parked event parked again keeps one row, with the new reason)."""
+        rows = [(key, p, r) for p, r in items]
         with self._transaction() as db:
-            db.executemany("INSERT OR REPLACE INTO parked (key, position, reason) VALUES (?, ?, ?)",
-                           [(key, p, r) for p, r in items])
+            new = db.executemany("INSERT OR IGNORE INTO parked (key, position, reason) "
+                                 "VALUES (?, ?, ?)", rows).rowcount
+            if new < len(rows):
+                db.executemany("UPDATE parked SET reason = ? WHERE key = ? AND position = ?",
+                               [(r, k, p) for k, p, r in rows])
+        return new
 
     def parked(self, key: str, limit: int) -> list:
         return [tuple(r) for r in self._db.execute(
