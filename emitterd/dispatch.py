@@ -117,7 +117,8 @@ class Dispatcher:
         self._lags: dict = {}
         self._lag_n = 0
         self.stuck_after = STUCK_AFTER
-        self._full_since: dict = {}    # slot -> (its worker's wid and acks, since when)
+        self._full_since: dict = {}    # slot -> (its worker's wid and answers, since when)
+        self._handled_nacks: dict = {}  # wid -> events it answered with nack skip or park
         # pinned order across resizes: streams whose in-flight events sit on a worker that is
         # not their slot any more (-> that wid); recomputed only while routing changes settle
         self._misplaced: dict = {}
@@ -467,9 +468,12 @@ class Dispatcher:
         return more
 
     def _stuck(self, slot: int, w: Any) -> bool:
-        """Whether slot's worker (w; None: no worker) has had no ack for stuck_after seconds
-        since its slot was first found blocked; if not, a wake-up is set for when it would."""
-        mark = None if w is None else (w.wid, self.worker_delivered.get(w.index, 0))
+        """Whether slot's worker (w; None: no worker) has answered nothing that settles an
+        event (ack, skip, park) for stuck_after seconds since its slot was first found
+        blocked; if not, a wake-up is set for when it would."""
+        # an answer that settles an event (ack, skip, park) is progress; a retry is not
+        mark = None if w is None else (w.wid, self.worker_delivered.get(w.index, 0),
+                                       self._handled_nacks.get(w.wid, 0))
         now = monotonic()
         seen = self._full_since.get(slot)
         if seen is None or seen[0] != mark:
@@ -714,6 +718,8 @@ class Dispatcher:
         items = self._own(wid, positions)
         if not items:
             return        # none in flight there (a late nack after update checkpoint): ignored
+        if action != "retry":           # handled: the worker is not stuck (_stuck)
+            self._handled_nacks[wid] = self._handled_nacks.get(wid, 0) + len(items)
         if action == "skip":
             unpark = [p for p, e in items if e.replay]
             for p, e in items:
@@ -815,6 +821,7 @@ class Dispatcher:
         self.requeue(wid, lost)
         self.flying.pop(wid, None)
         self.per_worker.pop(wid, None)
+        self._handled_nacks.pop(wid, None)
         return len(lost)
 
     def replay(self, records: list) -> Tuple[int, list]:
