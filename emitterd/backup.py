@@ -253,7 +253,7 @@ def _move_aside(data_dir: str) -> str:
     if LOG_NAME not in present:
         # a WAL without its database: an earlier restore was killed between these renames;
         # they go where it put the database, so the replaced log stays whole
-        earlier = _interrupted_aside(data_dir)
+        earlier = _interrupted_aside(data_dir, present)
         if earlier:
             for name in present:
                 os.rename(os.path.join(data_dir, name), os.path.join(earlier, name))
@@ -276,14 +276,15 @@ def _move_aside(data_dir: str) -> str:
     return aside
 
 
-def _interrupted_aside(data_dir: str) -> str:
-    """The newest replaced-* directory holding a database but none of its WAL files (what a
-    restore killed inside _move_aside leaves), or ""."""
+def _interrupted_aside(data_dir: str, left: list) -> str:
+    """The newest replaced-* directory holding a database but none of the files `left` in
+    `data_dir` (what a restore killed inside _move_aside leaves: the WAL, or the shared
+    memory alone when it was killed after moving the WAL too), or ""."""
     for path in sorted(glob.glob(os.path.join(glob.escape(data_dir), "replaced-*")),
                        key=lambda p: os.lstat(p).st_mtime, reverse=True):
         if os.path.isdir(path) and not os.path.islink(path) \
                 and os.path.lexists(os.path.join(path, LOG_NAME)) \
-                and not any(os.path.lexists(os.path.join(path, n)) for n in LOG_FILES[1:]):
+                and not any(os.path.lexists(os.path.join(path, n)) for n in left):
             return path
     return ""
 

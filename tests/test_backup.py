@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, Dict, List, Tuple
 
 import pytest
@@ -370,6 +371,22 @@ def test_a_backup_of_a_newer_schema_is_refused_before_it_replaces_anything(
     assert d.client().ping()["head"] == 3        # the data directory is as it was
 
 
+# `emitterd restore`, SIGKILLed right after its Nth rename into a replaced-* directory
+_KILLED_AFTER = (
+    "import os, signal, sys\n"
+    "real = os.rename\n"
+    "n = [0]\n"
+    "def rn(a, b, *k, **kw):\n"
+    "    real(a, b, *k, **kw)\n"
+    "    if 'replaced-' in b:\n"
+    "        n[0] += 1\n"
+    "        if n[0] == int(sys.argv[3]):\n"
+    "            os.kill(os.getpid(), signal.SIGKILL)\n"
+    "os.rename = rn\n"
+    "from emitterd.cli.daemon_cmd import main\n"
+    "main(['restore', '--data-dir', sys.argv[2], sys.argv[1]])\n")
+
+
 @pytest.mark.timeout(60)
 def test_a_rerun_restore_keeps_the_replaced_log_whole(make_daemon: Any, short_tmp: str) -> None:
     """backup.py: "Move the log files in `data_dir` (database, WAL, shared memory: together,
@@ -388,19 +405,9 @@ def test_a_rerun_restore_keeps_the_replaced_log_whole(make_daemon: Any, short_tm
     os.kill(d.proc.pid, signal.SIGKILL)    # a crashed daemon: its newest events are in the WAL
     d.proc.wait()
     assert os.path.exists(os.path.join(d.data_dir, "emitterd.db-wal"))
-    # `emitterd restore`, killed right after its first rename in _move_aside
-    code = (
-        "import os, signal, sys\n"
-        "real = os.rename\n"
-        "def rn(a, b, *k, **kw):\n"
-        "    real(a, b, *k, **kw)\n"
-        "    if a.endswith('/emitterd.db') and 'replaced-' in b:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "os.rename = rn\n"
-        "from emitterd.cli.daemon_cmd import main\n"
-        "main(['restore', '--data-dir', sys.argv[2], sys.argv[1]])\n")
-    r = subprocess.run([sys.executable, "-c", code, dest, d.data_dir], capture_output=True,
-                       text=True, timeout=30)
+    # `emitterd restore`, killed right after its first rename in _move_aside (emitterd.db)
+    r = subprocess.run([sys.executable, "-c", _KILLED_AFTER, dest, d.data_dir, "1"],
+                       capture_output=True, text=True, timeout=30)
     assert r.returncode == -signal.SIGKILL, r.stderr
     refused = d.run_refused()
     assert "a restore was interrupted" in refused.stdout + refused.stderr
@@ -412,3 +419,39 @@ def test_a_rerun_restore_keeps_the_replaced_log_whole(make_daemon: Any, short_tm
         "the replaced log is split: %s holds %s; %s" % (
             named, kept, {n: sorted(os.listdir(os.path.join(d.data_dir, n)))
                           for n in os.listdir(d.data_dir) if n.startswith("replaced-")}))
+
+
+@pytest.mark.timeout(60)
+def test_a_rerun_restore_names_the_directory_the_interrupted_one_made(
+        make_daemon: Any, short_tmp: str) -> None:
+    """restore --help: "The log already there is moved into a replaced-<time> directory
+    inside it, never deleted"; backup.py: the log files go "together, or SQLite would replay
+    a WAL onto the wrong database"; _interrupted_aside: "what a restore killed inside
+    _move_aside leaves". A restore killed after moving emitterd.db and emitterd.db-wal (the
+    -shm left), run again, must put the -shm with them and name that directory, not an older
+    replaced-* directory of an earlier, complete restore."""
+    d = make_daemon()
+    c = d.client()
+    c.publish(events(50, 0))
+    dest = os.path.join(short_tmp, "b.db")
+    assert emitterd("backup", "--data-dir", d.data_dir, dest)[0] == 0
+    d.stop()                                # a clean stop: emitterd.db alone
+    rc, out, err = emitterd("restore", "--data-dir", d.data_dir, dest)
+    assert rc == 0, err
+    older = out.split("the log it replaced is in ")[-1].strip()
+    time.sleep(1.1)                         # the next replaced-<time> is another second
+    d.start()
+    d.client().publish(events(300, 50))
+    os.kill(d.proc.pid, signal.SIGKILL)     # a crashed daemon: WAL and shared memory beside
+    d.proc.wait()
+    assert os.path.exists(os.path.join(d.data_dir, "emitterd.db-shm"))
+    r = subprocess.run([sys.executable, "-c", _KILLED_AFTER, dest, d.data_dir, "2"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    rc, out, err = emitterd("restore", "--data-dir", d.data_dir, dest)
+    assert rc == 0, err
+    named = out.split("the log it replaced is in ")[-1].strip()
+    listing = {n: sorted(os.listdir(os.path.join(d.data_dir, n)))
+               for n in os.listdir(d.data_dir) if n.startswith("replaced-")}
+    assert named != older, ("named the earlier restore's directory", named, listing)
+    assert sorted(os.listdir(older)) == ["emitterd.db"], listing
