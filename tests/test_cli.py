@@ -1308,3 +1308,22 @@ def test_list_columns_stay_aligned_around_wide_and_combining_characters(daemon: 
     want = _columns(lines[0][:lines[0].index("STATE")])
     got = {line.split()[1]: _columns(line[:line.index("running")]) for line in lines[1:]}
     assert len(got) == 4 and set(got.values()) == {want}, (want, got, out)
+
+
+@pytest.mark.timeout(60)
+def test_a_long_emoji_selector_is_clipped_to_its_column(daemon: Any) -> None:
+    """render.clip cuts to `width` terminal columns, "…" included; list clips SELECTOR to 40.
+    "❤️" (a heart and a variation selector) takes 2 columns; counted a code point at a time
+    it took 1, and 30 of them came out 61 columns wide (found by the review)."""
+    from wcwidth import wcswidth
+    rc, out, err = daemon.ctl("start", "e", "--type", "stream", "--selector", "\u2764\ufe0f" * 30)
+    assert rc == 0, err
+    rc, out, err = daemon.ctl("list")
+    assert rc == 0, err
+    header, row = out.splitlines()[:2]
+    cols = wcswidth(header[:header.index("SELECTOR")])
+    i = 0
+    while wcswidth(row[:i]) < cols:
+        i += 1
+    cell = row[i:].split("  ")[0]
+    assert cell.endswith("…") and wcswidth(cell) <= 40, (wcswidth(cell), cell)

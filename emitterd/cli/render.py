@@ -19,7 +19,7 @@ import math
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import msgpack
-from wcwidth import wcswidth, wcwidth
+from wcwidth import wcswidth
 
 # client text (stream names, selectors): one line each, no escape sequences
 from emitterd.logs import escape_controls as printable
@@ -145,12 +145,16 @@ def clip(s: str, width: int) -> str:
     if text_width(s) <= width:
         return s
     room = max(1, width - 1)
-    used = 0
-    for i, ch in enumerate(s):
-        used += max(0, wcwidth(ch))
-        if used > room:
-            return s[:max(1, i)] + "…"
-    return s + "…"
+    # the longest prefix that fits, measured as text_width measures the whole (a variation
+    # selector or a ZWJ sequence changes the width of what comes before it)
+    lo, hi = 0, len(s)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if text_width(s[:mid]) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return s[:max(1, lo)] + "…"
 
 
 def selector_text(sel: Any) -> str:

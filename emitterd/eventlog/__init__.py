@@ -133,7 +133,8 @@ class EventLog:
         """Persist these checkpoints ({key: position}) and any unsaved stream heads."""
         raise NotImplementedError
 
-    def park(self, key: str, items: list) -> None:
+    def park(self, key: str, items: list) -> int:
+        """Store (position, reason) items as parked; how many rows are new."""
         raise NotImplementedError
 
     def parked(self, key: str, limit: int) -> list:
