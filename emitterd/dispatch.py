@@ -264,7 +264,8 @@ class Dispatcher:
         due = self.retry_heap
         if due and due[0][0] <= monotonic():
             self._release_due()
-        if not self.ready and self.cursor > self.log.head and not self._lags:
+        if not self.ready and self.cursor > self.log.head and not self._lags \
+                and not self._held_for:
             return False
         if attach_mode:
             targets = [w for w in slots if w is not None and w.routable_consumers > 0]
@@ -573,6 +574,8 @@ class Dispatcher:
         for c in moving:
             if pos >= end:
                 del lags[c]
+                for p in self._held_for.pop(c, ()):    # held for a stream blocked otherwise
+                    heapq.heappush(self.ready, p)
             else:
                 lags[c] = max(lags[c], pos)
         return routed, scanned, bool(moving) and pos < end and scanned >= SCAN_LIMIT
