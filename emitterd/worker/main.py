@@ -31,6 +31,7 @@ class Worker:
         self.held: deque = deque()        # (last, positions, frame, unsent) until on disk
         self.sink: Optional[UnixSink] = None
         self._rr = 0
+        self._drain_armed = False   # a drain of `waiting` waits for a consumer's flush
         self._cut_off_said = logs.Throttle(burst=1, period=60.0)   # consumers not reading
         self._bad_frame_said = logs.Throttle()     # consumers breaking the protocol, as control
 
@@ -157,7 +158,7 @@ class Worker:
                 self.waiting.append((positions, frame))
                 if not unsent:
                     self.report({"op": "waiting", "positions": positions})
-                self._when_read(self._drain_waiting)
+                self._when_read()
                 return
             if self.spec.get("subscriber"):
                 self.waiting.append((positions, frame))   # the sink reconnects; events wait
@@ -176,16 +177,26 @@ class Worker:
             conn = self._pick()
             if conn is None:
                 if any(not c.closed for c in self.consumers):
-                    self._when_read(self._drain_waiting)    # full again: once one has read
+                    self._when_read()    # full again: once one has read
                 return
             positions, frame = self.waiting.popleft()
             self._say_sent(positions)
             conn.deliver(positions, frame)
 
-    def _when_read(self, callback: Any) -> None:
-        """Call back once any consumer has written out what it has queued."""
+    def _when_read(self) -> None:
+        """Drain `waiting` once any consumer has written out what it has queued. Armed once:
+        asked again on each batch that waits and each drain that fills up, it added callbacks
+        on every consumer each time, and each flush ran them all."""
+        if self._drain_armed:
+            return
+        self._drain_armed = True
         for c in self.consumers:
-            c.channel.after_flush(callback)
+            c.channel.after_flush(self._on_read)
+
+    def _on_read(self) -> None:
+        if self._drain_armed:       # the first consumer's flush drains; the others' find it done
+            self._drain_armed = False
+            self._drain_waiting()
 
     def _say_sent(self, positions: list) -> None:
         """Tell the parent these reach a consumer, on the wire before they do: killed after
